@@ -1,0 +1,94 @@
+"""`crucible data prepare | train`: build the tokenized page store, and a one-process training run.
+
+`prepare` builds the offline corpus (or reads the user's files), trains or loads a tokenizer, and
+writes the page shards. `train` is the smallest end-to-end check of the model and the data: one
+process, the tiny model, a few windows of inner steps, held-out loss printed as it falls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from protocol.hparams import load_hparams
+
+
+def add_hparams_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="hparams preset name or a .toml/.json file")
+    parser.add_argument("--hparams", dest="preset", help="alias of --preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one hyperparameter (repeatable)")
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True)
+    prep = sub.add_parser("prepare", help="build the tokenizer and tokenized pages")
+    add_hparams_arguments(prep)
+    prep.add_argument("--out", required=True, type=Path, help="output folder")
+    prep.add_argument("--input", action="append", type=Path, default=[],
+                      help="your own .txt/.jsonl/.parquet file or folder (repeatable); default: offline corpus")
+    prep.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
+    prep.add_argument("--max-chars", type=int, help="cap on corpus characters (default from hparams)")
+    train = sub.add_parser("train", help="train the model on one process and print held-out loss")
+    add_hparams_arguments(train)
+    train.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    train.add_argument("--windows", type=int, default=6, help="windows of inner steps to run")
+    train.add_argument("--device", default="cpu", help="torch device")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from protocol.corpus import CorpusError, file_documents, stdlib_documents
+    from protocol.data import DatasetError, prepare_dataset
+
+    hp = load_hparams(args.preset, args.overrides)
+    max_chars = args.max_chars or hp.data.corpus_max_chars
+    started = time.perf_counter()
+    try:
+        if args.input:
+            docs = list(file_documents(args.input, max_chars))
+            source = ", ".join(map(str, args.input))
+        else:
+            docs = list(stdlib_documents(max_chars))
+            source = "offline corpus (Python stdlib docs, docstrings and sources)"
+        if args.tokenizer is not None and not args.tokenizer.is_file():
+            raise DatasetError(f"tokenizer not found: {args.tokenizer}")
+        info = prepare_dataset(hp, args.out, docs, args.tokenizer, progress=True)
+    except (CorpusError, DatasetError) as exc:
+        print(f"error: {exc}")
+        return 1
+    seconds = time.perf_counter() - started
+    print(f"source: {source}: {len(docs)} documents, {sum(map(len, docs)):,} characters")
+    print(f"wrote {info.tokens:,} tokens: {info.train_pages:,} train pages ({info.train_tokens:,} tokens) and "
+          f"{info.heldout_pages:,} held-out pages of {info.seq_len} tokens to {info.path} in {seconds:.1f} s")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from neurons.training import inner_train, make_inner_optimizer, mean_loss
+    from protocol.data import DatasetError, PageStore, assign
+    from protocol.model import build_model, count_params
+
+    hp = load_hparams(args.preset, args.overrides)
+    try:
+        store = PageStore(args.data, hp)
+    except DatasetError as exc:
+        print(f"error: {exc}")
+        return 1
+    model = build_model(hp, args.device)
+    optimizer = make_inner_optimizer(model, hp)
+    heldout = store.pages(range(min(64, store.num_heldout)), "heldout")
+    print(f"model: {count_params(model):,} parameters, preset {hp.name}; data: {store.num_train:,} train pages")
+    print(f"window  -1  held-out loss {mean_loss(model, heldout):.4f}")
+    for window in range(args.windows):
+        samples = store.pages(assign("local", window, hp.data.seed, hp.samples_per_window, store.num_train))
+        started = time.perf_counter()
+        stats = inner_train(model, optimizer, samples, hp, window)
+        rate = stats.tokens / (time.perf_counter() - started)
+        print(f"window {window:3d}  train loss {stats.mean_loss:.4f}  held-out loss {mean_loss(model, heldout):.4f}"
+              f"  ({rate:,.0f} tokens/s)")
+    return 0
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    return _prepare(args) if args.data_command == "prepare" else _train(args)

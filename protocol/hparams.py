@@ -1,0 +1,283 @@
+"""Network hyperparameters: the one source of truth every participant must agree on.
+
+Every number the protocol uses (window length, inner/outer optimiser, SparseLoCo compression,
+Gauntlet scoring, peers, checkpoints, size limits) is a field here, grouped by component, each with
+a description and a validator where a bad value is possible. Code never hard-codes these values.
+
+Anchors are the Templar / Covenant-72B public values (see DESIGN.md); presets scale the model and
+schedule from a CPU-sized `tiny` network up to the 72B run.
+
+    hp = load_hparams("tiny")                                  # a preset
+    hp = load_hparams("my.toml", overrides=["inner.steps=4"])  # a file, with dotted overrides
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class HParamsError(ValueError):
+    """A bad hyperparameter file or value; the message is one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelHParams(_Section):
+    vocab_size: int = Field(4096, ge=256, le=1 << 20, description="Tokenizer vocabulary size (tokens).")
+    hidden_size: int = Field(256, ge=16, description="Transformer width.")
+    intermediate_size: int = Field(688, ge=16, description="SwiGLU MLP inner width.")
+    num_layers: int = Field(2, ge=1, description="Number of decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(4, ge=1, description="Key/value heads (grouped-query attention).")
+    seq_len: int = Field(128, ge=8, description="Tokens per training sample (page).")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    tie_embeddings: bool = Field(False, description="Share input embedding and LM head weights.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelHParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class WindowHParams(_Section):
+    blocks_per_window: int = Field(125, ge=1, description="Chain blocks per training window (anchor 125 ≈ 25 min).")
+    upload_grace_blocks: int = Field(
+        0, ge=0, description="Blocks after a window's end during which its shards are still accepted."
+    )
+    expected_block_time_s: float = Field(12.0, gt=0, description="Nominal seconds per block (planning only).")
+
+
+class InnerOptimHParams(_Section):
+    steps: int = Field(30, ge=1, description="Inner AdamW steps per window (H; anchor 30).")
+    batch_size: int = Field(8, ge=1, description="Samples per inner step.")
+    lr: float = Field(1.3e-4, gt=0, lt=1, description="Inner AdamW peak learning rate (anchor 1.3e-4).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip per inner step.")
+    warmup_windows: int = Field(0, ge=0, description="Windows of linear learning-rate warm-up at the start of the run.")
+
+
+class OuterOptimHParams(_Section):
+    lr: float = Field(1.0, gt=0, description="Outer SGD step size α applied to the aggregated update (anchor 1.0).")
+
+
+class SparseLoCoHParams(_Section):
+    error_decay: float = Field(0.95, ge=0, le=1, description="Error-feedback decay β: e ← β·e + Δ (anchor 0.95).")
+    chunk_2d: int = Field(64, ge=1, le=4096, description="Side of the square chunk for 2-D tensors (anchor 64).")
+    chunk_1d: int = Field(4096, ge=1, le=4096, description="Chunk length for 1-D tensors (anchor 4096).")
+    topk: int = Field(64, ge=1, description="Values kept per chunk (anchor 64 → density 1.5625 %).")
+    quant_bits: Literal[2] = Field(2, description="Bits per kept value (4 levels; only 2 is supported on the wire).")
+    quant_range_sigma: float = Field(6.0, gt=0, description="Quantisation covers mean ± this many σ (anchor 6).")
+    index_bits: Literal[12] = Field(12, description="Bits per packed in-chunk index (chunks ≤ 4096 elements).")
+
+    @model_validator(mode="after")
+    def _chunks_fit_index(self) -> SparseLoCoHParams:
+        limit = 1 << self.index_bits
+        if self.chunk_2d * self.chunk_2d > limit or self.chunk_1d > limit:
+            raise ValueError(f"chunk sizes must hold at most {limit} elements for {self.index_bits}-bit indices")
+        if self.topk > min(self.chunk_2d * self.chunk_2d, self.chunk_1d):
+            raise ValueError("topk must not exceed the chunk size")
+        return self
+
+
+class GauntletHParams(_Section):
+    debug_sample_size: int = Field(256, ge=8, description="Parameter values in each shard's sync debug sample.")
+    sync_max_steps: float = Field(5.0, gt=0, description="Steps behind at which sync reaches zero.")
+    sync_penalty_steps: float = Field(3.0, ge=0, description="More steps behind than this is penalised (anchor 3).")
+    sync_exponent: float = Field(2.5, gt=0, description="Exponent of the sync score curve.")
+    copy_halve_overlap: float = Field(0.4, gt=0, le=1, description="Top-k index overlap that halves the later uploader.")
+    copy_zero_overlap: float = Field(0.5, gt=0, le=1, description="Top-k index overlap that zeroes the later uploader.")
+    eval_miners_per_window: int = Field(15, ge=1, description="Miners evaluated in stage 2 per window (anchor 15).")
+    eval_batches: int = Field(4, ge=1, description="Batches of assigned and of random samples per evaluation.")
+    eval_step_scale: float = Field(0.2, gt=0, description="Evaluation applies this × outer lr of a miner's update.")
+    binary_ma_alpha: float = Field(0.05, gt=0, le=1, description="Moving-average rate of the binary indicator.")
+    openskill_beta: float = Field(7.0, gt=0, description="OpenSkill Plackett–Luce beta (anchor 7).")
+    openskill_tau: float = Field(0.1, ge=0, description="OpenSkill tau, dynamics factor (anchor 0.1).")
+    missing_penalty: float = Field(0.75, ge=0, le=1, description="Multiplier on positive scores for a missing/late shard.")
+    score_zero_threshold: float = Field(1e-4, ge=0, description="Final scores below this become zero.")
+    weight_mode: Literal["power", "gather_reserve"] = Field("power", description="How scores become weights.")
+    weight_power: float = Field(2.0, gt=0, description="Scores are raised to this power before normalising.")
+    gather_share: float = Field(0.75, ge=0, le=1, description="gather_reserve mode: weight share of the primary peers.")
+    burn_uid: int | None = Field(None, ge=0, description="Uid receiving the burn share, or none.")
+    burn_share: float = Field(0.0, ge=0, le=1, description="Share of weight sent to burn_uid.")
+
+    @model_validator(mode="after")
+    def _ordering(self) -> GauntletHParams:
+        if self.copy_zero_overlap < self.copy_halve_overlap:
+            raise ValueError("copy_zero_overlap must be ≥ copy_halve_overlap")
+        if self.sync_penalty_steps > self.sync_max_steps:
+            raise ValueError("sync_penalty_steps must be ≤ sync_max_steps")
+        if self.burn_share > 0 and self.burn_uid is None:
+            raise ValueError("burn_share > 0 needs a burn_uid")
+        return self
+
+
+class PeerHParams(_Section):
+    primary: int = Field(20, ge=1, description="Primary peers whose shards everyone aggregates (anchor G = 20).")
+    reserve: int = Field(10, ge=0, description="Reserve peers used when primaries are missing (anchor 10).")
+
+
+class CheckpointHParams(_Section):
+    every_windows: int = Field(10, ge=1, description="A validator publishes a checkpoint every K windows.")
+    retention_windows: int = Field(50, ge=2, description="Bucket objects older than this many windows are deleted.")
+
+
+class DataHParams(_Section):
+    seed: int = Field(1337, description="Seed of the sample assignment permutation.")
+    heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of pages kept for held-out evaluation.")
+    corpus_max_chars: int = Field(24_000_000, ge=10_000, description="Cap on characters read to build the offline corpus.")
+
+
+class HParams(_Section):
+    name: str = Field("custom", description="Preset or file this set came from (not part of the revision).")
+    init_seed: int = Field(0, description="Seed of the network's deterministic initialisation θ_0.")
+    model: ModelHParams = Field(default_factory=ModelHParams, description="Model shape.")
+    windows: WindowHParams = Field(default_factory=WindowHParams, description="Window timing.")
+    inner: InnerOptimHParams = Field(default_factory=InnerOptimHParams, description="Inner optimiser.")
+    outer: OuterOptimHParams = Field(default_factory=OuterOptimHParams, description="Outer optimiser.")
+    sparseloco: SparseLoCoHParams = Field(default_factory=SparseLoCoHParams, description="Compression.")
+    gauntlet: GauntletHParams = Field(default_factory=GauntletHParams, description="Validator scoring.")
+    peers: PeerHParams = Field(default_factory=PeerHParams, description="Peer selection.")
+    checkpoints: CheckpointHParams = Field(default_factory=CheckpointHParams, description="Checkpoints.")
+    data: DataHParams = Field(default_factory=DataHParams, description="Data and assignment.")
+
+    @property
+    def samples_per_window(self) -> int:
+        """Samples one miner trains on in one window."""
+        return self.inner.steps * self.inner.batch_size
+
+    def revision(self) -> str:
+        """Short digest of everything that changes θ or the wire; peers must share it."""
+        payload = self.model_dump(mode="json", exclude={"name"})
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def _preset(name: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, **sections}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _preset(
+        "tiny",
+        model=dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4,
+                   num_kv_heads=4, seq_len=128),
+        windows=dict(blocks_per_window=10, upload_grace_blocks=1, expected_block_time_s=1.0),
+        inner=dict(steps=8, batch_size=8, lr=1e-3, weight_decay=0.1),
+        gauntlet=dict(debug_sample_size=128, eval_miners_per_window=64, eval_batches=2),
+        peers=dict(primary=8, reserve=4),
+        checkpoints=dict(every_windows=5, retention_windows=20),
+        data=dict(corpus_max_chars=6_000_000),
+    ),
+    "150m": _preset(
+        "150m",
+        model=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                   num_kv_heads=12, seq_len=2048),
+        inner=dict(steps=30, batch_size=16, lr=4e-4),
+    ),
+    "1b": _preset(
+        "1b",
+        model=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                   num_kv_heads=4, seq_len=2048),
+        inner=dict(steps=30, batch_size=32, lr=2e-4),
+    ),
+    "8b": _preset(
+        "8b",
+        model=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                   num_kv_heads=8, seq_len=2048, rope_theta=500000.0),
+        inner=dict(steps=30, batch_size=64, lr=1.3e-4),
+    ),
+    # Covenant-72B: LLaMA-3-style 80 layers, width 8192, GQA with 8 KV heads, seq 2048, H = 30,
+    # inner lr 1.3e-4, 20 gathered peers; SparseLoCo anchors are the section defaults.
+    "72b": _preset(
+        "72b",
+        model=dict(vocab_size=262144, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                   num_kv_heads=8, seq_len=2048, rope_theta=500000.0),
+        inner=dict(steps=30, batch_size=192, lr=1.3e-4),
+    ),
+}
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = target
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise HParamsError(f"hparams: {dotted}: '{key}' is not a section")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # plain strings need no quotes on the command line
+    node[keys[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise HParamsError(f"hparams: file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise HParamsError(f"hparams: {path}: top level must be an object")
+            return data
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HParamsError(f"hparams: {path}: cannot parse: {exc}") from None
+    raise HParamsError(f"hparams: {path}: expected a .toml or .json file")
+
+
+def load_hparams(source: str = "tiny", overrides: list[str] | None = None) -> HParams:
+    """Build HParams from a preset name or a TOML/JSON file, then apply `section.field=value` overrides.
+
+    A file may name a base preset with a top-level `preset = "tiny"` key.
+    """
+    if source in PRESETS:
+        data: dict[str, Any] = copy.deepcopy(PRESETS[source])
+    else:
+        data = _read_file(Path(source))
+        base = data.pop("preset", None)
+        if base is not None:
+            if base not in PRESETS:
+                raise HParamsError(f"hparams: preset: unknown preset '{base}' (known: {', '.join(PRESETS)})")
+            data = _deep_merge(copy.deepcopy(PRESETS[base]), data)
+        data.setdefault("name", Path(source).stem)
+    for item in overrides or []:
+        if "=" not in item:
+            raise HParamsError(f"hparams: override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw.strip())
+    try:
+        return HParams.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "hparams"
+        raise HParamsError(f"hparams: {where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def known_sources() -> list[str]:
+    return list(PRESETS)

@@ -1,0 +1,109 @@
+"""The network's model: a `transformers` LlamaForCausalLM built from hparams.
+
+Every node must start from the bit-identical θ_0, so the model is always initialised on the CPU in
+float32 under a private RNG seeded from `hparams.init_seed` (the global RNG is left untouched), and
+only then moved to the training device. Checkpoints are plain `save_pretrained` folders
+(`config.json` + `model.safetensors`), loadable by `LlamaForCausalLM.from_pretrained` and
+lm-eval-harness; loading goes through safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from protocol.hparams import HParams
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match the network's model."""
+
+
+def llama_config(hp: HParams) -> LlamaConfig:
+    m = hp.model
+    return LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.seq_len,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        use_cache=False,
+    )
+
+
+def build_model(hp: HParams, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """θ_0: the network's deterministic initialisation, identical on every node."""
+    config = llama_config(hp)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hp.init_seed)
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(config)
+    model = model.to(dtype=torch.float32)
+    return model.to(device)
+
+
+def param_shapes(hp: HParams) -> dict[str, torch.Size]:
+    """Parameter names and shapes of the network's model, without allocating it."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(hp))
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """blake2b over every parameter's bytes in name order: equal digests ⇔ identical models."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(model: LlamaForCausalLM, out_dir: str | Path, hp: HParams) -> Path:
+    """Write config.json + model.safetensors (+ crucible.json naming the hparams revision)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "crucible.json").write_text(json.dumps({"revision": hp.revision(), "preset": hp.name}))
+    return out
+
+
+def load_checkpoint(path: str | Path, hp: HParams, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """Load a checkpoint folder into a fresh network model, checking every name and shape."""
+    folder = Path(path)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {folder}: missing model.safetensors")
+    state = load_file(str(weights), device="cpu")
+    expected = param_shapes(hp)
+    model = build_model(hp)
+    own = model.state_dict()
+    for name, shape in expected.items():
+        if name not in state:
+            if hp.model.tie_embeddings and name == "lm_head.weight":
+                continue
+            raise CheckpointError(f"checkpoint {folder}: missing tensor {name}")
+        if state[name].shape != shape:
+            raise CheckpointError(f"checkpoint {folder}: {name} has shape {tuple(state[name].shape)}, want {tuple(shape)}")
+        if not torch.isfinite(state[name]).all():
+            raise CheckpointError(f"checkpoint {folder}: {name} has non-finite values")
+    extra = set(state) - set(own)
+    if extra:
+        raise CheckpointError(f"checkpoint {folder}: unexpected tensors {sorted(extra)[:3]}")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
+    return model.to(device)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
