@@ -1,0 +1,148 @@
+"""Typed records passed between the Gauntlet's stages and kept in the validator's scoring state.
+
+Stage 1 (`filters`) produces a `FilterResult` per miner, stage 2 (`evaluate`) an `EvalResult`,
+the window step (`weights.score_window`) folds both into per-uid `UidState` and appends a
+`WindowEntry` to its bounded history, which `state.explain` prints. Keeping them in one module lets
+every stage, the state file and the `crucible explain` command agree on field names and meanings.
+Records hold plain floats and strings only (no tensors), so they serialise to JSON exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Record(BaseModel):
+    # Infinity/NaN must survive the JSON round trip of the state file (a diverged loss is a fact).
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+class SyncResult(_Record):
+    """How far a miner's debug sample is from the validator's own parameters."""
+
+    steps_behind: float = Field(
+        description="median|θ_val − θ_miner| / the validator's own per-window change."
+    )
+    sync: float = Field(ge=0, le=1, description="max(0, 1 − min(x, max)/max)^exponent, 1 = fully in sync.")
+    penalised: bool = Field(
+        description="More than sync_penalty_steps behind: positive scores are multiplied down."
+    )
+    reason: str | None = Field(None, description="Why the sample could not be compared, if it could not.")
+
+
+class CopyVerdict(_Record):
+    """Top-k index overlap of a miner with the other uploaders of the window."""
+
+    overlap: float = Field(ge=0, le=1, description="Largest overlap with an earlier uploader (0 if none).")
+    copied_from: int | None = Field(None, description="Uid of the earlier uploader with that overlap.")
+    factor: float = Field(
+        ge=0, le=1, description="Multiplier on positive scores: 1, 0.5 (halve) or 0 (zero)."
+    )
+
+
+class FilterResult(_Record):
+    """Stage-1 outcome for one miner in one window."""
+
+    uid: int = Field(ge=0, description="Miner uid.")
+    hotkey: str = Field(description="Miner hotkey at scoring time.")
+    present: bool = Field(description="A shard for this window was found in the miner's bucket.")
+    upload_time: float | None = Field(None, description="Object upload time, POSIX seconds, if present.")
+    timely: bool = Field(False, description="Uploaded within [window start, deadline].")
+    reject_reason: str | None = Field(
+        None, description="Why the shard was rejected (wire/format), if it was."
+    )
+    sync: SyncResult | None = Field(None, description="Sync check of the debug sample, if it ran.")
+    copy_verdict: CopyVerdict | None = Field(None, description="Copy check, if it ran.")
+
+    @property
+    def eligible(self) -> bool:
+        """Passed stage 1: may be evaluated in stage 2 and earn a score this window."""
+        return self.present and self.timely and self.reject_reason is None
+
+
+class EvalResult(_Record):
+    """Stage-2 outcome: losses before/after applying the miner's update on both data sets."""
+
+    loss_before_assigned: float = Field(
+        description="Mean loss on the miner's assigned samples, model unchanged."
+    )
+    loss_after_assigned: float = Field(description="Same samples, after θ ← θ − step·update.")
+    loss_before_random: float = Field(
+        description="Mean loss on the window's random samples, model unchanged."
+    )
+    loss_after_random: float = Field(description="Same samples, after θ ← θ − step·update.")
+    step: float = Field(description="Step size the update was applied with.")
+
+    @staticmethod
+    def _relative(before: float, after: float) -> float:
+        if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
+            return -math.inf
+        return (before - after) / before
+
+    @property
+    def rel_assigned(self) -> float:
+        """Relative improvement on assigned data ((before − after)/before); −inf if not finite."""
+        return self._relative(self.loss_before_assigned, self.loss_after_assigned)
+
+    @property
+    def loss_score(self) -> float:
+        """Relative improvement on random data: what ratings rank by; −inf if not finite."""
+        return self._relative(self.loss_before_random, self.loss_after_random)
+
+    @property
+    def indicator(self) -> int:
+        """+1 if the update helps the miner's own data more than random data, else −1."""
+        a, r = self.rel_assigned, self.loss_score
+        return 1 if math.isfinite(a) and math.isfinite(r) and a > r else -1
+
+
+class WindowEntry(_Record):
+    """Every score component of one uid in one window, for `crucible explain`."""
+
+    window: int = Field(description="Window scored.")
+    hotkey: str = Field(description="Hotkey the uid had in that window.")
+    present: bool = Field(False, description="A shard was found.")
+    timely: bool = Field(False, description="The shard was uploaded inside the window.")
+    upload_time: float | None = Field(None, description="Upload time, POSIX seconds.")
+    reject_reason: str | None = Field(None, description="Wire/format rejection reason.")
+    steps_behind: float | None = Field(None, description="Sync: steps behind the validator.")
+    sync: float | None = Field(None, description="Sync score used this window.")
+    sync_penalised: bool = Field(False, description="More than sync_penalty_steps behind.")
+    sync_reason: str | None = Field(None, description="Why the debug sample could not be compared, if so.")
+    copy_overlap: float | None = Field(None, description="Largest overlap with an earlier uploader.")
+    copied_from: int | None = Field(None, description="Uid of that earlier uploader.")
+    copy_factor: float = Field(1.0, description="Copy multiplier applied.")
+    evaluated: bool = Field(False, description="Stage 2 ran for this uid.")
+    losses: EvalResult | None = Field(None, description="Stage-2 losses, if evaluated.")
+    binary_ma: float = Field(0.0, description="Binary-indicator moving average after this window.")
+    mu: float = Field(description="Rating μ after this window.")
+    sigma: float = Field(description="Rating σ after this window.")
+    raw_score: float = Field(0.0, description="max(0, ordinal) × max(0, binary MA) × sync, before slashes.")
+    slashes: list[str] = Field(default_factory=list, description="Multipliers applied, with their reasons.")
+    score: float = Field(0.0, description="Final score after slashes, decay and the zero threshold.")
+    weight: float = Field(0.0, description="Weight set on chain for this uid.")
+    role: str | None = Field(None, description="'primary' or 'reserve' peer for the next window, else none.")
+
+    @property
+    def ordinal(self) -> float:
+        return self.mu - 3.0 * self.sigma
+
+
+class UidState(_Record):
+    """What the validator remembers about one uid between windows."""
+
+    hotkey: str = Field(description="Hotkey the state belongs to; a new hotkey on the uid resets everything.")
+    mu: float = Field(description="OpenSkill rating mean.")
+    sigma: float = Field(gt=0, description="OpenSkill rating standard deviation.")
+    binary_ma: float = Field(0.0, ge=-1, le=1, description="Moving average of the binary indicator.")
+    score: float = Field(0.0, ge=0, description="Current final score (never negative).")
+    last_evaluated: int | None = Field(None, description="Last window stage 2 ran for this uid.")
+    history: list[WindowEntry] = Field(
+        default_factory=list, description="Last windows' components, oldest first."
+    )
+
+    @property
+    def ordinal(self) -> float:
+        return self.mu - 3.0 * self.sigma

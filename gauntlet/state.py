@@ -1,0 +1,192 @@
+"""The validator's persisted scoring state: ratings, moving averages, scores and their history.
+
+A restarted validator must resume exactly where it stopped: losing the ratings would reset every
+miner to ordinal 0 and zero the weights for many windows. The state is one versioned pydantic
+model saved as JSON atomically (write a temporary file, fsync, `os.replace`, fsync the folder), so
+a crash leaves either the old or the new file, never a torn one; floats round-trip exactly. Loading
+refuses a file of another format version with a clear message instead of guessing.
+
+Each uid keeps a bounded history of its per-window score components, printed by
+`explain(state, uid, window)` for `crucible explain --uid U --window W`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gauntlet.records import UidState, WindowEntry
+
+STATE_VERSION = 1
+
+
+class StateError(ValueError):
+    """A state file that cannot be loaded; the message says why."""
+
+
+class StateConfig(BaseModel):
+    """Local (not network-wide) bounds on what the validator remembers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    history_windows: int = Field(
+        64, ge=1, description="Windows of score components kept per uid for explain."
+    )
+    change_windows: int = Field(
+        8, ge=1, description="Recent per-window parameter changes kept for the sync check."
+    )
+
+
+class ScoringState(BaseModel):
+    """Everything the Gauntlet carries from one window to the next."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    version: int = Field(STATE_VERSION, description="Format version of this state file.")
+    last_window: int | None = Field(None, description="Last window scored.")
+    uids: dict[int, UidState] = Field(default_factory=dict, description="Per-uid state.")
+    step_changes: list[float] = Field(
+        default_factory=list,
+        description="The validator's own median per-window parameter change, recent windows.",
+    )
+
+    def record_step_change(self, value: float, config: StateConfig) -> None:
+        """Remember this window's median |θ_w − θ_{w−1}| (non-finite or negative values are ignored)."""
+        if math.isfinite(value) and value >= 0:
+            self.step_changes = (self.step_changes + [value])[-config.change_windows :]
+
+    def reference_change(self) -> float | None:
+        """Median of the recent positive per-window changes: the sync check's unit of "one step"."""
+        positive = [c for c in self.step_changes if c > 0]
+        return statistics.median(positive) if positive else None
+
+    def entry(self, uid: int, window: int) -> WindowEntry | None:
+        us = self.uids.get(uid)
+        return next((e for e in reversed(us.history) if e.window == window), None) if us else None
+
+
+def save_state(state: ScoringState, path: str | Path) -> None:
+    """Write the state atomically: tmp file in the same folder, fsync, os.replace, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = state.model_dump_json().encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(path: str | Path) -> ScoringState:
+    """Read a state file; a missing file is a fresh state, anything unreadable a StateError."""
+    path = Path(path)
+    if not path.exists():
+        return ScoringState()
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateError(f"scoring state {path}: cannot read: {exc}") from None
+    if not isinstance(raw, dict):
+        raise StateError(f"scoring state {path}: top level is not an object")
+    version = raw.get("version")
+    if version != STATE_VERSION:
+        raise StateError(
+            f"scoring state {path}: format version {version!r}, this validator reads version {STATE_VERSION}; "
+            "move the file away to start fresh (ratings will restart)"
+        )
+    try:
+        return ScoringState.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise StateError(f"scoring state {path}: {where}: {first['msg']}") from None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.3f}%" if math.isfinite(x) else "not finite"
+
+
+def _zero_because(e: WindowEntry) -> str:
+    zero = [
+        n
+        for n, v in (("ordinal", e.ordinal), ("binary MA", e.binary_ma), ("sync", e.sync))
+        if v is not None and v <= 0
+    ]
+    return f"  (zero: {', '.join(zero)} not positive)" if zero else ""
+
+
+def explain(state: ScoringState, uid: int, window: int) -> str:
+    """Every score component of `uid` in `window`, and why it has the value it has."""
+    us = state.uids.get(uid)
+    e = state.entry(uid, window)
+    if us is None or e is None:
+        kept = (
+            f" (kept: windows {us.history[0].window}..{us.history[-1].window})" if us and us.history else ""
+        )
+        return f"uid {uid}: no record for window {window}{kept}"
+    lines = [f"uid {uid}  hotkey {e.hotkey}  window {e.window}"]
+    if not e.present:
+        lines.append("  shard:      missing — nothing uploaded for this window")
+    else:
+        when = f"uploaded at {e.upload_time:.3f}" if e.upload_time is not None else "upload time unknown"
+        lines.append(f"  shard:      {when} — {'on time' if e.timely else 'LATE (outside the window)'}")
+        if e.reject_reason is not None:
+            lines.append(f"  format:     REJECTED: {e.reject_reason}")
+        elif e.timely:
+            lines.append("  format:     ok")
+    if e.sync is not None:
+        behind = (
+            f"{e.steps_behind:.3f}" if e.steps_behind is not None and math.isfinite(e.steps_behind) else "∞"
+        )
+        flag = " — PENALISED (too far behind)" if e.sync_penalised else ""
+        flag += f" ({e.sync_reason})" if e.sync_reason else ""
+        lines.append(f"  sync:       {behind} steps behind → sync {e.sync:.4f}{flag}")
+    if e.copy_overlap is not None:
+        src = f" with earlier uploader uid {e.copied_from}" if e.copied_from is not None else ""
+        lines.append(f"  copy:       top-k overlap {100 * e.copy_overlap:.2f}%{src} → ×{e.copy_factor:g}")
+    if e.losses is not None:
+        r = e.losses
+        lines.append(
+            f"  assigned:   loss {r.loss_before_assigned:.5f} → {r.loss_after_assigned:.5f} ({_pct(r.rel_assigned)})"
+        )
+        lines.append(
+            f"  random:     loss {r.loss_before_random:.5f} → {r.loss_after_random:.5f} ({_pct(r.loss_score)})"
+        )
+        why = (
+            "assigned improved more than random"
+            if r.indicator > 0
+            else "assigned did NOT improve more than random"
+        )
+        lines.append(
+            f"  indicator:  {r.indicator:+d} ({why}); loss score {r.loss_score:.6g} (step {r.step:g})"
+        )
+    else:
+        lines.append("  evaluation: not evaluated this window (rating and binary average unchanged)")
+    lines.append(f"  binary MA:  {e.binary_ma:+.4f}")
+    lines.append(f"  rating:     μ {e.mu:.4f}  σ {e.sigma:.4f}  → ordinal μ−3σ {e.ordinal:.4f}")
+    if e.present and e.timely and e.reject_reason is None:
+        lines.append(
+            f"  raw score:  max(0, ordinal) × max(0, binary MA) × sync = {e.raw_score:.6g}" + _zero_because(e)
+        )
+    for s in e.slashes:
+        lines.append(
+            f"  slash:      {s}" + ("" if e.raw_score > 0 or not e.timely else "  (nothing to slash)")
+        )
+    lines.append(f"  score:      {e.score:.6g}")
+    role = f" ({e.role} peer for window {e.window + 1})" if e.role else ""
+    lines.append(f"  weight:     {e.weight:.6f}{role}")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Gauntlet stage 2 on a real tiny LlamaForCausalLM: exact restore, indicator, loss score, ratings.
+
+The data are two deterministic "languages" over disjoint halves of a 64-token vocabulary (each a
+different affine successor rule with 10 % noise). A miner's assigned pages are language A; the
+window's random pages are a mixture of A and B. An honest miner trains on its assigned pages; a
+freeloader trains on other pages (language B); a noise miner sends random values of the same size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gauntlet.evaluate import (
+    Evaluator,
+    UpdateError,
+    binary_moving_average,
+    check_update,
+    clip_update,
+    global_norm,
+    mean_loss,
+)
+from gauntlet.ratings import fresh_rating, rate_window
+from protocol.hparams import GauntletHParams, OuterOptimHParams
+
+HP = GauntletHParams()
+STEP = HP.eval_step_scale * OuterOptimHParams().lr
+VOCAB, SEQ, BATCH = 64, 32, 8
+
+
+def language(kind: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, SEQ, dtype=torch.long)
+    cur = torch.randint(0, 32, (n,), generator=g)
+    for t in range(SEQ):
+        x[:, t] = cur
+        nxt = (cur * 5 + 3) % 32 if kind == "A" else (cur * 11 + 7) % 32
+        cur = torch.where(torch.rand(n, generator=g) < 0.1, torch.randint(0, 32, (n,), generator=g), nxt)
+    return x if kind == "A" else x + 32
+
+
+def train(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int = 0) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        b = data[torch.randint(0, len(data), (BATCH,), generator=g)]
+        loss = model(input_ids=b, labels=b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def pseudo_gradient(base: torch.nn.Module, data: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    local = copy.deepcopy(base)
+    train(local, data, steps=10, lr=3e-3, seed=seed)
+    theta = dict(base.named_parameters())
+    return {k: (theta[k] - p).detach() for k, p in local.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def world():
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        train(model, torch.cat([language("A", 64, 1), language("B", 64, 2)]), steps=30, lr=3e-3)
+    model.eval()
+    assigned = language("A", 4 * BATCH, 10)
+    honest = pseudo_gradient(model, assigned)
+    freeloader = pseudo_gradient(model, language("B", 4 * BATCH, 11))
+    g = torch.Generator().manual_seed(3)
+    noise = {
+        k: torch.randn(v.shape, generator=g) * v.norm() / math.sqrt(v.numel()) for k, v in honest.items()
+    }
+    return dict(
+        model=model, assigned=list(assigned.split(BATCH)), honest=honest, freeloader=freeloader, noise=noise
+    )
+
+
+def random_batches(seed: int, n_batches: int = HP.eval_batches) -> list[torch.Tensor]:
+    half = n_batches * BATCH // 2
+    mix = torch.cat([language("A", half, 1000 + seed), language("B", half, 2000 + seed)])
+    return list(mix[torch.randperm(len(mix), generator=torch.Generator().manual_seed(seed))].split(BATCH))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), k  # NaN-free tensors: equal means bit-identical here
+
+
+def test_evaluation_restores_model_bit_exactly(world):
+    model = world["model"]
+    snap = snapshot(model)
+    ev = Evaluator(model, random_batches(0))
+    for kind in ("honest", "freeloader", "noise"):
+        r = ev.evaluate(world[kind], world["assigned"], STEP)
+        assert r.loss_after_random != r.loss_before_random  # the update really was applied
+        assert_bit_identical(model, snap)
+    # A large update whose subtraction would not round-trip in float32 is still restored exactly.
+    huge = {k: v * 1e3 + 1e-7 for k, v in world["honest"].items()}
+    ev.evaluate(huge, world["assigned"], STEP)
+    assert_bit_identical(model, snap)
+    # Training mode is restored too.
+    model.train()
+    ev.evaluate(world["honest"], world["assigned"], STEP)
+    assert model.training
+    model.eval()
+
+
+def test_bad_updates_are_refused_before_touching_the_model(world):
+    model = world["model"]
+    snap = snapshot(model)
+    ev = Evaluator(model, random_batches(0))
+    name, u = next(iter(world["honest"].items()))
+    bad = {
+        "unknown": {"nope.weight": torch.zeros(3)},
+        "shape": {name: torch.zeros(u.numel() + 1)},
+        "nan": {name: torch.full_like(u, math.nan)},
+        "int": {name: torch.zeros_like(u, dtype=torch.int64)},
+    }
+    for upd in bad.values():
+        assert check_update(model, upd) is not None
+        with pytest.raises(UpdateError):
+            ev.evaluate(upd, world["assigned"], STEP)
+        assert_bit_identical(model, snap)
+    with pytest.raises(ValueError):
+        Evaluator(model, [torch.full((2, 8), VOCAB)])  # token id out of range
+
+
+def test_honest_positive_freeloader_negative_indicator(world):
+    ev = Evaluator(world["model"], random_batches(1))
+    honest = ev.evaluate(world["honest"], world["assigned"], STEP)
+    free = ev.evaluate(world["freeloader"], world["assigned"], STEP)
+    assert honest.rel_assigned > honest.loss_score > 0 and honest.indicator == 1
+    assert free.loss_score > 0  # it did improve the model on random data...
+    assert free.rel_assigned < free.loss_score and free.indicator == -1  # ...but not on what it was assigned
+
+
+def test_before_random_loss_is_computed_once_per_window(world):
+    model = world["model"]
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        rb = random_batches(2)
+        ev = Evaluator(model, rb)
+        first = ev.evaluate(world["honest"], world["assigned"], STEP)
+        n_first = len(calls)
+        second = ev.evaluate(world["noise"], world["assigned"], STEP)
+        n_second = len(calls) - n_first
+    finally:
+        handle.remove()
+    assert n_first == len(rb) + 2 * len(world["assigned"]) + len(rb)
+    assert n_second == 2 * len(world["assigned"]) + len(rb)
+    assert first.loss_before_random == second.loss_before_random == mean_loss(model, rb)
+
+
+def test_loss_signal_is_stable_across_random_draws(world):
+    """The honest–freeloader and honest–noise gaps dwarf the spread over random batch draws."""
+    scores, gaps = [], []
+    for seed in range(5):
+        ev = Evaluator(world["model"], random_batches(100 + seed))
+        h = ev.evaluate(world["honest"], world["assigned"], STEP)
+        n = ev.evaluate(world["noise"], world["assigned"], STEP)
+        scores.append(h.loss_score)
+        gaps.append(h.loss_score - n.loss_score)
+        assert h.indicator == 1
+    spread = statistics.stdev(scores)
+    assert min(gaps) > 5 * spread
+    assert h.rel_assigned - statistics.mean(scores) > 5 * spread
+
+
+def test_noise_rates_below_honest_over_windows(world):
+    hp = HP
+    ratings = {0: fresh_rating(hp), 1: fresh_rating(hp), 2: fresh_rating(hp)}
+    kinds = {0: "honest", 1: "noise", 2: "freeloader"}
+    for window in range(6):
+        ev = Evaluator(world["model"], random_batches(200 + window))
+        scores = {u: ev.evaluate(world[k], world["assigned"], STEP).loss_score for u, k in kinds.items()}
+        assert scores[0] > scores[1]
+        ratings = rate_window(ratings, scores, hp)
+    assert ratings[0].mu > ratings[1].mu
+    assert ratings[0].ordinal > ratings[1].ordinal
+    assert ratings[0].ordinal > 0 > ratings[1].ordinal
+
+
+def test_binary_moving_average_and_clipping():
+    m = 0.0
+    for _ in range(3):
+        m = binary_moving_average(m, 1, 0.05)
+    assert m == pytest.approx(1 - 0.95**3)
+    assert binary_moving_average(m, -1, 0.05) == pytest.approx(0.95 * m - 0.05)
+    with pytest.raises(ValueError):
+        binary_moving_average(0.0, 0, 0.05)
+    upd = {"a": torch.full((4,), 3.0), "b": torch.full((1,), 4.0)}
+    assert global_norm(upd) == pytest.approx(math.sqrt(52))
+    clipped = clip_update(upd, 1.0)
+    assert global_norm(clipped) == pytest.approx(1.0)
+    assert clip_update(upd, 100.0)["a"] is upd["a"]

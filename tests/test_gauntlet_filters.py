@@ -1,0 +1,242 @@
+"""Gauntlet stage 1: timeliness, debug positions, sync score and copy detection."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import torch
+
+from gauntlet.filters import (
+    copy_verdicts,
+    debug_positions,
+    flat_sample,
+    gather_sample,
+    is_timely,
+    overlap_matrix,
+    split_sample,
+    step_change,
+    sync_curve,
+    sync_score,
+)
+from protocol.hparams import GauntletHParams
+
+HP = GauntletHParams()
+
+
+# --- timeliness --------------------------------------------------------------------------------
+
+
+def test_timely_inclusive_bounds_and_outside():
+    assert is_timely(100.0, 100.0, 200.0)
+    assert is_timely(200.0, 100.0, 200.0)
+    assert is_timely(150, 100, 200)
+    assert not is_timely(99.999, 100.0, 200.0)
+    assert not is_timely(200.001, 100.0, 200.0)
+    assert not is_timely(math.nan, 100.0, 200.0)
+
+
+def test_timely_datetimes_naive_is_utc_and_mixed_with_floats():
+    start = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+    deadline = start + timedelta(minutes=25)
+    assert is_timely(start + timedelta(minutes=10), start, deadline)
+    assert not is_timely(deadline + timedelta(seconds=1), start, deadline)
+    # Same instant written in another zone, and as a naive UTC datetime.
+    plus2 = timezone(timedelta(hours=2))
+    assert is_timely(datetime(2025, 1, 1, 14, 5, tzinfo=plus2), start, deadline)
+    assert is_timely(datetime(2025, 1, 1, 12, 5), start.timestamp(), deadline.timestamp())
+    assert not is_timely(datetime(2025, 1, 1, 11, 59), start, deadline)
+
+
+# --- debug positions ---------------------------------------------------------------------------
+
+NUMELS = {
+    "embed.weight": 64 * 32,
+    "layers.0.q.weight": 32 * 32,
+    "layers.0.norm.weight": 32,
+    "lm_head.weight": 2048,
+}
+
+
+def test_debug_positions_deterministic_in_range_and_seed_dependent():
+    a = debug_positions(b"seed-1", NUMELS, 256)
+    b = debug_positions(b"seed-1", dict(reversed(list(NUMELS.items()))), 256)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    total = sum(len(v) for v in a.values())
+    assert 200 <= total <= 256  # de-duplicated draws
+    for name, idx in a.items():
+        assert idx.dtype == torch.int64
+        assert int(idx.min()) >= 0 and int(idx.max()) < NUMELS[name]
+        assert torch.equal(idx, torch.unique(idx))
+    c = debug_positions(b"seed-2", NUMELS, 256)
+    flat_a = {(k, int(i)) for k, v in a.items() for i in v}
+    flat_c = {(k, int(i)) for k, v in c.items() for i in v}
+    # Another seed gives an essentially unrelated sample (expected overlap ~256/5152 ≈ 5 %).
+    assert len(flat_a & flat_c) < 0.15 * len(flat_a)
+
+
+def test_debug_positions_are_uniform_over_values():
+    big = {k: n * 1000 for k, n in NUMELS.items()}  # large enough that duplicate draws are rare
+    pos = debug_positions(b"uniform", big, 4000)
+    total = sum(big.values())
+    for name, numel in big.items():
+        got = len(pos.get(name, []))
+        expected = numel / total * 4000
+        assert abs(got - expected) < 5 * math.sqrt(expected) + 5
+
+
+def test_debug_positions_rejects_bad_n_and_handles_empty():
+    with pytest.raises(ValueError):
+        debug_positions(b"x", NUMELS, 0)
+    assert debug_positions(b"x", {}, 8) == {}
+
+
+# --- sync --------------------------------------------------------------------------------------
+
+
+def test_sync_curve_values_and_monotone():
+    assert sync_curve(0.0, HP) == 1.0
+    assert sync_curve(5.0, HP) == 0.0
+    assert sync_curve(7.5, HP) == 0.0
+    assert sync_curve(math.inf, HP) == 0.0
+    assert sync_curve(1.0, HP) == pytest.approx(0.8**2.5)
+    values = [sync_curve(x / 10, HP) for x in range(0, 80)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(0.0 <= v <= 1.0 for v in values)
+
+
+def _trajectory(windows: int) -> list[dict[str, torch.Tensor]]:
+    """Parameters over windows: each window adds a fresh random step of similar size."""
+    g = torch.Generator().manual_seed(5)
+    theta = {k: torch.randn(n, generator=g) for k, n in NUMELS.items()}
+    out = [theta]
+    for _ in range(windows):
+        theta = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in theta.items()}
+        out.append(theta)
+    return out
+
+
+def test_sync_score_counts_steps_behind_on_real_tensors():
+    traj = _trajectory(8)
+    now = traj[-1]
+    pos = debug_positions(b"window-8", NUMELS, HP.debug_sample_size)
+    own = gather_sample(now, pos)
+    ref = step_change(own, gather_sample(traj[-2], pos))
+    assert ref > 0
+    in_sync = sync_score(own, gather_sample(now, pos), ref, HP)
+    assert in_sync.steps_behind == 0.0 and in_sync.sync == 1.0 and not in_sync.penalised
+    results = [sync_score(own, gather_sample(traj[-1 - k], pos), ref, HP) for k in range(1, 8)]
+    xs = [r.steps_behind for r in results]
+    # Random-walk steps: k windows behind is ~√k·(one step) in median, and strictly growing.
+    assert all(a < b for a, b in zip(xs, xs[1:], strict=False))
+    assert xs[0] == pytest.approx(1.0, rel=0.25)
+    syncs = [r.sync for r in results]
+    assert all(a >= b for a, b in zip(syncs, syncs[1:], strict=False))
+    # A drift far beyond the window change is fully out of sync and penalised.
+    stale = {k: v + 1.0 for k, v in own.items()}
+    far = sync_score(own, stale, ref, HP)
+    assert far.sync == 0.0 and far.penalised and far.steps_behind > HP.sync_max_steps
+
+
+def test_flat_debug_sample_round_trip_in_canonical_order():
+    traj = _trajectory(1)
+    pos = debug_positions(b"w", NUMELS, 64)
+    sample = gather_sample(traj[-1], pos)
+    flat = flat_sample(sample)
+    assert flat.shape == (sum(len(v) for v in pos.values()),)
+    back = split_sample(flat, pos)
+    assert back is not None and all(torch.equal(back[k], sample[k]) for k in sample)
+    assert split_sample(flat[:-1], pos) is None
+    names = sorted(pos)
+    assert torch.equal(flat[: len(pos[names[0]])], traj[-1][names[0]][pos[names[0]]])
+
+
+def test_sync_penalty_threshold():
+    own = {"w": torch.zeros(100)}
+    ref = 0.1
+    assert not sync_score(own, {"w": torch.full((100,), 0.25)}, ref, HP).penalised  # 2.5 steps
+    assert sync_score(own, {"w": torch.full((100,), 0.35)}, ref, HP).penalised
+
+
+def test_sync_score_malformed_samples_give_reasons_not_crashes():
+    own = {"a": torch.zeros(4), "b": torch.zeros(2)}
+    cases = [
+        {"a": torch.zeros(4)},  # missing parameter
+        {"a": torch.zeros(3), "b": torch.zeros(2)},  # wrong length
+        {"a": torch.tensor([0.0, math.nan, 0.0, 0.0]), "b": torch.zeros(2)},  # non-finite
+        {"a": torch.zeros(4, dtype=torch.int64), "b": torch.zeros(2)},  # not float
+    ]
+    for miner in cases:
+        r = sync_score(own, miner, 0.1, HP)
+        assert r.sync == 0.0 and r.penalised and r.reason
+
+
+def test_sync_score_zero_reference_change():
+    own = {"a": torch.ones(8)}
+    assert sync_score(own, {"a": torch.ones(8)}, 0.0, HP).sync == 1.0
+    assert sync_score(own, {"a": torch.ones(8)}, None, HP).sync == 1.0
+    assert sync_score(own, {"a": torch.ones(8) * 1.001}, 0.0, HP).sync == 0.0
+
+
+# --- copies ------------------------------------------------------------------------------------
+
+
+def _topk_positions(seed: int, chunks: int = 64, chunk: int = 4096, k: int = 64) -> torch.Tensor:
+    """Global flat positions of a chunked top-k of a random tensor (what a miner's shard encodes)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(chunks, chunk, generator=g)
+    idx = x.abs().topk(k, dim=1).indices
+    return (idx + torch.arange(chunks)[:, None] * chunk).reshape(-1)
+
+
+def test_honest_miners_overlap_like_random():
+    sets = {uid: _topk_positions(uid) for uid in range(6)}
+    uids, ov = overlap_matrix(sets)
+    off = ov[~torch.eye(len(uids), dtype=torch.bool)]
+    assert float(off.mean()) == pytest.approx(64 / 4096, abs=0.005)  # ≈ 1.6 %
+    verdicts = copy_verdicts(sets, {u: 1000.0 + u for u in sets}, HP)
+    assert all(v.factor == 1.0 for v in verdicts.values())
+
+
+def test_copy_is_caught_and_later_uploader_punished():
+    original = _topk_positions(1)
+    sets = {3: original, 5: _topk_positions(2), 7: original.clone(), 9: _topk_positions(3)}
+    times = {3: 100.0, 5: 101.0, 7: 150.0, 9: 90.0}
+    v = copy_verdicts(sets, times, HP)
+    assert v[7].factor == 0.0 and v[7].copied_from == 3 and v[7].overlap == pytest.approx(1.0)
+    assert v[3].factor == 1.0  # the original uploader is not punished
+    assert v[5].factor == 1.0 and v[9].factor == 1.0
+    # If the copy had been uploaded first, the other one would be named the copier.
+    v2 = copy_verdicts(sets, {**times, 7: 50.0}, HP)
+    assert v2[3].factor == 0.0 and v2[3].copied_from == 7 and v2[7].factor == 1.0
+    # Equal upload times: the larger uid is "later", deterministically.
+    v3 = copy_verdicts(sets, {**times, 7: 100.0}, HP)
+    assert v3[7].factor == 0.0 and v3[3].factor == 1.0
+
+
+def test_partial_copy_halves_and_per_param_dicts():
+    a = _topk_positions(11)
+    b = _topk_positions(12)
+    n = len(a)
+    mixed = torch.cat([a[: int(0.45 * n)], b[int(0.45 * n) :]])  # 45 % of a's positions
+    v = copy_verdicts({0: a, 1: mixed}, {0: 1.0, 1: 2.0}, HP)
+    assert v[1].factor == 0.5 and 0.4 <= v[1].overlap < 0.5
+    # The same sets given per parameter give the same verdicts; equal positions in DIFFERENT
+    # parameters are not an overlap.
+    half = n // 2
+    as_dict = {0: {"p": a[:half], "q": a[half:]}, 1: {"p": mixed[:half], "q": mixed[half:]}}
+    vd = copy_verdicts(as_dict, {0: 1.0, 1: 2.0}, HP)
+    assert vd[1].factor == 0.5 and vd[1].overlap == pytest.approx(v[1].overlap)
+    crossed = copy_verdicts({0: {"p": a}, 1: {"q": a.clone()}}, {0: 1.0, 1: 2.0}, HP)
+    assert crossed[1].factor == 1.0 and crossed[1].overlap == 0.0
+
+
+def test_copy_verdicts_edge_cases():
+    assert copy_verdicts({}, {}, HP) == {}
+    single = copy_verdicts({4: torch.arange(10)}, {4: 0.0}, HP)
+    assert single[4].factor == 1.0 and single[4].copied_from is None
+    with pytest.raises(ValueError):
+        copy_verdicts({1: torch.arange(3), 2: torch.arange(3)}, {1: 0.0}, HP)
+    with pytest.raises(ValueError):
+        copy_verdicts({1: torch.rand(3), 2: torch.arange(3)}, {1: 0.0, 2: 1.0}, HP)
