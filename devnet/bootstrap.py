@@ -1,0 +1,153 @@
+"""Genesis of a devnet: wallets on disk, a subnet, registered and staked neurons, one chain state file.
+
+`crucible devnet init --state DIR --miners N --validators V` creates, with the SDK's own wallet API,
+unencrypted bittensor wallets under `DIR/wallets` (`owner`, `miner-0…`, `validator-0…`, each with
+hotkey `default`, so `--wallet.path DIR/wallets --wallet.name miner-0` works as on mainnet), and
+writes the genesis `ChainState` directly: the subnet (owned by `owner`), funded coldkeys, every
+hotkey registered through the same `chain_state.register` rule the chain applies to extrinsics,
+validators staked, and the first epoch run so the staked validators hold permits from block 0.
+The chain process (`crucible devnet chain --state DIR`) then takes over. A `devnet.json` manifest
+lists who is who.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import time
+from pathlib import Path
+
+import bittensor as bt
+from pydantic import BaseModel, ConfigDict, Field
+
+from devnet.chain_epoch import run_epoch
+from devnet.chain_state import SubnetParams, add_stake, create_subnet, fund, new_chain, register
+from devnet.chain_store import save_state, state_path
+from devnet.chain_wire import RAO_PER_TAO
+from protocol.hparams import HParams, load_hparams
+
+MANIFEST_FILE = "devnet.json"
+HOTKEY = "default"
+
+
+class BootstrapConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    miners: int = Field(4, ge=0, description="Miner wallets to create (miner-0 …).")
+    validators: int = Field(1, ge=0, description="Validator wallets to create (validator-0 …).")
+    netuid: int = Field(1, ge=1, le=65535, description="The subnet the devnet runs.")
+    register_all: bool = Field(True, description="Register every hotkey at genesis (else only fund the coldkeys).")
+    fund_tao: float = Field(1000.0, ge=0, description="Free TAO every coldkey starts with.")
+    validator_stake_tao: float = Field(10_000.0, ge=0, description="TAO each validator stakes at genesis.")
+    seed: str | None = Field(None, description="Genesis seed; a random one when not given.")
+    subnet: SubnetParams = Field(
+        default_factory=lambda: SubnetParams(tempo=10, weights_rate_limit=2, immunity_period=100, max_allowed_uids=64),
+        description="Hyperparameters of the subnet (devnet defaults: short tempo and rate limit).",
+    )
+
+
+class WalletEntry(BaseModel):
+    name: str = Field(description="Wallet name (folder under the wallet path).")
+    hotkey: str = Field(HOTKEY, description="Hotkey file name.")
+    hotkey_ss58: str = Field(description="Hotkey address.")
+    coldkey_ss58: str = Field(description="Coldkey address.")
+
+
+class DevnetManifest(BaseModel):
+    netuid: int = Field(description="The devnet subnet.")
+    genesis: str = Field(description="Genesis hash of the chain state.")
+    wallet_path: str = Field(description="Value for --wallet.path.")
+    owner: WalletEntry = Field(description="Subnet owner wallet.")
+    miners: list[WalletEntry] = Field(description="Miner wallets, in uid order when registered.")
+    validators: list[WalletEntry] = Field(description="Validator wallets.")
+
+
+def subnet_params_for(hp: HParams, **overrides: object) -> SubnetParams:
+    """Devnet subnet hyperparameters that fit the network's windows: one epoch per window, weights
+    allowed twice per window (a validator sets them once), immunity of ten windows."""
+    bpw = hp.windows.blocks_per_window
+    base = {"tempo": bpw, "weights_rate_limit": max(1, bpw // 2), "immunity_period": 10 * bpw, "max_allowed_uids": 64}
+    return SubnetParams(**{**base, **overrides})
+
+
+def ensure_wallet(wallet_path: Path, name: str) -> bt.Wallet:
+    """An unencrypted wallet `name` with hotkey `default`, created with the SDK's wallet API if missing."""
+    wallet = bt.Wallet(name=name, hotkey=HOTKEY, path=str(wallet_path))
+    if not wallet.coldkeypub_file.exists_on_device():
+        wallet.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    if not wallet.hotkey_file.exists_on_device():
+        wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    return wallet
+
+
+def _entry(wallet: bt.Wallet) -> WalletEntry:
+    return WalletEntry(name=wallet.name, hotkey_ss58=wallet.hotkey.ss58_address,
+                       coldkey_ss58=wallet.coldkeypub.ss58_address)
+
+
+def init_devnet(state_dir: str | Path, config: BootstrapConfig | None = None, *, force: bool = False) -> DevnetManifest:
+    """Create wallets and the genesis chain state in `state_dir`; refuses to overwrite unless `force`."""
+    cfg = config or BootstrapConfig()
+    state_dir = Path(state_dir)
+    if state_path(state_dir).exists() and not force:
+        raise FileExistsError(f"{state_path(state_dir)} exists; pass force=True (--force) to start a new chain")
+    wallet_path = state_dir / "wallets"
+    owner = ensure_wallet(wallet_path, "owner")
+    miners = [ensure_wallet(wallet_path, f"miner-{i}") for i in range(cfg.miners)]
+    validators = [ensure_wallet(wallet_path, f"validator-{i}") for i in range(cfg.validators)]
+
+    state = new_chain(cfg.seed or secrets.token_hex(16), int(time.time() * 1000))
+    create_subnet(state, cfg.netuid, owner.coldkeypub.ss58_address, owner.hotkey.ss58_address, cfg.subnet)
+    stake_rao = int(cfg.validator_stake_tao * RAO_PER_TAO)
+    for wallet in [owner, *miners, *validators]:
+        fund(state, wallet.coldkeypub.ss58_address, int(cfg.fund_tao * RAO_PER_TAO))
+    for wallet in validators:
+        fund(state, wallet.coldkeypub.ss58_address, stake_rao)
+    if cfg.register_all:
+        for wallet in [*validators, *miners]:
+            register(state, cfg.netuid, wallet.coldkeypub.ss58_address, wallet.hotkey.ss58_address, burned=False)
+        for wallet in validators:
+            if stake_rao:
+                add_stake(state, wallet.coldkeypub.ss58_address, wallet.hotkey.ss58_address, cfg.netuid, stake_rao)
+        run_epoch(state, cfg.netuid)  # assigns validator permits from the genesis stake
+    save_state(state_dir, state)
+    manifest = DevnetManifest(
+        netuid=cfg.netuid, genesis=state.genesis, wallet_path=str(wallet_path), owner=_entry(owner),
+        miners=[_entry(w) for w in miners], validators=[_entry(w) for w in validators],
+    )
+    (state_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def load_manifest(state_dir: str | Path) -> DevnetManifest:
+    return DevnetManifest.model_validate_json((Path(state_dir) / MANIFEST_FILE).read_text())
+
+
+# --- CLI --------------------------------------------------------------------------------------------------
+
+
+def add_cli(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--state", required=True, type=Path, help="Devnet state folder to create.")
+    parser.add_argument("--miners", type=int, default=4, help="Miner wallets to create and register.")
+    parser.add_argument("--validators", type=int, default=1, help="Validator wallets to create, register and stake.")
+    parser.add_argument("--netuid", type=int, default=1, help="Subnet id of the devnet.")
+    parser.add_argument("--hparams", default="tiny", help="Preset or file whose window length sets the tempo.")
+    parser.add_argument("--tempo", type=int, default=None, help="Blocks per epoch (default: blocks per window).")
+    parser.add_argument("--no-register", action="store_true", help="Only create and fund wallets.")
+    parser.add_argument("--force", action="store_true", help="Replace an existing chain state.")
+    return parser
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    overrides = {"tempo": args.tempo} if args.tempo is not None else {}
+    cfg = BootstrapConfig(miners=args.miners, validators=args.validators, netuid=args.netuid,
+                          register_all=not args.no_register, subnet=subnet_params_for(load_hparams(args.hparams), **overrides))
+    try:
+        manifest = init_devnet(args.state, cfg, force=args.force)
+    except FileExistsError as exc:
+        print(json.dumps({"event": "devnet_init_error", "error": str(exc)}), flush=True)
+        return 2
+    print(json.dumps({"event": "devnet_initialized", "state": str(args.state), "netuid": manifest.netuid,
+                      "wallet_path": manifest.wallet_path, "miners": len(manifest.miners),
+                      "validators": len(manifest.validators)}), flush=True)
+    return 0
