@@ -1,0 +1,328 @@
+"""SparseLoCo compression: error feedback, chunked top-k, 2-bit quantisation and bit packing.
+
+A miner's pseudo-gradient Δ is folded into its error-feedback buffer e ← β·e + Δ; each parameter is
+cut into chunks (64×64 blocks of a 2-D tensor, runs of 4096 of a 1-D one; a size that does not
+divide uses its largest divisor below the target, like the Templar anchor); the k largest-magnitude
+entries of every chunk are kept, their values quantised to 2 bits against a per-tensor 4-entry table
+of bin centroids (bins split mean ± 6σ into four equal parts), their in-chunk indices packed 12 bits
+each (two in three bytes) and the codes four to a byte. What was sent leaves the buffer:
+e ← e − decode(encoded). Every knob is a field of `SparseLoCoHParams`.
+
+Everything is vectorised over chunks (the only Python loop is over parameters) and runs on whatever
+device the tensors live on. Encoded indices are sorted ascending inside each chunk, so a shard has
+one canonical form and the validator can check uniqueness with one comparison.
+
+Aggregation across peers and the outer step live in `protocol.codec_aggregate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from protocol.hparams import SparseLoCoHParams
+
+
+@functools.lru_cache(maxsize=4096)
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is ≤ limit (1 for a prime larger than limit)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    raise ValueError(f"no divisor of {n} ≤ {limit}")
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """How one parameter is cut into chunks: the tensor seen as a (rows, cols) matrix of blocks.
+
+    A 1-D tensor is one row; a tensor of 3+ dims is (shape[0], rest). Chunk c covers block row
+    c // grid_cols and block column c % grid_cols; in-chunk index i is (i // block_cols, i % block_cols).
+    """
+
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    block_rows: int
+    block_cols: int
+    k: int
+    levels: int
+
+    @classmethod
+    def for_shape(cls, shape: tuple[int, ...] | torch.Size, hp: SparseLoCoHParams) -> ChunkLayout:
+        dims = tuple(int(s) for s in shape)
+        numel = math.prod(dims)
+        if numel < 1:
+            raise ValueError(f"cannot chunk an empty tensor of shape {dims}")
+        if len(dims) >= 2:
+            rows, cols = dims[0], numel // dims[0]
+            block_rows = largest_divisor_at_most(rows, hp.chunk_2d)
+            block_cols = largest_divisor_at_most(cols, hp.chunk_2d)
+        else:
+            rows, cols = 1, numel
+            block_rows, block_cols = 1, largest_divisor_at_most(numel, hp.chunk_1d)
+        k = min(hp.topk, block_rows * block_cols)
+        return cls(dims, rows, cols, block_rows, block_cols, k, 1 << hp.quant_bits)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def chunk_size(self) -> int:
+        return self.block_rows * self.block_cols
+
+    @property
+    def grid_cols(self) -> int:
+        return self.cols // self.block_cols
+
+    @property
+    def n_chunks(self) -> int:
+        return self.numel // self.chunk_size
+
+    @property
+    def n_values(self) -> int:
+        return self.n_chunks * self.k
+
+    @property
+    def idx_bytes(self) -> int:
+        return 3 * ((self.n_values + 1) // 2)
+
+    @property
+    def code_bytes(self) -> int:
+        return (self.n_values + 3) // 4
+
+    @property
+    def wire_bytes(self) -> int:
+        """Payload bytes on the wire: packed indices + packed codes + float32 lookup table."""
+        return self.idx_bytes + self.code_bytes + 4 * self.levels
+
+    def chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """View x as [n_chunks, chunk_size] (a copy when blocks are not contiguous)."""
+        grid = x.reshape(self.rows // self.block_rows, self.block_rows, self.grid_cols, self.block_cols)
+        return grid.transpose(1, 2).reshape(self.n_chunks, self.chunk_size)
+
+    def flat_positions(self, idx: torch.Tensor) -> torch.Tensor:
+        """In-chunk indices [n_chunks, k] → positions in the flattened tensor (int64, same shape)."""
+        chunk_ids = torch.arange(self.n_chunks, device=idx.device, dtype=torch.int64)
+        base = (chunk_ids // self.grid_cols) * (self.block_rows * self.cols) + (
+            chunk_ids % self.grid_cols
+        ) * self.block_cols
+        idx = idx.to(torch.int64)
+        return base[:, None] + (idx // self.block_cols) * self.cols + idx % self.block_cols
+
+
+# ---- bit packing ---------------------------------------------------------------------------------
+
+
+def pack12(values: torch.Tensor) -> torch.Tensor:
+    """Pack integers in [0, 4096) two per three bytes (uint8); an odd count is padded with a 0."""
+    v = values.reshape(-1).to(torch.int32)
+    if v.numel() % 2:
+        v = torch.cat([v, v.new_zeros(1)])
+    a, b = v[0::2], v[1::2]
+    packed = torch.stack([a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4], dim=1)
+    return packed.to(torch.uint8).reshape(-1)
+
+
+def unpack12(data: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack12: the first n 12-bit values of a uint8 buffer whose length is a multiple of 3."""
+    t = data.reshape(-1, 3).to(torch.int64)
+    a = t[:, 0] | ((t[:, 1] & 0xF) << 8)
+    b = (t[:, 1] >> 4) | (t[:, 2] << 4)
+    return torch.stack([a, b], dim=1).reshape(-1)[:n]
+
+
+def pack2(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 2-bit codes four per byte, first code in the low bits; the tail is padded with 0."""
+    c = codes.reshape(-1).to(torch.uint8)
+    pad = (-c.numel()) % 4
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad)])
+    c = c.reshape(-1, 4)
+    return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+
+
+def unpack2(data: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack2: the first n codes (uint8 in [0, 4))."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=data.device)
+    return ((data.reshape(-1, 1) >> shifts) & 3).reshape(-1)[:n]
+
+
+# ---- quantisation ------------------------------------------------------------------------------
+
+
+def quantize(values: torch.Tensor, levels: int, range_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8) and the float32 lookup table of bin centroids for one tensor's kept values.
+
+    Bins split [mean − r·σ, mean + r·σ] into `levels` equal parts, values outside fall in the end
+    bins; each code decodes to the mean of the values in its bin (an empty bin to its centre).
+    Statistics are taken in float64 with fixed-order reductions, so encoding is reproducible.
+    """
+    v = values.reshape(-1).to(torch.float64)
+    mean = v.mean()
+    std = v.std(correction=0)
+    lo = mean - range_sigma * std
+    width = (2 * range_sigma * std / levels).clamp_min(torch.finfo(torch.float64).tiny)
+    codes = ((v - lo) / width).floor_().clamp_(0, levels - 1).to(torch.uint8)
+    sums, counts = [], []
+    for level in range(levels):
+        hit = codes == level
+        sums.append(torch.where(hit, v, 0.0).sum())
+        counts.append(hit.sum())
+    sum_t, count_t = torch.stack(sums), torch.stack(counts)
+    centres = lo + (torch.arange(levels, device=v.device, dtype=torch.float64) + 0.5) * width
+    lookup = torch.where(count_t > 0, sum_t / count_t.clamp_min(1), centres)
+    return codes, lookup.to(torch.float32)
+
+
+# ---- encoded tensors -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One parameter's compressed update: what goes on the wire, plus the layout it was cut with."""
+
+    idx: torch.Tensor  # uint8 [layout.idx_bytes]: 12-bit in-chunk indices, ascending per chunk
+    codes: torch.Tensor  # uint8 [layout.code_bytes]: 2-bit codes, four per byte
+    lookup: torch.Tensor  # float32 [layout.levels]: the value each code decodes to
+    layout: ChunkLayout
+
+    def indices(self) -> torch.Tensor:
+        """In-chunk indices, int64 [n_chunks, k]."""
+        lay = self.layout
+        return unpack12(self.idx, lay.n_values).reshape(lay.n_chunks, lay.k)
+
+    def code_values(self) -> torch.Tensor:
+        """Codes as int64 [n_values]."""
+        return unpack2(self.codes, self.layout.n_values).to(torch.int64)
+
+    def values(self) -> torch.Tensor:
+        """Dequantised kept values, float32 [n_chunks, k]."""
+        return self.lookup[self.code_values()].reshape(self.layout.n_chunks, self.layout.k)
+
+    def positions(self) -> torch.Tensor:
+        """Kept positions in the flattened parameter, int64 [n_chunks, k]."""
+        return self.layout.flat_positions(self.indices())
+
+    def sq_norm(self) -> float:
+        """Squared L2 norm of the decoded tensor, in float64, bit-identical on every device.
+
+        Counts per code are exact integers and the table entries float32, and Σ count·lookup² is
+        summed on the host with `math.fsum`, so no device's reduction order enters. Assumes unique
+        indices per chunk (the wire checks it).
+        """
+        counts = torch.bincount(self.code_values(), minlength=self.layout.levels).tolist()
+        return math.fsum(c * v * v for c, v in zip(counts, self.lookup.tolist(), strict=True))
+
+    @property
+    def nbytes(self) -> int:
+        return self.idx.numel() + self.codes.numel() + 4 * self.lookup.numel()
+
+    def to(self, device: torch.device | str) -> EncodedTensor:
+        return EncodedTensor(self.idx.to(device), self.codes.to(device), self.lookup.to(device), self.layout)
+
+
+@torch.no_grad()
+def _compress(
+    x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams
+) -> tuple[EncodedTensor, torch.Tensor, torch.Tensor]:
+    """Encoded tensor, kept flat positions and the residual there (kept value − sent value), float32."""
+    if tuple(x.shape) != layout.shape:
+        raise ValueError(f"tensor of shape {tuple(x.shape)} does not match layout {layout.shape}")
+    chunks = layout.chunk(x.to(torch.float32))
+    idx = chunks.abs().topk(layout.k, dim=1, sorted=False).indices
+    idx = idx.sort(dim=1).values
+    kept = chunks.gather(1, idx).reshape(-1)
+    codes, lookup = quantize(kept, layout.levels, hp.quant_range_sigma)
+    encoded = EncodedTensor(pack12(idx), pack2(codes), lookup, layout)
+    return encoded, layout.flat_positions(idx).reshape(-1), kept - lookup[codes.to(torch.int64)]
+
+
+def compress(x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams) -> EncodedTensor:
+    """Chunked top-k + 2-bit quantisation of x (no error feedback; see Compressor for that)."""
+    return _compress(x, layout, hp)[0]
+
+
+@torch.no_grad()
+def decode(
+    encoded: EncodedTensor, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dense tensor of the layout's shape: kept values at their positions, zeros elsewhere."""
+    enc = encoded if device is None else encoded.to(device)
+    lay = enc.layout
+    out = torch.zeros(lay.numel, dtype=dtype, device=enc.idx.device)
+    out[enc.positions().reshape(-1)] = enc.values().reshape(-1).to(dtype)
+    return out.reshape(lay.shape)
+
+
+class Compressor:
+    """A miner's SparseLoCo state: one float32 error-feedback buffer per parameter.
+
+    `encode(name, delta)` folds Δ into the buffer (e ← β·e + Δ), compresses it and subtracts what
+    was sent (e ← e − decode(encoded)). The buffers live on Δ's device and persist across windows;
+    save them with `state_dict()` / `save()`.
+    """
+
+    def __init__(self, hp: SparseLoCoHParams) -> None:
+        self.hp = hp
+        self._error: dict[str, torch.Tensor] = {}
+
+    def layout(self, shape: tuple[int, ...] | torch.Size) -> ChunkLayout:
+        return _layout_cached(tuple(int(s) for s in shape), self.hp)
+
+    @torch.no_grad()
+    def encode(self, name: str, delta: torch.Tensor) -> EncodedTensor:
+        # One reduction instead of isfinite's four passes: a NaN or ±inf anywhere makes the sum
+        # non-finite (so does an overflowing sum, which no sane pseudo-gradient has).
+        if not bool(torch.isfinite(delta.sum(dtype=torch.float32))):
+            raise ValueError(f"pseudo-gradient of {name} has non-finite values; refusing to encode")
+        error = self._error.get(name)
+        if error is None:
+            error = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+        elif error.shape != delta.shape:
+            raise ValueError(f"{name}: shape {tuple(delta.shape)} differs from its error buffer")
+        self._error[name] = error = error.to(delta.device)
+        error.mul_(self.hp.error_decay).add_(delta.to(torch.float32))
+        encoded, positions, residual = _compress(error, self.layout(delta.shape), self.hp)
+        error.view(-1)[positions] = residual  # e ← e − decode(encoded): only kept positions change
+        return encoded
+
+    def encode_all(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, EncodedTensor]:
+        return {name: self.encode(name, delta) for name, delta in deltas.items()}
+
+    def error(self, name: str) -> torch.Tensor | None:
+        return self._error.get(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._error)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        loaded: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"error-feedback state for {name} is not a finite float tensor")
+            loaded[name] = tensor.detach().to(torch.float32).contiguous().clone()
+        self._error = loaded
+
+    def save(self, path: str | Path) -> None:
+        save_file({k: v.contiguous().cpu() for k, v in self._error.items()}, str(path))
+
+    def load(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        self.load_state_dict(load_file(str(path), device=str(device)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_cached(shape: tuple[int, ...], hp: SparseLoCoHParams) -> ChunkLayout:
+    return ChunkLayout.for_shape(shape, hp)
+
+
+def layouts_for(shapes: Mapping[str, tuple[int, ...] | torch.Size], hp: SparseLoCoHParams) -> dict[str, ChunkLayout]:
+    """The chunk layout of every parameter of a model, by name."""
+    return {name: _layout_cached(tuple(int(s) for s in shape), hp) for name, shape in shapes.items()}

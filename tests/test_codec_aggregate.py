@@ -1,0 +1,134 @@
+"""Aggregation and the outer step: median-norm clipping, the mean, bit-identical results in any order."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from protocol.codec import Compressor, decode
+from protocol.codec_aggregate import (
+    aggregate,
+    aggregate_encoded,
+    apply_outer_step,
+    clip_factors,
+    dense_norm,
+    update_norm,
+)
+from protocol.hparams import SparseLoCoHParams
+
+HP = SparseLoCoHParams(chunk_2d=8, chunk_1d=16, topk=4)
+SHAPES = {"w": (24, 16), "b": (33,), "n": (5,)}
+
+
+def make_peers(n: int, seed: int = 0) -> dict[str, dict]:
+    """n peers' encoded updates at very different scales, keyed by a hotkey-like id."""
+    gen = torch.Generator().manual_seed(seed)
+    peers = {}
+    for i in range(n):
+        comp = Compressor(HP)
+        scale = 10.0 ** (i - 2)
+        peers[f"5Peer{i:02d}"] = comp.encode_all(
+            {name: torch.randn(shape, generator=gen) * scale for name, shape in SHAPES.items()}
+        )
+    return peers
+
+
+def shuffled(mapping: dict, seed: int) -> dict:
+    keys = list(mapping)
+    random.Random(seed).shuffle(keys)
+    return {k: mapping[k] for k in keys}
+
+
+def test_update_norm_matches_the_dense_norm():
+    for encoded in make_peers(3).values():
+        dense = {name: decode(enc) for name, enc in encoded.items()}
+        assert math.isclose(update_norm(encoded), dense_norm(dense), rel_tol=1e-12)
+
+
+def test_clip_factors_cap_every_peer_at_the_median_norm():
+    factors = clip_factors({"a": 1.0, "b": 2.0, "c": 3.0, "d": 100.0})
+    assert factors["a"] == 1.0 and factors["b"] == 1.0
+    assert math.isclose(factors["c"] * 3.0, 2.5) and math.isclose(factors["d"] * 100.0, 2.5)
+    assert clip_factors({"solo": 7.0}) == {"solo": 1.0}
+    assert clip_factors({"z": 0.0, "y": 0.0}) == {"z": 1.0, "y": 1.0}
+    with pytest.raises(ValueError):
+        clip_factors({"a": float("nan")})
+
+
+def test_aggregate_is_the_mean_of_median_clipped_updates():
+    peers = make_peers(5)
+    dense = {p: {n: decode(e) for n, e in enc.items()} for p, enc in peers.items()}
+    norms = {p: dense_norm(u) for p, u in dense.items()}
+    median = sorted(norms.values())[2]
+    out = aggregate(dense)
+    for name, shape in SHAPES.items():
+        want = sum(dense[p][name].double() * min(1.0, median / norms[p]) for p in dense) / len(dense)
+        assert out[name].shape == shape and out[name].dtype == torch.float32
+        assert torch.allclose(out[name].double(), want, rtol=1e-6, atol=1e-12)
+    # the largest peer (100× the median) contributes no more than the median peer's norm
+    big = max(norms, key=norms.get)
+    clipped = {n: dense[big][n] * clip_factors(norms)[big] for n in SHAPES}
+    assert math.isclose(dense_norm(clipped), median, rel_tol=1e-6)
+
+
+def test_aggregation_is_bit_identical_in_any_peer_order():
+    peers = make_peers(6, seed=1)
+    dense = {p: {n: decode(e) for n, e in enc.items()} for p, enc in peers.items()}
+    base_dense, base_enc = aggregate(dense), aggregate_encoded(peers)
+    for seed in range(5):
+        again_dense = aggregate(shuffled(dense, seed))
+        again_enc = aggregate_encoded(shuffled(peers, seed))
+        for name in SHAPES:
+            assert torch.equal(again_dense[name], base_dense[name])
+            assert torch.equal(again_enc[name], base_enc[name])
+
+
+def test_encoded_path_equals_dense_path_bit_for_bit():
+    peers = make_peers(4, seed=2)
+    dense = {p: {n: decode(e) for n, e in enc.items()} for p, enc in peers.items()}
+    norms = {p: update_norm(enc) for p, enc in peers.items()}
+    a, b = aggregate(dense, norms=norms), aggregate_encoded(peers)
+    for name in SHAPES:
+        assert torch.equal(a[name], b[name])
+
+
+def test_aggregate_rejects_empty_or_mismatched_peers():
+    with pytest.raises(ValueError):
+        aggregate({})
+    with pytest.raises(ValueError):
+        aggregate({"a": {"w": torch.ones(2)}, "b": {"v": torch.ones(2)}})
+    with pytest.raises(ValueError):
+        aggregate({"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(3)}})
+
+
+def test_apply_outer_step_on_a_module_and_on_a_dict():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
+    apply_outer_step(model, step, lr=1.0)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name] - step[name])
+    params = {n: t.clone() for n, t in before.items()}
+    apply_outer_step(params, step, lr=0.5)
+    for name in params:
+        assert torch.equal(params[name], before[name] - step[name] * 0.5)
+    with pytest.raises(ValueError):
+        apply_outer_step(model, {"weight": step["weight"]}, lr=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_and_cpu_nodes_compute_the_same_theta():
+    peers = make_peers(5, seed=3)
+    cpu = aggregate_encoded(peers, device="cpu")
+    gpu = aggregate_encoded(peers, device="cuda")
+    theta = {n: torch.randn(s, generator=torch.Generator().manual_seed(9)) for n, s in SHAPES.items()}
+    theta_gpu = {n: t.cuda() for n, t in theta.items()}
+    apply_outer_step(theta, cpu, lr=0.7)
+    apply_outer_step(theta_gpu, gpu, lr=0.7)
+    for name in SHAPES:
+        assert torch.equal(gpu[name].cpu(), cpu[name])
+        assert torch.equal(theta_gpu[name].cpu(), theta[name])

@@ -1,0 +1,21 @@
+"""`crucible bench codec` on the tiny preset: the JSON it promises, with consistent numbers."""
+
+from __future__ import annotations
+
+import argparse
+
+from neurons.bench_codec import add_arguments, run
+
+
+def test_bench_codec_reports_real_wire_bytes_and_timings():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    result = run(parser.parse_args(["--preset", "tiny", "--repeats", "1"]))
+    for key in ("params", "dense_fp32_bytes", "wire_bytes", "compression_ratio", "encode_s", "decode_s",
+                "copy_s", "encode_vs_copy", "decode_vs_copy"):
+        assert key in result
+    assert result["dense_fp32_bytes"] == 4 * result["params"]
+    assert result["payload_bytes"] < result["wire_bytes"] <= result["max_shard_bytes"]
+    assert abs(result["compression_ratio"] - result["dense_fp32_bytes"] / result["wire_bytes"]) < 0.01
+    assert result["compression_ratio"] > 100  # tiny's 688-wide MLP chunks at 43, so below the 150m figure
+    assert min(result["encode_s"], result["decode_s"], result["copy_s"]) > 0
