@@ -2,6 +2,6 @@
 
 import torch
 
-pytest_plugins = ["tests.plugins.data"]
+pytest_plugins = ["tests.plugins.data", "tests.plugins.chain", "tests.plugins.s3", "tests.plugins.network"]
 
 torch.set_num_threads(2)

@@ -1,0 +1,191 @@
+"""The miner: every window, train on the assigned samples, publish a compressed update, step.
+
+`Miner.step(window)` is one window (DESIGN §3, miner steps 1–6): load the samples `assign` gives
+this hotkey, run H inner AdamW steps, take the pseudo-gradient Δ = θ_w − θ_local, compress it with
+error feedback, sign and upload the shard (with the sync debug sample of θ_w) before the deadline,
+then gather the peers named in the window's peer list and apply the outer step. A window whose
+peer list or peers' shards cannot be had leaves the model unchanged and says why.
+
+Adversarial behaviours for the devnet subclass `Miner` in `devnet/adversaries.py` and override the
+small hooks `choose_samples` and `make_update`; the honest path lives only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gauntlet.filters import debug_positions, flat_sample, gather_sample
+from neurons.catchup import catch_up
+from neurons.local_state import load_local_state, save_local_state
+from neurons.node import Node
+from neurons.training import inner_train, make_inner_optimizer
+from protocol.codec import Compressor, EncodedTensor
+from protocol.data import assign, samples_digest
+from protocol.gather import GatherResult
+from protocol.storage import gradient_key
+from protocol.windows import window_bounds, window_progress
+from protocol.wire import write_shard
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class MinerReport:
+    window: int
+    trained: bool = False
+    uploaded: bool = False
+    train_loss: float | None = None
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    compute_s: float = 0.0
+    window_s: float = 0.0
+    shard_bytes: int = 0
+    stepped: bool = False
+    peers_used: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.compute_s / self.window_s if self.window_s > 0 else 0.0
+
+
+class Miner:
+    def __init__(self, node: Node, state_dir: str | Path, kind: str = "honest"):
+        self.node = node
+        self.hp = node.hp
+        self.kind = kind
+        self.state_dir = Path(state_dir)
+        self.keypair = node.chain.wallet.hotkey
+        self.compressor = Compressor(self.hp.sparseloco)
+        self.optimizer = make_inner_optimizer(node.model, self.hp)
+        self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
+        self.model_window: int | None = None  # θ in memory is the global model at the start of this window
+
+    # --- hooks (overridden by devnet adversaries only) -------------------------------------------------
+
+    def choose_samples(self, window: int) -> list[int]:
+        return assign(self.node.hotkey, window, self.hp.data.seed, self.hp.samples_per_window,
+                      self.node.store.num_train)
+
+    def make_update(self, window: int, delta: dict[str, torch.Tensor]) -> dict[str, EncodedTensor]:
+        return self.compressor.encode_all(delta)
+
+    def apply_aggregate(self, result: GatherResult) -> bool:
+        return self.node.apply(result)
+
+    # --- one window ------------------------------------------------------------------------------------
+
+    async def step(self, window: int, train: bool = True) -> MinerReport:
+        """Train and publish for `window` (if `train`), then gather and apply its aggregated update."""
+        report = MinerReport(window)
+        started = time.perf_counter()
+        bounds = window_bounds(window, self.hp.windows)
+        if train:
+            await self._train_and_publish(window, report)
+        await self.node.wait_for_block(bounds.deadline_block)
+        peers = await self.node.find_peer_list(window)
+        if peers is None:
+            report.note += "no validator published a peer list for this window; model unchanged"
+        else:
+            result = await self.node.gather_window(window, peers.candidates)
+            report.skipped = result.skipped
+            report.peers_used = result.used
+            report.stepped = self.apply_aggregate(result)
+            if not report.stepped:
+                report.note += f"no valid shard among {len(peers.candidates)} peers; model unchanged"
+        self.model_window = window + 1
+        report.window_s = time.perf_counter() - started
+        await asyncio.to_thread(self.save)
+        self.record(report)
+        return report
+
+    async def _train_and_publish(self, window: int, report: MinerReport) -> None:
+        model = self.node.model
+        seed = await self.node.window_seed(window)
+        started = time.perf_counter()
+        indices = self.choose_samples(window)
+        samples = self.node.store.pages(indices)
+        theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
+        stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window)
+        report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
+        train_s = time.perf_counter() - started
+        report.tokens_per_s = stats.tokens / train_s if train_s > 0 else 0.0
+        with torch.no_grad():
+            delta = {name: theta_w[name] - p for name, p in model.named_parameters()}
+            for name, p in model.named_parameters():
+                p.copy_(theta_w[name])  # the outer step starts from θ_w, like everyone else's
+        encoded = await asyncio.to_thread(self.make_update, window, delta)
+        positions = debug_positions(seed, self.numels, self.hp.gauntlet.debug_sample_size)
+        debug = flat_sample(gather_sample(theta_w, positions))
+        blob = write_shard(
+            encoded, keypair=self.keypair, netuid=self.node.netuid, window=window, revision=self.hp.revision(),
+            data_digest=samples_digest(indices), debug_values=debug,
+        )
+        report.compute_s = time.perf_counter() - started
+        report.shard_bytes = len(blob)
+        await self.upload(window, blob, report)
+
+    async def upload(self, window: int, blob: bytes, report: MinerReport) -> None:
+        """Upload inside the window, never after its deadline (a late shard earns nothing)."""
+        bounds = window_bounds(window, self.hp.windows)
+        head = await self.node.chain.block()
+        if not bounds.on_time(head):
+            report.note = f"training ended at block {head}, past the deadline {bounds.deadline_block}; not uploaded. "
+            return
+        await asyncio.to_thread(self.node.bucket.put, gradient_key(window, self.node.hotkey), blob)
+        report.uploaded = True
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def record(self, report: MinerReport) -> None:
+        """Append the window's numbers to metrics.jsonl in the state folder (read by the devnet report)."""
+        line = {k: v for k, v in asdict(report).items() if k not in ("peers_used", "skipped")}
+        line.update(kind=self.kind, compute_fraction=report.compute_fraction, peers_used=len(report.peers_used))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    def save(self) -> None:
+        save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model,
+                         self.compressor, self.optimizer)
+
+    async def start(self) -> int:
+        """Restore local state, catch up to the current window; returns the first window to work on."""
+        saved = load_local_state(self.state_dir, self.hp.revision(), self.node.model, self.compressor, self.optimizer)
+        current = await self.node.current_window()
+        self.model_window = await catch_up(self.node, saved.window if saved else None, current)
+        return current
+
+    async def run(self, windows: int | None = None) -> None:
+        """Step window after window (forever, or `windows` times)."""
+        window = await self.start()
+        done = 0
+        while windows is None or done < windows:
+            head = await self.node.chain.block()
+            late = window_progress(head, self.hp.windows) > 0.5 and window_bounds(window, self.hp.windows).contains(head)
+            report = await self.step(window, train=not late)
+            log.info("window %d: %s", window, _summary(report))
+            done += 1
+            window += 1
+            await self.node.wait_for_block(window_bounds(window, self.hp.windows).start_block)
+
+
+def _summary(r: MinerReport) -> str:
+    parts = [f"loss {r.train_loss:.4f}" if r.train_loss is not None else "no training",
+             f"{r.tokens_per_s:,.0f} tok/s", f"compute {r.compute_fraction:.0%}",
+             f"uploaded {r.shard_bytes:,} B" if r.uploaded else "not uploaded",
+             f"stepped with {len(r.peers_used)} peers" if r.stepped else "not stepped"]
+    if r.skipped:
+        parts.append("skipped " + ", ".join(f"{h[:8]}:{why}" for h, why in sorted(r.skipped.items())))
+    if r.note:
+        parts.append(r.note)
+    return "; ".join(parts)

@@ -1,0 +1,187 @@
+"""The validator: every window, score every miner with the Gauntlet, set weights, keep the model.
+
+`Validator.step(window)` runs after the window's upload deadline (DESIGN §3, validator steps 1–7):
+download every registered miner's shard, stage 1 on all, stage 2 on as many as the budget allows,
+fold the results into ratings and scores, set weights on chain, aggregate the window's peers
+exactly like the miners do and apply the outer step, then publish the aggregate record, the next
+window's peer list and (every K windows) a checkpoint, and persist its state atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gauntlet.filters import debug_positions, gather_sample, step_change
+from gauntlet.state import ScoringState, StateConfig, load_state, save_state
+from gauntlet.weights import score_window
+from neurons.catchup import catch_up
+from neurons.local_state import load_local_state, save_local_state
+from neurons.node import Node
+from neurons.scoring import stage1, stage2
+from protocol.chain import ChainAccessError
+from protocol.model import save_checkpoint
+from protocol.peers import AggregateRecord, make_peer_list
+from protocol.storage import StorageError, aggregate_key, checkpoint_key, peers_key
+from protocol.storage_keys import CHECKPOINT_CONFIG_FILE, CHECKPOINT_MODEL_FILE
+from protocol.windows import window_bounds
+
+log = logging.getLogger(__name__)
+SCORES_FILE = "scores.json"
+SECRET_FILE = "secret.bin"
+RATE_LIMIT_ERRORS = {"SettingWeightsTooFast", "rate_limited"}
+
+
+@dataclass
+class ValidatorReport:
+    window: int
+    scored: int = 0
+    evaluated: int = 0
+    weights: dict[int, float] = field(default_factory=dict)
+    weights_set: bool = False
+    stepped: bool = False
+    peers_used: list[str] = field(default_factory=list)
+    next_primary: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    eval_seconds: float = 0.0
+    note: str = ""
+
+
+def _local_secret(folder: Path) -> bytes:
+    path = folder / SECRET_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+class Validator:
+    def __init__(self, node: Node, state_dir: str | Path):
+        self.node = node
+        self.hp = node.hp
+        self.state_dir = Path(state_dir)
+        self.keypair = node.chain.wallet.hotkey
+        self.secret = _local_secret(self.state_dir)
+        self.state: ScoringState = load_state(self.state_dir / SCORES_FILE)
+        self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
+        self.model_window: int | None = None
+
+    async def step(self, window: int) -> ValidatorReport:
+        started = time.perf_counter()
+        report = ValidatorReport(window)
+        node, hp = self.node, self.hp
+        await node.wait_for_block(window_bounds(window, hp.windows).deadline_block)
+        graph = await node.chain.metagraph()
+        await node.credentials(refresh=True)
+        miners = {uid: hk for uid, hk in enumerate(graph.hotkeys) if hk != node.hotkey}
+        seed = await node.window_seed(window)
+        fetched = await node.fetch(window, list(miners.values()))
+
+        params = dict(node.model.named_parameters())
+        positions = debug_positions(seed, self.numels, hp.gauntlet.debug_sample_size)
+        own = gather_sample(params, positions)
+        filters = stage1(miners, fetched, own, positions, self.state.reference_change(), hp)
+        eval_started = time.perf_counter()
+        evals = await asyncio.to_thread(
+            stage2, node.model, node.store, hp, window, miners, filters, fetched, seed, self.secret
+        )
+        report.eval_seconds = time.perf_counter() - eval_started
+        outcome = score_window(self.state, window, miners, filters, evals, hp.gauntlet, hp.peers)
+        report.scored, report.evaluated, report.weights = len(filters), len(evals), outcome.weights
+        report.next_primary = outcome.primary
+        primary = [miners[u] for u in outcome.primary]
+        reserve = [miners[u] for u in outcome.reserve]
+        await self._put(peers_key(window + 1), make_peer_list(self.keypair, node.netuid, window + 1, primary, reserve))
+        report.weights_set = await self.set_weights(window, *outcome.as_lists(), report)
+
+        peers = await node.find_peer_list(window, graph)
+        if peers is not None:
+            result = await node.gather_window(window, peers.candidates, prefetched=fetched)
+            report.stepped = node.apply(result)
+            report.peers_used = result.used
+            if result.used:
+                hashes = [fetched[h].shard.header.content_hash if h in fetched and fetched[h].shard else ""
+                          for h in result.used]
+                record = AggregateRecord(netuid=node.netuid, window=window, validator=node.hotkey,
+                                         peers=result.used, content_hashes=hashes)
+                await self._put(aggregate_key(window), record.signed(self.keypair))
+        self.state.record_step_change(step_change(gather_sample(params, positions), own), StateConfig())
+        self.model_window = window + 1
+        if (window + 1) % hp.checkpoints.every_windows == 0:
+            await self.publish_checkpoint(window + 1)
+        await asyncio.to_thread(self.save)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    async def set_weights(self, window: int, uids: list[int], weights: list[float], report: ValidatorReport) -> bool:
+        """Set weights once for this window; a rate-limit refusal is retried a few blocks later."""
+        retry_blocks = max(1, self.hp.windows.blocks_per_window // 4)
+        for attempt in range(4):
+            try:
+                await self.node.chain.set_weights(uids, weights)
+                return True
+            except ChainAccessError as exc:
+                rate_limited = exc.name in RATE_LIMIT_ERRORS or "rate limit" in str(exc)
+                report.note = f"set_weights failed: {exc}"
+                if not rate_limited or attempt == 3:
+                    break
+                await self.node.wait_for_block(await self.node.chain.block() + retry_blocks)
+            except ValueError as exc:
+                report.note = f"set_weights failed: {exc}"
+                break
+        log.warning("window %d: %s", window, report.note)
+        return False
+
+    async def _put(self, key: str, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(self.node.bucket.put, key, data)
+        except StorageError as exc:
+            log.warning("could not publish %s: %s", key, exc)
+
+    async def publish_checkpoint(self, window: int) -> None:
+        """θ at the start of `window`, as a transformers-loadable folder in our bucket."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(self.node.model, tmp, self.hp)
+            for name in (CHECKPOINT_CONFIG_FILE, CHECKPOINT_MODEL_FILE, "crucible.json"):
+                try:
+                    await asyncio.to_thread(self.node.bucket.put_file, checkpoint_key(window, name), Path(tmp) / name)
+                except StorageError as exc:
+                    log.warning("could not publish checkpoint %d: %s", window, exc)
+                    return
+
+    async def publish_initial_peer_list(self, window: int) -> None:
+        """With no scores yet, every miner with a bucket commitment is a peer (uid order)."""
+        graph = await self.node.chain.metagraph()
+        creds = await self.node.credentials(refresh=True)
+        hotkeys = [hk for hk in graph.hotkeys if hk in creds and hk != self.node.hotkey]
+        primary, reserve = hotkeys[: self.hp.peers.primary], hotkeys[self.hp.peers.primary :][: self.hp.peers.reserve]
+        await self._put(peers_key(window), make_peer_list(self.keypair, self.node.netuid, window, primary, reserve))
+
+    def save(self) -> None:
+        save_state(self.state, self.state_dir / SCORES_FILE)
+        save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model)
+
+    async def start(self) -> int:
+        saved = load_local_state(self.state_dir, self.hp.revision(), self.node.model)
+        current = await self.node.current_window()
+        self.model_window = await catch_up(self.node, saved.window if saved else None, current)
+        if not await asyncio.to_thread(self.node.bucket.exists, peers_key(current)):
+            await self.publish_initial_peer_list(current)
+        return current
+
+    async def run(self, windows: int | None = None) -> None:
+        window = await self.start()
+        done = 0
+        while windows is None or done < windows:
+            report = await self.step(window)
+            log.info("window %d: scored %d, evaluated %d in %.1fs, weights %s, stepped with %d peers %s",
+                     window, report.scored, report.evaluated, report.eval_seconds,
+                     "set" if report.weights_set else "NOT set", len(report.peers_used), report.note)
+            done += 1
+            window += 1

@@ -1,0 +1,74 @@
+"""A small real network for neuron tests: devnet chain process + rclone S3 + the tiny dataset.
+
+`network_factory(miners=2, validators=1)` starts a chain with those wallets registered (validators
+staked), one bucket per participant on the session S3 server, and returns a `TestNetwork` whose
+`node(name)` builds a connected `Node` with its read credentials committed on chain — the same
+objects `crucible miner` / `crucible validator` build, minus argument parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from devnet.bootstrap import BootstrapConfig, subnet_params_for
+from devnet.s3 import S3Server
+from neurons.node import Node
+from neurons.node_cli import ensure_commitment
+from protocol.chain import Chain
+from protocol.data import PageStore
+from protocol.hparams import HParams, load_hparams
+from protocol.model import build_model
+from protocol.storage import Bucket, StorageConfig
+from tests.plugins.chain import ChainProcess, start_chain
+
+# Windows of 20 blocks at 0.25 s (5 s): room for a few tiny inner steps on 2 shared cores.
+NET_OVERRIDES = [
+    "windows.blocks_per_window=20", "windows.upload_grace_blocks=2", "inner.steps=2", "inner.batch_size=4",
+    "gauntlet.eval_batches=1", "checkpoints.every_windows=2", "peers.primary=4", "peers.reserve=2",
+]
+NET_STORAGE = StorageConfig(connect_timeout_s=2.0, read_timeout_s=20.0, max_attempts=3,
+                            backoff_base_s=0.05, backoff_max_s=0.2)
+
+
+@dataclass
+class TestNetwork:
+    chain: ChainProcess
+    s3: S3Server
+    hp: HParams
+    store: PageStore
+    nodes: list[Node] = field(default_factory=list)
+
+    async def node(self, name: str) -> Node:
+        chain = Chain(self.chain.config(name))
+        await chain.connect()
+        bucket_name = f"b-{name}"
+        self.s3.ensure_bucket(bucket_name)
+        creds = self.s3.credentials(bucket_name)
+        bucket = Bucket(creds.write_config(), NET_STORAGE)
+        node = Node(self.hp, chain, bucket, self.store, build_model(self.hp))
+        await ensure_commitment(node, creds)
+        self.nodes.append(node)
+        return node
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.chain.close()
+
+
+@pytest.fixture
+def network_factory(tmp_path_factory, bt_cache_env, s3_server, tiny_store) -> Iterator[Callable[..., TestNetwork]]:
+    started: list[ChainProcess] = []
+
+    def make(miners: int = 2, validators: int = 1, overrides: list[str] | None = None) -> TestNetwork:
+        hp = load_hparams("tiny", NET_OVERRIDES + (overrides or []))
+        cfg = BootstrapConfig(miners=miners, validators=validators, subnet=subnet_params_for(hp))
+        chain = start_chain(tmp_path_factory.mktemp("net"), cfg, block_time=0.25)
+        started.append(chain)
+        return TestNetwork(chain, s3_server, hp, tiny_store)
+
+    yield make
+    for chain in started:
+        chain.stop()

@@ -1,0 +1,57 @@
+"""Validator.step on a real devnet chain + S3: weights each window, honest miners on top, restart-safe."""
+
+from __future__ import annotations
+
+import asyncio
+
+from devnet.adversaries import make_adversary
+from gauntlet.state import explain, load_state
+from neurons.explain_cli import run_cli as explain_cli
+from neurons.miner import Miner
+from neurons.validator import SCORES_FILE, Validator
+from protocol.model import param_digest
+from protocol.windows import window_bounds
+
+WINDOWS = 5
+
+
+async def _loop(node_obj, first: int, count: int) -> list:
+    return [await node_obj.step(w) for w in range(first, first + count)]
+
+
+async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path, capsys):
+    net = network_factory(miners=3, validators=1)
+    vnode = await net.node("validator-0")
+    validator = Validator(vnode, tmp_path / "validator")
+    honest = [Miner(await net.node(f"miner-{i}"), tmp_path / f"miner-{i}") for i in range(2)]
+    noise = make_adversary("noise", await net.node("miner-2"), tmp_path / "miner-2")
+    first = await vnode.current_window() + 1
+    await validator.publish_initial_peer_list(first)
+    await vnode.wait_for_block(window_bounds(first, net.hp.windows).start_block)
+
+    results = await asyncio.gather(
+        _loop(validator, first, WINDOWS), *[_loop(m, first, WINDOWS) for m in [*honest, noise]]
+    )
+    reports = results[0]
+    assert all(r.weights_set for r in reports), [r.note for r in reports]
+    details = [(m.kind, [(r.window, r.uploaded, r.note) for r in rs]) for m, rs in zip([*honest, noise], results[1:])]
+    assert all(r.evaluated == 3 for r in reports), ([r.evaluated for r in reports], details)
+    graph = await vnode.chain.metagraph()
+    uid = {m: graph.uid_of(m.node.hotkey) for m in [*honest, noise]}
+    final = reports[-1].weights
+    assert min(final[uid[m]] for m in honest) > final[uid[noise]], final
+    assert sum(final.values()) > 0.99
+    # the validator stepped exactly like the honest miners did
+    assert param_digest(vnode.model) == param_digest(honest[0].node.model) == param_digest(honest[1].node.model)
+
+    state = load_state(tmp_path / "validator" / SCORES_FILE)
+    text = explain(state, uid[noise], first + WINDOWS - 1)
+    assert "loss" in text.lower()
+    args = type("Args", (), {"uid": uid[honest[0]], "window": None, "state_dir": tmp_path / "validator"})
+    assert explain_cli(args) == 0
+    assert str(uid[honest[0]]) in capsys.readouterr().out
+
+    # a validator restarted from its files has the same ratings
+    again = Validator(vnode, tmp_path / "validator")
+    assert again.state.model_dump() == validator.state.model_dump()
+    await net.close()
