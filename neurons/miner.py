@@ -23,6 +23,7 @@ import torch
 
 from gauntlet.filters import debug_positions, flat_sample, gather_sample
 from neurons.catchup import catch_up
+from neurons.distributed import DistContext, broadcast_params, broadcast_work
 from neurons.local_state import load_local_state, save_local_state
 from neurons.node import Node
 from neurons.training import inner_train, make_inner_optimizer
@@ -59,8 +60,9 @@ class MinerReport:
 
 
 class Miner:
-    def __init__(self, node: Node, state_dir: str | Path, kind: str = "honest"):
+    def __init__(self, node: Node, state_dir: str | Path, kind: str = "honest", dist: DistContext | None = None):
         self.node = node
+        self.dist = dist or DistContext()
         self.hp = node.hp
         self.kind = kind
         self.state_dir = Path(state_dir)
@@ -103,6 +105,9 @@ class Miner:
             if not report.stepped:
                 report.note += f"no valid shard among {len(peers.candidates)} peers; model unchanged"
         self.model_window = window + 1
+        if self.dist.active:
+            broadcast_work(self.dist, {"op": "sync"})
+            broadcast_params(self.dist, self.node.model)
         report.window_s = time.perf_counter() - started
         await asyncio.to_thread(self.save)
         self.record(report)
@@ -115,7 +120,9 @@ class Miner:
         indices = self.choose_samples(window)
         samples = self.node.store.pages(indices)
         theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
-        stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window)
+        if self.dist.active:
+            broadcast_work(self.dist, {"op": "train", "window": window, "indices": indices})
+        stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window, self.dist)
         report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
         train_s = time.perf_counter() - started
         report.tokens_per_s = stats.tokens / train_s if train_s > 0 else 0.0
@@ -168,6 +175,9 @@ class Miner:
     async def run(self, windows: int | None = None) -> None:
         """Step window after window (forever, or `windows` times)."""
         window = await self.start()
+        if self.dist.active:  # every rank starts from rank 0's restored θ and AdamW state
+            broadcast_work(self.dist, {"op": "sync", "optimizer": self.optimizer.state_dict()})
+            broadcast_params(self.dist, self.node.model)
         done = 0
         while windows is None or done < windows:
             head = await self.node.chain.block()
@@ -177,6 +187,23 @@ class Miner:
             done += 1
             window += 1
             await self.node.wait_for_block(window_bounds(window, self.hp.windows).start_block)
+        if self.dist.active:
+            broadcast_work(self.dist, {"op": "stop"})
+
+
+def follow(model: torch.nn.Module, store, hp, dist: DistContext) -> None:
+    """Ranks > 0 under torchrun: train on rank 0's instructions, take θ from rank 0 after each window."""
+    optimizer = make_inner_optimizer(model, hp)
+    while True:
+        message = broadcast_work(dist, None)
+        if message["op"] == "train":
+            inner_train(model, optimizer, store.pages(message["indices"]), hp, message["window"], dist)
+        elif message["op"] == "sync":
+            if message.get("optimizer") is not None:
+                optimizer.load_state_dict(message["optimizer"])
+            broadcast_params(dist, model)
+        else:
+            return
 
 
 def _summary(r: MinerReport) -> str:

@@ -15,7 +15,20 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="devnet only: run an adversarial miner kind (see devnet/adversaries.py)")
 
 
-async def _run(args: argparse.Namespace) -> int:
+def _follow(args: argparse.Namespace, dist) -> int:
+    """A torchrun rank > 0: no chain, no bucket; trains on rank 0's instructions."""
+    from neurons.miner import follow
+    from protocol.data import PageStore
+    from protocol.hparams import load_hparams
+    from protocol.model import build_model
+
+    hp = load_hparams(args.preset, args.overrides)
+    device = f"cuda:{dist.local_rank}" if args.device.startswith("cuda") else args.device
+    follow(build_model(hp, device), PageStore(args.data, hp), hp, dist)
+    return 0
+
+
+async def _run(args: argparse.Namespace, dist) -> int:
     from neurons.miner import Miner
 
     try:
@@ -29,7 +42,7 @@ async def _run(args: argparse.Namespace) -> int:
 
             miner = make_adversary(args.adversary, node, state_dir)
         else:
-            miner = Miner(node, state_dir)
+            miner = Miner(node, state_dir, dist=dist)
         await miner.run(args.windows)
     finally:
         await node.chain.close()
@@ -37,4 +50,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    from neurons.distributed import init_distributed
+
+    dist = init_distributed()
+    if not dist.is_main:
+        return _follow(args, dist)
+    return asyncio.run(_run(args, dist))

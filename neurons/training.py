@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from neurons.distributed import DistContext
 from protocol.hparams import HParams
 
 
@@ -46,8 +47,14 @@ def inner_train(
     samples: torch.Tensor,
     hp: HParams,
     window: int = 0,
+    dist: DistContext | None = None,
 ) -> InnerStats:
-    """Run inner steps over `samples` [n, seq_len] in batches of `inner.batch_size`, in order."""
+    """Run inner steps over `samples` [n, seq_len] in batches of `inner.batch_size`, in order.
+
+    Under `dist` (torchrun), each rank trains on its rows of every batch and gradients are averaged
+    across ranks, so the step equals a single process's on the whole batch.
+    """
+    dist = dist or DistContext()
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
         group["lr"] = inner_lr(hp, window)
@@ -55,17 +62,19 @@ def inner_train(
     stats = InnerStats(losses=[], tokens=0, grad_norms=[])
     batch = hp.inner.batch_size
     for start in range(0, len(samples), batch):
-        ids = samples[start : start + batch].to(device, non_blocking=True)
+        full = samples[start : start + batch]
+        ids = dist.shard(full).to(device, non_blocking=True)
         loss = model(input_ids=ids, labels=ids).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"inner loss is not finite at step {start // batch}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(model, len(ids), len(full))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.inner.grad_clip)
         optimizer.step()
-        stats.losses.append(loss.item())
+        stats.losses.append(dist.average_scalar(loss.item(), len(ids), len(full)))
         stats.grad_norms.append(float(norm))
-        stats.tokens += ids.numel()
+        stats.tokens += full.numel()
     return stats
 
 
