@@ -34,7 +34,7 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
     )
     reports = results[0]
     assert all(r.weights_set for r in reports), [r.note for r in reports]
-    details = [(m.kind, [(r.window, r.uploaded, r.note) for r in rs]) for m, rs in zip([*honest, noise], results[1:])]
+    details = [(m.kind, [(r.window, r.uploaded, r.note) for r in rs]) for m, rs in zip([*honest, noise], results[1:], strict=True)]
     assert all(r.evaluated == 3 for r in reports), ([r.evaluated for r in reports], details)
     graph = await vnode.chain.metagraph()
     uid = {m: graph.uid_of(m.node.hotkey) for m in [*honest, noise]}
