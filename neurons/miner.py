@@ -25,6 +25,7 @@ from gauntlet.filters import debug_positions, flat_sample, gather_sample
 from neurons.catchup import catch_up
 from neurons.distributed import DistContext, broadcast_params, broadcast_work
 from neurons.local_state import load_local_state, save_local_state
+from neurons.metrics import NodeMetrics
 from neurons.node import Node
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor, EncodedTensor
@@ -70,6 +71,7 @@ class Miner:
         self.compressor = Compressor(self.hp.sparseloco)
         self.optimizer = make_inner_optimizer(node.model, self.hp)
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
+        self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None  # θ in memory is the global model at the start of this window
 
     # --- hooks (overridden by devnet adversaries only) -------------------------------------------------
@@ -184,6 +186,8 @@ class Miner:
             late = window_progress(head, self.hp.windows) > 0.5 and window_bounds(window, self.hp.windows).contains(head)
             report = await self.step(window, train=not late)
             log.info("window %d: %s", window, _summary(report))
+            if self.metrics is not None:
+                self.metrics.observe_miner(report, self.node.buckets())
             done += 1
             window += 1
             await self.node.wait_for_block(window_bounds(window, self.hp.windows).start_block)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from neurons.node_cli import StartupError, add_node_arguments, open_node
+from neurons.node_cli import StartupError, add_node_arguments, open_node, start_metrics
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ async def _run(args: argparse.Namespace, dist) -> int:
             miner = make_adversary(args.adversary, node, state_dir)
         else:
             miner = Miner(node, state_dir, dist=dist)
+        miner.metrics = start_metrics(args, "miner")
         await miner.run(args.windows)
     finally:
         await node.chain.close()

@@ -63,6 +63,10 @@ class Node:
     def hotkey(self) -> str:
         return self.chain.hotkey
 
+    def buckets(self) -> list[Bucket]:
+        """Every bucket client this node has used (its own first), for transfer counters."""
+        return [self.bucket, *self.pool.all()]
+
     # --- time ------------------------------------------------------------------------------------------
 
     async def current_window(self) -> int:

@@ -50,11 +50,26 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--windows", type=int, default=None, help="stop after this many windows (default: run forever)")
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument("--metrics.port", dest="metrics_port", type=int, default=None,
+                        help="serve Prometheus metrics on 127.0.0.1:PORT (default: off)")
+    parser.add_argument("--metrics.addr", dest="metrics_addr", default="127.0.0.1",
+                        help="address the metrics endpoint binds (0.0.0.0 inside a container)")
     group = parser.add_argument_group("bucket (flags or environment variables)")
     for name, help_text in BUCKET_FIELDS.items():
         env = ENV_PREFIX + name.upper().replace("-", "_")
         group.add_argument(f"--bucket.{name}", dest=f"bucket_{name.replace('-', '_')}", default=os.environ.get(env),
                            help=f"{help_text} [${env}]")
+
+
+def start_metrics(args: argparse.Namespace, role: str):
+    """A NodeMetrics served on --metrics.port, or None when the flag is not given."""
+    if args.metrics_port is None:
+        return None
+    from neurons.metrics import NodeMetrics
+
+    metrics = NodeMetrics(role)
+    metrics.serve(args.metrics_port, args.metrics_addr)
+    return metrics
 
 
 def bucket_credentials(args: argparse.Namespace) -> BucketCredentials:

@@ -22,6 +22,7 @@ from gauntlet.state import ScoringState, StateConfig, load_state, save_state
 from gauntlet.weights import score_window
 from neurons.catchup import catch_up
 from neurons.local_state import load_local_state, save_local_state
+from neurons.metrics import NodeMetrics
 from neurons.node import Node
 from neurons.scoring import stage1, stage2
 from protocol.chain import ChainAccessError
@@ -70,6 +71,7 @@ class Validator:
         self.secret = _local_secret(self.state_dir)
         self.state: ScoringState = load_state(self.state_dir / SCORES_FILE)
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
+        self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None
 
     async def step(self, window: int) -> ValidatorReport:
@@ -183,5 +185,7 @@ class Validator:
             log.info("window %d: scored %d, evaluated %d in %.1fs, weights %s, stepped with %d peers %s",
                      window, report.scored, report.evaluated, report.eval_seconds,
                      "set" if report.weights_set else "NOT set", len(report.peers_used), report.note)
+            if self.metrics is not None:
+                self.metrics.observe_validator(report, self.state, self.node.buckets())
             done += 1
             window += 1

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from neurons.node_cli import StartupError, add_node_arguments, open_node
+from neurons.node_cli import StartupError, add_node_arguments, open_node, start_metrics
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,9 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"crucible validator: {exc}", file=sys.stderr)
         return 1
     try:
-        await Validator(node, state_dir).run(args.windows)
+        validator = Validator(node, state_dir)
+        validator.metrics = start_metrics(args, "validator")
+        await validator.run(args.windows)
     finally:
         await node.chain.close()
     return 0

@@ -67,6 +67,9 @@ class BucketPool:
             self._buckets[key] = Bucket(config, self.storage)
         return self._buckets[key]
 
+    def all(self) -> list[Bucket]:
+        return list(self._buckets.values())
+
 
 def fetch_shard(
     bucket: Bucket, expected: ShardExpectation, window_start: datetime | None, deadline: datetime | None
