@@ -7,12 +7,12 @@ half a file (tmp file + fsync + os.replace, then an fsync of the directory).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from devnet.chain_state import STATE_VERSION, ChainState
+from protocol.atomic import atomic_write
 
 STATE_FILE = "chain_state.json"
 
@@ -26,21 +26,7 @@ def state_path(state_dir: str | Path) -> Path:
 
 
 def save_state(state_dir: str | Path, state: ChainState) -> Path:
-    path = state_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = state.model_dump_json().encode()
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(state_path(state_dir), state.model_dump_json().encode())
 
 
 def load_state(state_dir: str | Path) -> ChainState:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gauntlet.records import UidState, WindowEntry
+from protocol.atomic import atomic_write
 
 STATE_VERSION = 1
 
@@ -71,24 +70,7 @@ class ScoringState(BaseModel):
 
 def save_state(state: ScoringState, path: str | Path) -> None:
     """Write the state atomically: tmp file in the same folder, fsync, os.replace, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = state.model_dump_json().encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, state.model_dump_json().encode())
 
 
 def load_state(path: str | Path) -> ScoringState:

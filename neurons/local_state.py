@@ -3,22 +3,22 @@
 A miner that crashes or restarts must continue with the same error-feedback buffers and optimizer
 moments, or its next updates are worse and the lost compute is wasted. One safetensors file holds
 every tensor (model parameters `model.*`, error feedback `ef.*`, AdamW moments `opt.{i}.*`) and a
-JSON metadata entry (window, hparams revision, optimizer hyperparameters). It is written to a
-temporary file, fsynced and renamed over the old one, so a crash leaves the old or the new state,
+JSON metadata entry (window, hparams revision, optimizer hyperparameters). It is written
+through `protocol.atomic.atomic_write`, so a crash leaves the old or the new state,
 never a torn one. The file is local and ours, but it is still read through safetensors, not pickle.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from protocol.atomic import atomic_write
 from protocol.codec import Compressor
 
 STATE_FILE = "node-state.safetensors"
@@ -29,20 +29,6 @@ _META = "crucible.local"
 class LocalState:
     window: int  # θ stored is the model at the START of this window
     revision: str
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_local_state(
@@ -66,9 +52,7 @@ def save_local_state(
             for slot, value in slots.items():
                 tensors[f"opt.{index}.{slot}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
     meta = {"window": window, "revision": revision, "param_groups": groups}
-    path = Path(folder) / STATE_FILE
-    _atomic_save(tensors, meta, path)
-    return path
+    return atomic_write(Path(folder) / STATE_FILE, save(tensors, metadata={_META: json.dumps(meta)}))
 
 
 def load_local_state(
