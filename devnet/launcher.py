@@ -1,0 +1,347 @@
+"""`crucible devnet run`: a whole Crucible network on this machine, for W windows, then a report.
+
+One command creates (or reuses) the devnet folder — chain state and wallets in DIR/chain, buckets
+in DIR/s3, the dataset in DIR/data, each node's state in DIR/nodes/NAME, logs in DIR/logs — and
+starts, each as its own OS process under the `Supervisor`: the simulated chain, the S3 server, the
+validators, then the miners, through the very `crucible validator` / `crucible miner` command lines
+a mainnet user runs. Adversaries are extra registered miner wallets (`miner-N…`, named
+`adv-<kind>-j` everywhere else) started with `--adversary KIND`.
+
+Buckets: one per participant. `rclone serve s3` knows two key pairs and does not enforce read-only
+keys, so every node gets the server's read pair as its "read" key (published on chain) and the
+write pair as its "write" key; both can in fact write. Keys reach the nodes through their
+CRUCIBLE_BUCKET_* environment variables, never argv (visible in `ps`) or a log file.
+
+The run ends after the first validator has scored W windows (or at a window cap, when a node
+never comes up, or on Ctrl-C/SIGTERM); the report is written in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from devnet.bootstrap import (
+    HOTKEY,
+    BootstrapConfig,
+    DevnetManifest,
+    init_devnet,
+    load_manifest,
+    subnet_params_for,
+)
+from devnet.report import build_report, read_miner_metrics, write_report
+from devnet.s3 import HOST, free_port
+from devnet.scoreboard import (
+    HONEST,
+    HeldoutEvaluator,
+    Participant,
+    Scoreboard,
+    ScoreWatcher,
+    UidRow,
+    WindowSnapshot,
+    build_rows,
+)
+from devnet.supervisor import ChildSpec, ChildState, Supervisor, SupervisorConfig, json_event
+from protocol.chain import Chain, ChainConfig
+from protocol.data import DatasetError, PageStore
+from protocol.hparams import HParams, load_hparams
+
+REPO = Path(__file__).resolve().parents[1]
+# The kinds devnet/adversaries.py implements (a test keeps the two in step; importing it here is heavy).
+ADVERSARY_KINDS = ("noise", "zero", "copycat", "late", "desync", "poison", "freeloader")
+
+
+class DevnetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    miners: int = Field(4, ge=0, le=48, description="Honest miners (wallets miner-0 …).")
+    validators: int = Field(1, ge=1, le=8, description="Validators, each staked at genesis.")
+    windows: int = Field(10, ge=1, description="Windows the first validator must score before the run stops.")
+    adversaries: list[str] = Field(
+        default_factory=list, description=f"Adversarial miners, one per entry: {', '.join(ADVERSARY_KINDS)}."
+    )
+    state: Path = Field(Path(".devnet"), description="Devnet folder (chain, s3, data, nodes, logs).")
+    report: Path | None = Field(None, description="Report folder (default STATE/report).")
+    preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
+    overrides: list[str] = Field(default_factory=list, description="SECTION.FIELD=VALUE for every node.")
+    data: Path | None = Field(None, description="A prepared dataset (default STATE/data, built if missing).")
+    block_time: float | None = Field(None, ge=0, description="Seconds per block (default: the preset's).")
+    fresh: bool = Field(False, description="Delete STATE's chain, s3, nodes, logs, report first (not data).")
+    netuid: int = Field(1, ge=1, le=65535, description="Subnet id of the devnet.")
+    max_restarts: int = Field(3, ge=0, description="Restarts per crashed process before giving it up.")
+    slack_windows: int = Field(10, ge=1, description="Extra windows allowed for start-up before a cut-off.")
+    heldout_pages: int = Field(32, ge=1, description="Held-out pages the global model is evaluated on.")
+    node_threads: int = Field(1, ge=1, description="Torch/OMP threads per node (the nodes share the cores).")
+    poll_s: float = Field(0.5, gt=0, description="Seconds between supervisor and scoreboard polls.")
+    start_timeout_s: float = Field(120.0, gt=0, description="Seconds chain or S3 may take to start.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DevnetConfig:
+        bad = [k for k in self.adversaries if k not in ADVERSARY_KINDS]
+        if bad:
+            raise ValueError(f"unknown adversary kind {bad[0]!r}; choose from {', '.join(ADVERSARY_KINDS)}")
+        if self.miners + len(self.adversaries) == 0:
+            raise ValueError("a devnet needs at least one miner (--miners or --adversary)")
+        return self
+
+    @property
+    def report_dir(self) -> Path:
+        return self.report or self.state / "report"
+
+
+def config_error(exc: ValidationError) -> str:
+    """The first validation error as one line: `field: message`."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def prepare_state(cfg: DevnetConfig, hp: HParams) -> DevnetManifest:
+    """Wallets and genesis in STATE/chain; reused when present and large enough, unless --fresh."""
+    if cfg.fresh:
+        for sub in ("chain", "s3", "nodes", "logs", "cache", "s3-server.json"):
+            path = cfg.state / sub
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if cfg.report is None:
+            shutil.rmtree(cfg.report_dir, ignore_errors=True)
+    chain_dir, miners = cfg.state / "chain", cfg.miners + len(cfg.adversaries)
+    if (chain_dir / "devnet.json").exists():
+        m = load_manifest(chain_dir)
+        if len(m.miners) < miners or len(m.validators) < cfg.validators or m.netuid != cfg.netuid:
+            raise ValueError(f"{chain_dir} holds {len(m.miners)} miners and {len(m.validators)} validators "
+                             f"on netuid {m.netuid}; pass --fresh to start a new devnet")
+        return m
+    boot = BootstrapConfig(miners=miners, validators=cfg.validators, netuid=cfg.netuid,
+                           subnet=subnet_params_for(hp))
+    return init_devnet(chain_dir, boot)
+
+
+def plan_participants(cfg: DevnetConfig, manifest: DevnetManifest) -> list[Participant]:
+    """Validators, honest miners, then adversaries (on the next miner wallets)."""
+    out = [Participant(name=w.name, role="validator", kind="validator", wallet=w.name, hotkey=w.hotkey_ss58)
+           for w in manifest.validators[: cfg.validators]]
+    for i, wallet in enumerate(manifest.miners[: cfg.miners + len(cfg.adversaries)]):
+        kind = HONEST if i < cfg.miners else cfg.adversaries[i - cfg.miners]
+        name = wallet.name if kind == HONEST else f"adv-{kind}-{sum(q.kind == kind for q in out)}"
+        out.append(Participant(name=name, role="miner", kind=kind, wallet=wallet.name,
+                               hotkey=wallet.hotkey_ss58))
+    return out
+
+
+def child_env(cfg: DevnetConfig) -> dict[str, str]:
+    """Environment of every child: importable repo, one torch thread, SDK caches inside STATE."""
+    threads = str(cfg.node_threads)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+            "TOKENIZERS_PARALLELISM": "false",
+            "BTCLI_TOKEN_SYMBOLS_CACHE": str((cfg.state / "cache" / "token_symbols.json").resolve())}
+
+
+def crucible(*args: str) -> list[str]:
+    return [sys.executable, "-m", "neurons.cli", *args]
+
+
+def ensure_dataset(cfg: DevnetConfig, hp: HParams) -> Path:
+    """--data, else STATE/data, else the repo's data/<preset> if it matches, else build STATE/data."""
+    for path in [cfg.data] if cfg.data is not None else [cfg.state / "data", REPO / "data" / hp.name]:
+        try:
+            PageStore(path, hp)
+            return path.resolve()
+        except DatasetError as exc:
+            if cfg.data is not None:
+                raise ValueError(f"--data {path}: {exc}") from None
+    out, log = cfg.state / "data", cfg.state / "logs" / "data.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = crucible("data", "prepare", "--preset", cfg.preset, "--out", str(out),
+                   *(f"--set={o}" for o in cfg.overrides))
+    with open(log, "ab") as fh:
+        env = {**os.environ, **child_env(cfg)}
+        code = subprocess.run(cmd, stdout=fh, stderr=fh, cwd=REPO, env=env).returncode
+    if code != 0:
+        raise ValueError(f"dataset preparation failed (exit {code}); see {log}")
+    return out.resolve()
+
+
+def node_spec(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, data: Path,
+              s3: dict) -> ChildSpec:
+    """`crucible miner|validator …` exactly as on mainnet, with the bucket's keys in the environment."""
+    argv = crucible(
+        p.role, "--network", url, "--netuid", str(cfg.netuid), "--wallet.path", wallet_path,
+        "--wallet.name", p.wallet, "--wallet.hotkey", HOTKEY, "--data", str(data),
+        "--state-dir", str((cfg.state / "nodes" / p.name).resolve()), "--preset", cfg.preset,
+        "--device", "cpu", "--windows", str(cfg.windows + 1), "--bucket.endpoint", s3["endpoint"],
+        "--bucket.region", s3["region"], "--bucket.name", p.name, *(f"--set={o}" for o in cfg.overrides),
+        *(["--adversary", p.kind] if p.role == "miner" and p.kind != HONEST else []),
+    )
+    keys = {f"CRUCIBLE_BUCKET_{side.upper()}_{part}": s3[side][field] for side in ("read", "write")
+            for part, field in (("KEY", "access_key_id"), ("SECRET", "secret_access_key"))}
+    return ChildSpec(name=p.name, argv=argv, log_path=cfg.state / "logs" / f"{p.name}.log",
+                     env={**child_env(cfg), **keys}, cwd=REPO)
+
+
+class Devnet:
+    """One run: the supervisor, the scoreboard and what they collect."""
+
+    def __init__(self, cfg: DevnetConfig, board: Scoreboard | None = None):
+        self.cfg, self.hp = cfg, load_hparams(cfg.preset, cfg.overrides)
+        self.board = board or Scoreboard()
+        self.sup = Supervisor(SupervisorConfig(max_restarts=cfg.max_restarts))
+        self.stop = asyncio.Event()
+        self.snapshots: list[WindowSnapshot] = []
+        self.events: list[str] = []
+        self.final_rows: list[UidRow] | None = None
+
+    async def start_network(self, participants: list[Participant]) -> tuple[str, dict]:
+        """Chain and S3 server, each its own supervised process; returns (chain URL, S3 info with keys)."""
+        cfg, logs, env = self.cfg, self.cfg.state / "logs", child_env(self.cfg)
+        block_time = self.hp.windows.expected_block_time_s if cfg.block_time is None else cfg.block_time
+        chain_log, port = logs / "chain.log", free_port()
+        offset = chain_log.stat().st_size if chain_log.exists() else 0
+        argv = crucible("devnet", "chain", "--state", str(cfg.state / "chain"), "--port", str(port),
+                        "--block-time", str(block_time))
+        self.sup.start(ChildSpec(name="chain", argv=argv, log_path=chain_log, env=env, cwd=REPO,
+                                 critical=True))
+        ready = lambda: json_event(chain_log, "event", "chain_started", offset)  # noqa: E731
+        await self.sup.wait_until(ready, "chain", cfg.start_timeout_s)
+        url = f"devnet://{HOST}:{port}"
+        bpw = self.hp.windows.blocks_per_window
+        self.board.note(f"chain at {url} ({block_time:g} s blocks, {bpw} blocks per window)")
+        info = cfg.state / "s3-server.json"  # mode 0600: it holds the keys
+        argv = crucible("devnet", "s3", "--dir", str(cfg.state / "s3"), "--port", str(free_port()),
+                        *(f"--bucket={p.name}" for p in participants))
+        self.sup.start(ChildSpec(name="s3", argv=argv, log_path=logs / "s3.log", stdout_path=info, env=env,
+                                 cwd=REPO, critical=True))
+        s3 = await self.sup.wait_until(lambda: json_event(info, "endpoint"), "s3", cfg.start_timeout_s)
+        self.board.note(f"S3 at {s3['endpoint']} with {len(participants)} buckets")
+        return url, s3
+
+    async def monitor(self, chain: Chain, watcher: ScoreWatcher) -> str:
+        """Poll children, chain and the first validator's state until W windows are scored; returns why
+        the run stops."""
+        cfg, validators = self.cfg, [p.name for p in watcher.participants if p.role == "validator"]
+        cap: int | None = None
+        while not self.stop.is_set():
+            for event in self.sup.poll():
+                self.board.note(event.message())
+                self.events.append(event.message().splitlines()[0])
+                if event.critical and event.kind == "failed":
+                    return f"{event.name} failed"
+            try:
+                block: int | None = await chain.block()
+            except Exception as exc:  # the SDK raises several types while the chain restarts
+                self.board.note(f"chain not answering: {type(exc).__name__}")
+                block = None
+            if block is not None:
+                window = block // self.hp.windows.blocks_per_window
+                cap = window + cfg.windows + cfg.slack_windows if cap is None else cap
+                if window >= cap:
+                    return f"window cap {cap} reached with {len(self.snapshots)} windows scored"
+            for snap in await watcher.poll(chain, block):
+                self.snapshots.append(snap)
+                progress = f"{len(self.snapshots)}/{cfg.windows} windows; logs in {cfg.state / 'logs'}"
+                self.board.show(snap, progress)
+            if len(self.snapshots) >= cfg.windows:
+                return f"{len(self.snapshots)} windows scored"
+            if all(self.sup.state(v) in (ChildState.FINISHED, ChildState.FAILED) for v in validators):
+                return "every validator exited"
+            try:
+                await asyncio.wait_for(self.stop.wait(), cfg.poll_s)
+            except TimeoutError:
+                pass
+        return "interrupted"
+
+    async def run(self) -> int:
+        cfg, hp, board, started = self.cfg, self.hp, self.board, time.time()
+        cfg.state.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", child_env(cfg)["BTCLI_TOKEN_SYMBOLS_CACHE"])
+        manifest = prepare_state(cfg, hp)
+        participants = plan_participants(cfg, manifest)
+        board.note(f"devnet in {cfg.state}: {cfg.validators} validators, {cfg.miners} honest miners, "
+                   f"adversaries: {', '.join(cfg.adversaries) or 'none'}")
+        data = await asyncio.to_thread(ensure_dataset, cfg, hp)
+        evaluator = await asyncio.to_thread(HeldoutEvaluator, hp, data, cfg.heldout_pages)
+        initial = await asyncio.to_thread(evaluator.initial)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        reason, chain = "setup failed", None
+        try:
+            with board:
+                url, s3 = await self.start_network(participants)
+                chain = Chain(ChainConfig(network=url, netuid=cfg.netuid, wallet_path=manifest.wallet_path))
+                await chain.connect()
+                for p in participants:  # validators first: they publish the first peer list
+                    self.sup.start(node_spec(cfg, p, url, manifest.wallet_path, data, s3))
+                board.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
+                watcher = ScoreWatcher(cfg.state / "nodes" / participants[0].name, participants, evaluator)
+                reason = await self.monitor(chain, watcher)
+                board.note(f"stopping: {reason}")
+                try:  # incentive at the end (the chain is still up)
+                    last = self.snapshots[-1].window if self.snapshots else -1
+                    self.final_rows = build_rows(watcher.state(), last, await chain.metagraph(), participants)
+                except Exception as exc:
+                    board.note(f"final metagraph not readable: {type(exc).__name__}")
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if chain is not None:
+                await chain.close()
+            self.sup.stop_all(names=[p.name for p in participants])  # nodes first, then chain and S3
+            self.sup.stop_all()
+        nodes, logs = cfg.state / "nodes", cfg.state / "logs"
+        metrics = {p.name: read_miner_metrics(nodes / p.name, logs / f"{p.name}.log")
+                   for p in participants if p.role == "miner"}
+        report = build_report(self.snapshots, participants, metrics, final_rows=self.final_rows,
+                              initial_loss=initial, wall_s=time.time() - started, stopped_because=reason,
+                              events=self.events)
+        path = write_report(report, cfg.report_dir)
+        share = "n/a" if report.honest_incentive_share is None else f"{report.honest_incentive_share:.1%}"
+        board.note(f"{report.windows} windows; honest incentive share {share}; report: {path}")
+        if reason == "interrupted":
+            return 130
+        return 0 if report.windows >= cfg.windows else 1
+
+
+# flag -> (DevnetConfig field, argparse options); the help texts are the fields' descriptions.
+FLAGS: dict[str, tuple[str, dict]] = {
+    "--miners": ("miners", {"type": int}), "--validators": ("validators", {"type": int}),
+    "--windows": ("windows", {"type": int}),
+    "--adversary": ("adversaries", {"action": "append", "metavar": "KIND"}),
+    "--state": ("state", {"type": Path}), "--report": ("report", {"type": Path}), "--preset": ("preset", {}),
+    "--set": ("overrides", {"action": "append", "metavar": "SECTION.FIELD=VALUE"}),
+    "--data": ("data", {"type": Path}), "--block-time": ("block_time", {"type": float}),
+    "--fresh": ("fresh", {"action": "store_true"}), "--netuid": ("netuid", {"type": int}),
+    "--max-restarts": ("max_restarts", {"type": int}),
+}
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    for flag, (name, options) in FLAGS.items():
+        info = DevnetConfig.model_fields[name]
+        default = [] if options.get("action") == "append" else info.default
+        parser.add_argument(flag, dest=name, default=default, help=info.description, **options)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        cfg = DevnetConfig(**{name: getattr(args, name) for name, _ in FLAGS.values()})
+    except ValidationError as exc:
+        print(f"crucible devnet run: {config_error(exc)}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(cfg.node_threads)  # the launcher's held-out evaluation shares the cores too
+    try:
+        return asyncio.run(Devnet(cfg).run())
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"crucible devnet run: {exc}", file=sys.stderr)
+        return 1

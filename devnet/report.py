@@ -1,0 +1,253 @@
+"""The devnet's final report: `report.json` plus PNG plots, from the snapshots the launcher took.
+
+The report answers the questions the devnet exists for (DESIGN §7): do honest miners earn the
+incentive when adversaries are present (`honest_incentive_share`), does the shared model learn
+(`heldout_loss` per window), how much of a window miners spend computing (`miner_compute_fraction`),
+and how fast the network turns windows. Miners append one JSON line per window to
+`nodes/NAME/metrics.jsonl` (`window`, `compute_fraction`, `tokens_per_s`); when that file is absent
+the same numbers are parsed from the miner's log line `window W: …; N tok/s; compute P%; …`.
+Plots use matplotlib's `Figure` directly (Agg canvas), never pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from devnet.scoreboard import HONEST, Participant, UidRow, WindowSnapshot
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.json"
+LOSS_PLOT = "heldout_loss.png"
+WEIGHTS_PLOT = "weights.png"
+_LOG_RE = re.compile(r"window (\d+): .*?([\d,.]+) tok/s[;,] compute (\d+)%")
+
+
+class MinerWindowMetrics(BaseModel):
+    window: int = Field(description="Window the miner worked on.")
+    compute_fraction: float = Field(ge=0, description="Time training and compressing / window time.")
+    tokens_per_s: float = Field(0.0, ge=0, description="Training throughput in tokens per second.")
+
+
+class UidSummary(BaseModel):
+    uid: int = Field(description="Uid on the subnet.")
+    name: str = Field(description="Participant name.")
+    kind: str = Field(description="'honest', an adversary kind, or 'external'.")
+    final_weight: float | None = Field(description="Weight the validator set in the last window scored.")
+    incentive: float | None = Field(description="Incentive from the metagraph at the end of the run.")
+    accepted_windows: int = Field(description="Windows with a shard that passed stage 1.")
+    accepted_list: list[int] = Field(description="Those windows.")
+
+
+class HeldoutPoint(BaseModel):
+    window: int = Field(description="The model is θ at the start of this window.")
+    loss: float = Field(description="Mean next-token loss on the held-out pages.")
+
+
+class ComputeSummary(BaseModel):
+    mean: float | None = Field(description="Mean over honest miners and windows of the compute fraction.")
+    per_miner: dict[str, float] = Field(description="Mean compute fraction per miner name.")
+    tokens_per_s: dict[str, float] = Field(description="Mean training tokens per second per miner name.")
+    source: dict[str, str] = Field(description="Where each miner's numbers came from: metrics.jsonl or log.")
+
+
+class DevnetReport(BaseModel):
+    windows: int = Field(description="Windows scored by the validator during the run.")
+    window_range: list[int] = Field(description="[first, last] window scored, empty if none.")
+    per_uid: dict[int, UidSummary] = Field(description="Per miner uid, at the end of the run.")
+    honest_incentive_share: float | None = Field(
+        description="Share of total miner incentive earned by honest miners at the end (None: no incentive)."
+    )
+    heldout_loss_initial: float | None = Field(description="Held-out loss of θ_0.")
+    heldout_loss: list[HeldoutPoint] = Field(description="Held-out loss of the validator's model per window.")
+    miner_compute_fraction: ComputeSummary = Field(description="Compute utilisation of miners.")
+    windows_per_minute: float | None = Field(description="Windows scored per wall-clock minute.")
+    wall_s: float = Field(description="Seconds from launch to stop.")
+    stopped_because: str = Field(description="Why the run ended.")
+    weights_per_window: dict[int, dict[int, float]] = Field(description="window -> uid -> weight set.")
+    incentive_per_window: dict[int, dict[int, float]] = Field(description="window -> uid -> incentive seen.")
+    events: list[str] = Field(
+        default_factory=list, description="Crashes, restarts and give-ups during the run."
+    )
+
+
+def read_miner_metrics(node_dir: Path, log_path: Path | None = None) -> tuple[list[MinerWindowMetrics], str]:
+    """A miner's per-window metrics from metrics.jsonl, else from its log; bad lines are skipped."""
+    path = node_dir / METRICS_FILE
+    out: list[MinerWindowMetrics] = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                raw = json.loads(line)
+                item = MinerWindowMetrics.model_validate(
+                    {k: raw[k] for k in ("window", "compute_fraction", "tokens_per_s") if k in raw}
+                )
+            except (ValueError, TypeError):
+                continue
+            if math.isfinite(item.compute_fraction) and math.isfinite(item.tokens_per_s):
+                out.append(item)
+        return out, "metrics.jsonl"
+    if log_path is not None and log_path.is_file():
+        for match in _LOG_RE.finditer(log_path.read_text(errors="replace")):
+            out.append(
+                MinerWindowMetrics(
+                    window=int(match.group(1)),
+                    tokens_per_s=float(match.group(2).replace(",", "")),
+                    compute_fraction=int(match.group(3)) / 100,
+                )
+            )
+        return out, "log"
+    return out, "none"
+
+
+def _per_window(snapshots: list[WindowSnapshot], field: str) -> dict[int, dict[int, float]]:
+    table: dict[int, dict[int, float]] = {}
+    for snap in snapshots:
+        values = {r.uid: getattr(r, field) for r in snap.rows if getattr(r, field) is not None}
+        table.setdefault(snap.window, {}).update(values)
+    return table
+
+
+def honest_share(rows: list[UidRow]) -> float | None:
+    total = sum(r.incentive or 0.0 for r in rows)
+    if total <= 0:
+        return None
+    return sum(r.incentive or 0.0 for r in rows if r.kind == HONEST) / total
+
+
+def build_report(
+    snapshots: list[WindowSnapshot],
+    participants: list[Participant],
+    miner_metrics: dict[str, tuple[list[MinerWindowMetrics], str]],
+    *,
+    final_rows: list[UidRow] | None = None,
+    initial_loss: float | None = None,
+    wall_s: float = 0.0,
+    stopped_because: str = "",
+    events: list[str] | None = None,
+) -> DevnetReport:
+    """Pure: everything the report says, from what the launcher collected."""
+    snapshots = sorted(snapshots, key=lambda s: (s.window, s.time))
+    scored = sorted({s.window for s in snapshots})
+    final = final_rows if final_rows is not None else (snapshots[-1].rows if snapshots else [])
+    last_by_uid: dict[int, UidRow] = {}
+    accepted: dict[int, set[int]] = {}
+    for snap in snapshots:
+        for row in snap.rows:
+            if row.weight is not None or row.uid not in last_by_uid:
+                last_by_uid[row.uid] = row
+            if row.accepted:
+                accepted.setdefault(row.uid, set()).add(snap.window)
+    per_uid = {}
+    for row in final:
+        scored_row = last_by_uid.get(row.uid, row)
+        per_uid[row.uid] = UidSummary(
+            uid=row.uid,
+            name=row.name,
+            kind=row.kind,
+            final_weight=scored_row.weight,
+            incentive=row.incentive,
+            accepted_windows=len(accepted.get(row.uid, ())),
+            accepted_list=sorted(accepted.get(row.uid, ())),
+        )
+    losses: dict[int, float] = {}
+    for snap in snapshots:
+        if snap.heldout_loss is not None and snap.model_window is not None:
+            losses[snap.model_window] = snap.heldout_loss
+    kinds = {p.name: p.kind for p in participants}
+    per_miner, tps, source, honest_fractions = {}, {}, {}, []
+    for name, (items, where) in sorted(miner_metrics.items()):
+        source[name] = where
+        if items:
+            per_miner[name] = statistics.fmean(m.compute_fraction for m in items)
+            tps[name] = statistics.fmean(m.tokens_per_s for m in items)
+            if kinds.get(name) == HONEST:
+                honest_fractions += [m.compute_fraction for m in items]
+    span = snapshots[-1].time - snapshots[0].time if len(snapshots) > 1 else 0.0
+    return DevnetReport(
+        windows=len(scored),
+        window_range=[scored[0], scored[-1]] if scored else [],
+        per_uid=per_uid,
+        honest_incentive_share=honest_share(final),
+        heldout_loss_initial=initial_loss,
+        heldout_loss=[HeldoutPoint(window=w, loss=v) for w, v in sorted(losses.items())],
+        miner_compute_fraction=ComputeSummary(
+            mean=statistics.fmean(honest_fractions) if honest_fractions else None,
+            per_miner=per_miner,
+            tokens_per_s=tps,
+            source=source,
+        ),
+        windows_per_minute=(len(scored) - 1) / span * 60 if span > 0 and len(scored) > 1 else None,
+        wall_s=wall_s,
+        stopped_because=stopped_because,
+        weights_per_window=_per_window(snapshots, "weight"),
+        incentive_per_window=_per_window(snapshots, "incentive"),
+        events=list(events or []),
+    )
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    return fig, fig.subplots()
+
+
+def plot_heldout(report: DevnetReport, path: Path) -> Path:
+    fig, ax = _figure()
+    if report.heldout_loss_initial is not None and report.heldout_loss:
+        ax.axhline(report.heldout_loss_initial, color="grey", linestyle=":", label="θ_0")
+    ax.plot(
+        [p.window for p in report.heldout_loss],
+        [p.loss for p in report.heldout_loss],
+        marker="o",
+        label="global model",
+    )
+    ax.set_xlabel("window (model at its start)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Held-out loss of the global model")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_weights(report: DevnetReport, path: Path) -> Path:
+    fig, ax = _figure()
+    windows = sorted(report.weights_per_window)
+    for uid, summary in sorted(report.per_uid.items()):
+        xs = [w for w in windows if uid in report.weights_per_window[w]]
+        ax.plot(
+            xs,
+            [report.weights_per_window[w][uid] for w in xs],
+            marker=".",
+            linestyle="-" if summary.kind == HONEST else "--",
+            label=f"{uid} {summary.name}",
+        )
+    ax.set_xlabel("window")
+    ax.set_ylabel("weight")
+    ax.set_title("Weight per uid (dashed: adversaries)")
+    ax.grid(alpha=0.3)
+    if report.per_uid:
+        ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_report(report: DevnetReport, out_dir: Path) -> Path:
+    """report.json and the two plots in `out_dir`; returns the report.json path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(report.model_dump_json(indent=2))
+    tmp.replace(path)
+    plot_heldout(report, out_dir / LOSS_PLOT)
+    plot_weights(report, out_dir / WEIGHTS_PLOT)
+    return path
