@@ -23,8 +23,11 @@ venv: $(VENV)/.installed
 $(DATA)/index.json: | $(VENV)/.installed
 	$(VENV)/bin/crucible data prepare --preset tiny --out $(DATA)
 
+# The devnet demo: chain, S3, 3 honest miners, 2 adversaries and a validator, 12 windows.
 demo: $(VENV)/.installed $(DATA)/index.json
-	$(VENV)/bin/crucible data train --preset tiny --data $(DATA) --windows 8
+	$(VENV)/bin/crucible devnet run --miners 3 --validators 1 --windows 12 \
+	  --adversary noise --adversary copycat --state .devnet --data $(DATA) --fresh
+	@echo "report: .devnet/report/report.json (plots: .devnet/report/*.png)"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
