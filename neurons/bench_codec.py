@@ -11,7 +11,6 @@ full verification (`read_shard`) is timed too. Anchor: 146× fewer bytes than de
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -111,10 +110,3 @@ def run(args: argparse.Namespace) -> dict:
         "decode_vs_copy": round(dec_med / copy_med, 2),
     }
 
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(cli)
-    cli.add_argument("--json", action="store_true", help="print compact JSON")
-    ns = cli.parse_args()
-    print(json.dumps(run(ns), indent=None if ns.json else 2, sort_keys=True))

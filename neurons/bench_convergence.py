@@ -15,7 +15,6 @@ value used is echoed under `settings`. The methods themselves live in `neurons.b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -186,10 +185,3 @@ def run(args: argparse.Namespace) -> dict:
         out["plot"] = str(args.plot)
     return out
 
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(cli)
-    cli.add_argument("--json", action="store_true", help="print compact JSON")
-    ns = cli.parse_args()
-    print(json.dumps(run(ns), indent=None if ns.json else 2, sort_keys=True))

@@ -103,8 +103,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "results": _bench(server.bucket_config("bench"), args),
         }
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="crucible bench storage", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    print(json.dumps(run(parser.parse_args())))
