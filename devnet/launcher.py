@@ -38,6 +38,7 @@ from devnet.bootstrap import (
     load_manifest,
     subnet_params_for,
 )
+from devnet.dashboard import Dashboard, DashboardConfig
 from devnet.report import build_report, read_miner_metrics, write_report
 from devnet.s3 import HOST, free_port
 from devnet.scoreboard import (
@@ -82,6 +83,8 @@ class DevnetConfig(BaseModel):
     node_threads: int = Field(1, ge=1, description="Torch/OMP threads per node (the nodes share the cores).")
     poll_s: float = Field(0.5, gt=0, description="Seconds between supervisor and scoreboard polls.")
     start_timeout_s: float = Field(120.0, gt=0, description="Seconds chain or S3 may take to start.")
+    dashboard: bool = Field(True, description="Serve the web dashboard on 127.0.0.1 (--no-dashboard: off).")
+    dashboard_port: int = Field(0, ge=0, le=65535, description="Port of the web dashboard (0: a free port).")
 
     @model_validator(mode="after")
     def _check(self) -> DevnetConfig:
@@ -199,6 +202,14 @@ class Devnet:
         self.snapshots: list[WindowSnapshot] = []
         self.events: list[str] = []
         self.final_rows: list[UidRow] | None = None
+        shown = {"preset", "miners", "validators", "adversaries", "windows"}
+        summary = cfg.model_dump(mode="json", include=shown)
+        self.dash = Dashboard(DashboardConfig(enabled=cfg.dashboard, port=cfg.dashboard_port), summary)
+
+    def note(self, message: str) -> None:
+        """An event line for the terminal and the web dashboard."""
+        self.board.note(message)
+        self.dash.note(message)
 
     async def start_network(self, participants: list[Participant]) -> tuple[str, dict]:
         """Chain and S3 server, each its own supervised process; returns (chain URL, S3 info with keys)."""
@@ -214,14 +225,14 @@ class Devnet:
         await self.sup.wait_until(ready, "chain", cfg.start_timeout_s)
         url = f"devnet://{HOST}:{port}"
         bpw = self.hp.windows.blocks_per_window
-        self.board.note(f"chain at {url} ({block_time:g} s blocks, {bpw} blocks per window)")
+        self.note(f"chain at {url} ({block_time:g} s blocks, {bpw} blocks per window)")
         info = cfg.state / "s3-server.json"  # mode 0600: it holds the keys
         argv = crucible("devnet", "s3", "--dir", str(cfg.state / "s3"), "--port", str(free_port()),
                         *(f"--bucket={p.name}" for p in participants))
         self.sup.start(ChildSpec(name="s3", argv=argv, log_path=logs / "s3.log", stdout_path=info, env=env,
                                  cwd=REPO, critical=True))
         s3 = await self.sup.wait_until(lambda: json_event(info, "endpoint"), "s3", cfg.start_timeout_s)
-        self.board.note(f"S3 at {s3['endpoint']} with {len(participants)} buckets")
+        self.note(f"S3 at {s3['endpoint']} with {len(participants)} buckets")
         return url, s3
 
     async def monitor(self, chain: Chain, watcher: ScoreWatcher) -> str:
@@ -231,14 +242,14 @@ class Devnet:
         cap: int | None = None
         while not self.stop.is_set():
             for event in self.sup.poll():
-                self.board.note(event.message())
+                self.note(event.message())
                 self.events.append(event.message().splitlines()[0])
                 if event.critical and event.kind == "failed":
                     return f"{event.name} failed"
             try:
                 block: int | None = await chain.block()
             except Exception as exc:  # the SDK raises several types while the chain restarts
-                self.board.note(f"chain not answering: {type(exc).__name__}")
+                self.note(f"chain not answering: {type(exc).__name__}")
                 block = None
             if block is not None:
                 window = block // self.hp.windows.blocks_per_window
@@ -249,6 +260,7 @@ class Devnet:
                 self.snapshots.append(snap)
                 progress = f"{len(self.snapshots)}/{cfg.windows} windows; logs in {cfg.state / 'logs'}"
                 self.board.show(snap, progress)
+                self.dash.publish(snap)
             if len(self.snapshots) >= cfg.windows:
                 return f"{len(self.snapshots)} windows scored"
             if all(self.sup.state(v) in (ChildState.FINISHED, ChildState.FAILED) for v in validators):
@@ -265,38 +277,41 @@ class Devnet:
         os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", child_env(cfg)["BTCLI_TOKEN_SYMBOLS_CACHE"])
         manifest = prepare_state(cfg, hp)
         participants = plan_participants(cfg, manifest)
-        board.note(f"devnet in {cfg.state}: {cfg.validators} validators, {cfg.miners} honest miners, "
-                   f"adversaries: {', '.join(cfg.adversaries) or 'none'}")
-        data = await asyncio.to_thread(ensure_dataset, cfg, hp)
-        evaluator = await asyncio.to_thread(HeldoutEvaluator, hp, data, cfg.heldout_pages)
-        initial = await asyncio.to_thread(evaluator.initial)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
-        reason, chain = "setup failed", None
+        self.note(f"devnet in {cfg.state}: {cfg.validators} validators, {cfg.miners} honest miners, "
+                  f"adversaries: {', '.join(cfg.adversaries) or 'none'}")
+        reason, chain, loop = "setup failed", None, asyncio.get_running_loop()
         try:
+            if page := await self.dash.start():
+                self.note(f"dashboard: {page}")
+            data = await asyncio.to_thread(ensure_dataset, cfg, hp)
+            evaluator = await asyncio.to_thread(HeldoutEvaluator, hp, data, cfg.heldout_pages)
+            initial = self.dash.summary["initial_loss"] = await asyncio.to_thread(evaluator.initial)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop.set)
             with board:
                 url, s3 = await self.start_network(participants)
                 chain = Chain(ChainConfig(network=url, netuid=cfg.netuid, wallet_path=manifest.wallet_path))
                 await chain.connect()
                 for p in participants:  # validators first: they publish the first peer list
                     self.sup.start(node_spec(cfg, p, url, manifest.wallet_path, data, s3))
-                board.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
+                self.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
                 watcher = ScoreWatcher(cfg.state / "nodes" / participants[0].name, participants, evaluator)
                 reason = await self.monitor(chain, watcher)
-                board.note(f"stopping: {reason}")
+                self.note(f"stopping: {reason}")
                 try:  # incentive at the end (the chain is still up)
                     last = self.snapshots[-1].window if self.snapshots else -1
                     self.final_rows = build_rows(watcher.state(), last, await chain.metagraph(), participants)
                 except Exception as exc:
-                    board.note(f"final metagraph not readable: {type(exc).__name__}")
+                    self.note(f"final metagraph not readable: {type(exc).__name__}")
         finally:
+            self.dash.set_status(f"stopped: {reason}")
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if chain is not None:
                 await chain.close()
             self.sup.stop_all(names=[p.name for p in participants])  # nodes first, then chain and S3
             self.sup.stop_all()
+            await self.dash.stop()
         nodes, logs = cfg.state / "nodes", cfg.state / "logs"
         metrics = {p.name: read_miner_metrics(nodes / p.name, logs / f"{p.name}.log")
                    for p in participants if p.role == "miner"}
@@ -305,7 +320,7 @@ class Devnet:
                               events=self.events)
         path = write_report(report, cfg.report_dir)
         share = "n/a" if report.honest_incentive_share is None else f"{report.honest_incentive_share:.1%}"
-        board.note(f"{report.windows} windows; honest incentive share {share}; report: {path}")
+        self.note(f"{report.windows} windows; honest incentive share {share}; report: {path}")
         if reason == "interrupted":
             return 130
         return 0 if report.windows >= cfg.windows else 1
@@ -321,6 +336,8 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "--data": ("data", {"type": Path}), "--block-time": ("block_time", {"type": float}),
     "--fresh": ("fresh", {"action": "store_true"}), "--netuid": ("netuid", {"type": int}),
     "--max-restarts": ("max_restarts", {"type": int}),
+    "--dashboard-port": ("dashboard_port", {"type": int}),
+    "--no-dashboard": ("dashboard", {"action": "store_false"}),
 }
 
 

@@ -103,16 +103,29 @@ class Node:
         return self._credentials
 
     async def find_peer_list(self, window: int, graph: MetagraphSnapshot | None = None) -> PeerList | None:
-        """The peer list of the highest-stake validator that published a valid one for `window`."""
+        """The peer list of the highest-stake validator that published a valid one for `window` in time.
+
+        In time means uploaded before the window's upload deadline (upload time from the bucket
+        listing, deadline from the chain), so every node decides alike whether a window has a peer
+        list: a list that appears after some miners looked for it counts for nobody, and a slow
+        validator cannot step a model the miners did not step.
+        """
         graph = graph or await self.chain.metagraph()
         creds = await self.credentials()
+        deadline = (await self.clock(window)).deadline_time
         validators = sorted(graph.validators(), key=lambda uid: (-graph.stake[uid], uid))
         for uid in validators:
             hotkey = graph.hotkeys[uid]
             if hotkey not in creds:
                 continue
+            bucket = self.pool.get(creds[hotkey])
             try:
-                data = await asyncio.to_thread(self.pool.get(creds[hotkey]).get, peers_key(window), 256 * 1024)
+                info = await asyncio.to_thread(bucket.stat, peers_key(window))
+                if deadline is not None and info.last_modified > deadline:
+                    log.warning("peer list of validator uid %d for window %d came after the deadline; ignored",
+                                uid, window)
+                    continue
+                data = await asyncio.to_thread(bucket.get, peers_key(window), 256 * 1024)
                 return read_peer_list(data, netuid=self.netuid, window=window, validator=hotkey)
             except ObjectNotFound:
                 continue

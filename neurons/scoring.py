@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import statistics
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -98,7 +99,9 @@ def stage2(
     fetched: Mapping[str, Fetched],
     window_seed: bytes,
     secret: bytes,
+    time_budget_s: float | None = None,
 ) -> dict[int, EvalResult]:
+    """Evaluate eligible miners in a seeded order until the count or the time budget runs out."""
     eligible = [uid for uid, f in filters.items() if f.eligible]
     if not eligible:
         return {}
@@ -111,7 +114,12 @@ def stage2(
     step = hp.gauntlet.eval_step_scale * hp.outer.lr
     device = next(model.parameters()).device
     results: dict[int, EvalResult] = {}
+    stop_at = None if time_budget_s is None else time.monotonic() + time_budget_s
     for uid in chosen:
+        if stop_at is not None and results and time.monotonic() > stop_at:
+            log.info("window %d: stage 2 time budget %.1fs spent after %d of %d miners",
+                     window, time_budget_s, len(results), len(chosen))
+            break
         hotkey = miners[uid]
         shard = fetched[hotkey].shard
         update = aggregate_encoded({hotkey: shard.tensors}, device=device)  # one peer: its decoded update

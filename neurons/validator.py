@@ -90,8 +90,9 @@ class Validator:
         own = gather_sample(params, positions)
         filters = stage1(miners, fetched, own, positions, self.state.reference_change(), hp)
         eval_started = time.perf_counter()
+        budget = hp.gauntlet.eval_time_fraction * await self.window_seconds(window)
         evals = await asyncio.to_thread(
-            stage2, node.model, node.store, hp, window, miners, filters, fetched, seed, self.secret
+            stage2, node.model, node.store, hp, window, miners, filters, fetched, seed, self.secret, budget
         )
         report.eval_seconds = time.perf_counter() - eval_started
         outcome = score_window(self.state, window, miners, filters, evals, hp.gauntlet, hp.peers)
@@ -99,7 +100,8 @@ class Validator:
         report.next_primary = outcome.primary
         primary = [miners[u] for u in outcome.primary]
         reserve = [miners[u] for u in outcome.reserve]
-        await self._put(peers_key(window + 1), make_peer_list(self.keypair, node.netuid, window + 1, primary, reserve))
+        target = window + hp.peers.lead_windows
+        await self._put(peers_key(target), make_peer_list(self.keypair, node.netuid, target, primary, reserve))
         report.weights_set = await self.set_weights(window, *outcome.as_lists(), report)
 
         peers = await node.find_peer_list(window, graph)
@@ -120,6 +122,15 @@ class Validator:
         await asyncio.to_thread(self.save)
         report.seconds = time.perf_counter() - started
         return report
+
+    async def window_seconds(self, window: int) -> float:
+        """A window's duration in chain time, from its start and deadline block timestamps."""
+        clock = await self.node.clock(window)
+        if clock.deadline_time is None:
+            return self.hp.windows.blocks_per_window * self.hp.windows.expected_block_time_s
+        blocks = clock.bounds.deadline_block - clock.bounds.start_block
+        block_s = (clock.deadline_time - clock.start_time).total_seconds() / max(1, blocks)
+        return self.hp.windows.blocks_per_window * max(block_s, 1e-3)
 
     async def set_weights(self, window: int, uids: list[int], weights: list[float], report: ValidatorReport) -> bool:
         """Set weights once for this window; a rate-limit refusal is retried a few blocks later."""
@@ -173,8 +184,9 @@ class Validator:
         saved = load_local_state(self.state_dir, self.hp.revision(), self.node.model)
         current = await self.node.current_window()
         self.model_window = await catch_up(self.node, saved.window if saved else None, current)
-        if not await asyncio.to_thread(self.node.bucket.exists, peers_key(current)):
-            await self.publish_initial_peer_list(current)
+        for window in range(current, current + self.hp.peers.lead_windows):
+            if not await asyncio.to_thread(self.node.bucket.exists, peers_key(window)):
+                await self.publish_initial_peer_list(window)
         return current
 
     async def run(self, windows: int | None = None) -> None:

@@ -78,7 +78,7 @@ def fetch_shard(
     got = Fetched(expected.hotkey)
     key = gradient_key(expected.window, expected.hotkey)
     try:
-        info = bucket.head(key)
+        info = bucket.stat(key)
         got.upload_time, got.size = info.last_modified, info.size
         if (too_big := check_size(info.size, expected)) is not None:
             got.reason, got.detail = too_big.reason.value, too_big.detail

@@ -102,6 +102,11 @@ class GauntletHParams(_Section):
     copy_zero_overlap: float = Field(0.5, gt=0, le=1, description="Top-k index overlap that zeroes the later uploader.")
     eval_miners_per_window: int = Field(15, ge=1, description="Miners evaluated in stage 2 per window (anchor 15).")
     eval_batches: int = Field(4, ge=1, description="Batches of assigned and of random samples per evaluation.")
+    eval_time_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="Stage 2 starts no new evaluation after this fraction of a window's duration (chain time), "
+                    "so a validator keeps pace with the windows; the rest wait for a later window.",
+    )
     eval_step_scale: float = Field(0.2, gt=0, description="Evaluation applies this × outer lr of a miner's update.")
     binary_ma_alpha: float = Field(0.05, gt=0, le=1, description="Moving-average rate of the binary indicator.")
     openskill_beta: float = Field(7.0, gt=0, description="OpenSkill Plackett–Luce beta (anchor 7).")
@@ -128,6 +133,11 @@ class GauntletHParams(_Section):
 class PeerHParams(_Section):
     primary: int = Field(20, ge=1, description="Primary peers whose shards everyone aggregates (anchor G = 20).")
     reserve: int = Field(10, ge=0, description="Reserve peers used when primaries are missing (anchor 10).")
+    lead_windows: int = Field(
+        2, ge=1, le=8,
+        description="The peer list chosen from window w's scores is for window w + lead: 2 leaves a validator "
+                    "a whole window to score w before miners look for the list at w + 2's deadline.",
+    )
 
 
 class CheckpointHParams(_Section):

@@ -204,6 +204,16 @@ class Bucket:
             raise self._not_found(err) from None
         return ObjectInfo(key, int(r["ContentLength"]), _utc(r["LastModified"]), _etag(r.get("ETag")))
 
+    def stat(self, key: str) -> ObjectInfo:
+        """`head`, with the upload time to the millisecond: listings carry milliseconds, the HEAD
+        Last-Modified header whole seconds only, too coarse to tell an original from a fast copy."""
+        kw = {"Bucket": self.name, "Prefix": key, "MaxKeys": 1}  # the exact key sorts first
+        page = self.request("ListObjectsV2", key, lambda: self.client.list_objects_v2(**kw))
+        for o in page.get("Contents", []):
+            if o["Key"] == key:
+                return ObjectInfo(key, int(o["Size"]), _utc(o["LastModified"]), _etag(o.get("ETag")))
+        return self.head(key)  # not listed (yet): HEAD answers, or raises ObjectNotFound
+
     def exists(self, key: str) -> bool:
         try:
             self.head(key)

@@ -263,6 +263,20 @@ def test_round_trip(s3_bucket, size):
         s3_bucket.get(peers_key(3), max_bytes=size)
 
 
+def test_stat_orders_uploads_within_one_second(s3_bucket):
+    """Copy detection orders uploads by time: stat must resolve what HEAD's whole seconds cannot."""
+    first, second = gradient_key(5, "5Original"), gradient_key(5, "5Copy")
+    s3_bucket.put(first, b"a" * 10)
+    time.sleep(0.05)
+    s3_bucket.put(second, b"b" * 20)
+    a, b = s3_bucket.stat(first), s3_bucket.stat(second)
+    assert (a.size, b.size) == (10, 20) and a.key == first
+    assert a.last_modified < b.last_modified
+    assert abs((a.last_modified - s3_bucket.head(first).last_modified).total_seconds()) < 1
+    with pytest.raises(ObjectNotFound):  # a longer key starting with the asked one must not answer
+        s3_bucket.stat(first[: -len(".safetensors")])
+
+
 def test_multipart_and_ranged_parallel_download(s3_server, s3_bucket_name, tmp_path):
     storage = TEST_STORAGE.model_copy(
         update=dict(multipart_threshold=8 * MiB, part_size=5 * MiB, max_concurrency=3)

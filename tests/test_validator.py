@@ -10,6 +10,7 @@ from neurons.explain_cli import run_cli as explain_cli
 from neurons.miner import Miner
 from neurons.validator import SCORES_FILE, Validator
 from protocol.model import param_digest
+from protocol.storage import peers_key
 from protocol.windows import window_bounds
 
 WINDOWS = 5
@@ -26,7 +27,8 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
     honest = [Miner(await net.node(f"miner-{i}"), tmp_path / f"miner-{i}") for i in range(2)]
     noise = make_adversary("noise", await net.node("miner-2"), tmp_path / "miner-2")
     first = await vnode.current_window() + 1
-    await validator.publish_initial_peer_list(first)
+    for w in range(first, first + net.hp.peers.lead_windows):
+        await validator.publish_initial_peer_list(w)
     await vnode.wait_for_block(window_bounds(first, net.hp.windows).start_block)
 
     results = await asyncio.gather(
@@ -43,6 +45,13 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
     assert sum(final.values()) > 0.99
     # the validator stepped exactly like the honest miners did
     assert param_digest(vnode.model) == param_digest(honest[0].node.model) == param_digest(honest[1].node.model)
+    assert all(r.stepped for r in reports), [r.note for r in reports]
+    # window w's scores chose the peers of w + lead; a list that appears after its window's deadline counts for nobody
+    last = first + WINDOWS - 1
+    assert vnode.bucket.exists(peers_key(last + net.hp.peers.lead_windows))
+    assert await vnode.find_peer_list(first) is not None
+    vnode.bucket.put(peers_key(first), vnode.bucket.get(peers_key(first), 1 << 20))
+    assert await vnode.find_peer_list(first) is None
 
     state = load_state(tmp_path / "validator" / SCORES_FILE)
     text = explain(state, uid[noise], first + WINDOWS - 1)

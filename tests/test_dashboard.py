@@ -1,0 +1,303 @@
+"""The devnet web dashboard: its JSON API over real HTTP, loopback-only binding, and the page itself
+in a real headless Chromium (Selenium with Debian's chromium + chromium-driver, which are built from
+one source package and so cannot drift apart), updating live without a reload.
+
+The browser test skips when no browser is installed, and fails instead when CRUCIBLE_REQUIRE_BROWSER=1
+(CI sets it). Its screenshot goes to $CRUCIBLE_ARTIFACTS when set, else to the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pydantic import ValidationError
+
+from devnet.dashboard import Dashboard, DashboardConfig
+from devnet.scoreboard import UidRow, WindowSnapshot
+
+KINDS = {1: "honest", 2: "honest", 3: "honest", 4: "noise", 5: "copycat"}
+
+
+def _snapshot(window: int, loss: float | None = None) -> WindowSnapshot:
+    rows = []
+    for uid, kind in KINDS.items():
+        honest = kind == "honest"
+        rows.append(UidRow(
+            uid=uid, name=f"miner-{uid - 1}" if honest else f"adv-{kind}-0", kind=kind,
+            status="ok" if honest else ("rejected" if kind == "noise" else "copy x0.5"), accepted=honest,
+            sync=1.0 if honest else 0.4, loss_score=0.01 * uid if honest else -0.02,
+            rating=10.0 + uid + window if honest else -3.0,
+            weight=0.1 * uid + 0.01 * window if honest else 0.0,
+            incentive=0.3 if honest else 0.05,
+        ))
+    held = 6.0 - 0.1 * window if loss is None else loss
+    return WindowSnapshot(window=window, block=10 * window, time=1000.0 + window, heldout_loss=held,
+                          model_window=window + 1, rows=rows)
+
+
+@pytest.fixture
+async def dash():
+    board = Dashboard(DashboardConfig(poll_s=0.2), summary={"preset": "tiny", "windows": 5, "miners": 3,
+                                                            "adversaries": ["noise", "copycat"]})
+    await board.start()
+    yield board
+    await board.stop()
+
+
+async def _get(url: str, headers: dict | None = None) -> tuple[int, dict[str, str], str]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        return resp.status, dict(resp.headers), await resp.text()
+
+
+# --- config and HTTP, no browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.4", "::", "example.org", ""])
+def test_config_refuses_non_loopback_hosts(host):
+    with pytest.raises(ValidationError, match="loopback"):
+        DashboardConfig(host=host)
+
+
+def test_config_accepts_loopback_hosts():
+    assert [DashboardConfig(host=h).host for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost")]
+    with pytest.raises(ValidationError):
+        DashboardConfig(port=70000)
+
+
+async def test_api_state_serves_snapshots_notes_and_status(dash):
+    for w in (3, 4, 5):
+        dash.publish(_snapshot(w))
+    dash.publish(_snapshot(6, loss=float("nan")))  # a non-finite number must not break the JSON
+    dash.summary["initial_loss"] = float("inf")
+    dash.note("miner-1 crashed (exit 1); restart 1/3")
+    base = dash.url
+    assert base.startswith("http://127.0.0.1:")
+
+    status, headers, text = await _get(base + "api/state")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    state = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert state["status"] == "running" and state["count"] == 4 and state["since"] == 0
+    assert [s["window"] for s in state["snapshots"]] == [3, 4, 5, 6]
+    assert [r["uid"] for r in state["snapshots"][0]["rows"]] == [1, 2, 3, 4, 5]
+    assert state["snapshots"][0]["rows"][3]["kind"] == "noise"
+    assert state["snapshots"][3]["heldout_loss"] is None and state["snapshots"][2]["heldout_loss"] == 5.5
+    assert state["config"]["preset"] == "tiny" and state["config"]["initial_loss"] is None
+    assert state["notes"][-1]["message"].startswith("miner-1 crashed")
+    assert state["poll_ms"] == 200
+
+    _, _, text = await _get(base + "api/state?since=3")
+    later = json.loads(text)
+    assert later["since"] == 3 and [s["window"] for s in later["snapshots"]] == [6] and later["count"] == 4
+    _, _, text = await _get(base + "api/state?since=99")  # more than the server holds: clamped
+    assert json.loads(text)["since"] == 4
+    assert (await _get(base + "api/state?since=x"))[0] == 400
+
+    dash.set_status("stopped: 5 windows scored")
+    _, _, text = await _get(base + "api/state")
+    assert json.loads(text)["status"] == "stopped: 5 windows scored"
+
+
+async def test_page_is_self_contained(dash):
+    status, headers, html = await _get(dash.url)
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    for hook in ('id="loss-plot"', 'id="weight-plot"', 'id="incentive-plot"', 'id="rows"', "/api/state"):
+        assert hook in html
+    outside = html.replace('"http://www.w3.org/2000/svg"', "")  # the SVG namespace name, never fetched
+    assert "http://" not in outside and "https://" not in outside
+    assert "<link" not in html and "src=" not in html  # nothing loaded from anywhere
+
+
+def _outside_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+async def test_binds_loopback_only_and_refuses_foreign_host_names(dash):
+    port = int(dash.url.rsplit(":", 1)[1].strip("/"))
+    assert dash.addresses and all(addr[0] == "127.0.0.1" for addr in dash.addresses)
+    outside = _outside_address()
+    if outside is not None:
+        with pytest.raises(OSError):
+            await asyncio.open_connection(outside, port)
+    status, _, _ = await _get(dash.url + "api/state", headers={"Host": f"evil.example:{port}"})
+    assert status == 403  # DNS rebinding: another site's name pointing at 127.0.0.1
+    assert (await _get(f"http://localhost:{port}/api/state"))[0] == 200
+
+
+async def test_disabled_dashboard_serves_nothing_and_fixed_port_conflicts_are_errors(dash):
+    off = Dashboard(DashboardConfig(enabled=False))
+    assert await off.start() is None and off.url is None
+    off.publish(_snapshot(1))
+    off.note("x")
+    await off.stop()
+    port = int(dash.url.rsplit(":", 1)[1].strip("/"))
+    clash = Dashboard(DashboardConfig(port=port))
+    with pytest.raises(OSError, match="dashboard cannot listen on 127.0.0.1"):
+        await clash.start()
+    await clash.stop()
+
+
+# --- the page in a real browser -----------------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("CRUCIBLE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = (os.environ.get("CRUCIBLE_CHROMEDRIVER") or shutil.which("chromedriver")
+                or "/usr/bin/chromedriver")
+
+
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "the selenium package is not installed (pip install -e '.[dev]')"
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            return f"{path} not found (apt-get install {package})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _browser_missing()
+    if reason is not None:
+        if os.environ.get("CRUCIBLE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CRUCIBLE_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(f"no headless browser: {reason}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1500", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit driver path: Selenium Manager is never consulted, so nothing is ever downloaded.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+async def _js(driver, script: str):
+    return await asyncio.to_thread(driver.execute_script, script)
+
+
+async def _wait_for(driver, script: str, expected, what: str, limit_s: float = 30.0):
+    """Poll `script` until it returns `expected`; fail naming `what` after `limit_s` (a bound, not a
+    timing assertion: the browser and the server share this test's event loop's machine)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while True:
+        value = await _js(driver, script)
+        if value == expected:
+            return value
+        if loop.time() > deadline:
+            pytest.fail(f"{what}: got {value!r}, waited for {expected!r}")
+        await asyncio.sleep(0.1)
+
+
+def _artifacts(tmp_path: Path) -> Path:
+    where = os.environ.get("CRUCIBLE_ARTIFACTS")
+    out = Path(where) if where else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _count(selector: str) -> str:
+    return f"return document.querySelectorAll({selector!r}).length"
+
+
+async def test_page_in_headless_chromium_updates_live(dash, browser, tmp_path):
+    for w in (10, 11, 12):
+        dash.publish(_snapshot(w))
+    dash.note("started 6 nodes")
+    await asyncio.to_thread(browser.get, dash.url)
+    await _wait_for(browser, "return document.body.dataset.count", "3", "snapshots shown after load")
+
+    assert await _js(browser, _count("#rows tr")) == 5
+    uids = await _js(browser, "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.uid)")
+    assert uids == ["1", "2", "3", "4", "5"]
+    adversaries = await _js(browser, "return [...document.querySelectorAll('tr.adversary')]"
+                                     ".map(r => r.dataset.kind)")
+    assert adversaries == ["noise", "copycat"]
+    badge = await _js(browser, "return document.querySelector('tr[data-uid=\"4\"] .badge').textContent")
+    assert badge == "⚠ noise"
+    assert await _js(browser, _count("#loss-plot circle.loss-point")) == 3
+    assert await _js(browser, "return document.getElementById('loss-plot').dataset.points") == "3"
+    assert await _js(browser, _count("#weight-plot polyline.weight-line")) == 5
+    assert await _js(browser, _count("#weight-plot circle.weight-point")) == 15
+    assert await _js(browser, _count("#weight-legend [data-uid]")) == 5
+    assert await _js(browser, _count("#incentive-plot rect.incentive-bar")) == 5
+    assert await _js(browser, "return document.getElementById('window').textContent") == "12"
+    assert await _js(browser, "return document.getElementById('status').textContent") == "running"
+    assert "started 6 nodes" in await _js(browser, "return document.getElementById('notes').textContent")
+
+    await _js(browser, "window.__marker = 1")  # survives only if the page is never reloaded
+    later = _snapshot(14)
+    later.rows[1].status, later.rows[1].accepted, later.rows[1].weight = "missing", False, None
+    dash.publish(_snapshot(13))
+    dash.publish(later)
+    await _wait_for(browser, "return document.body.dataset.count", "5", "snapshots shown after two more")
+    assert await _js(browser, _count("#loss-plot circle.loss-point")) == 5
+    assert await _js(browser, _count("#weight-plot circle.weight-point")) == 24  # uid 2 has no point at 14
+    assert await _js(browser, _count("#rows tr")) == 5
+    assert await _js(browser, "return document.getElementById('window').textContent") == "14"
+    shard = await _js(browser, "return document.querySelector('tr[data-uid=\"2\"] td:nth-child(4)')"
+                               ".className")
+    assert shard == "st-bad"
+    assert await _js(browser, "return window.__marker") == 1
+
+    dash.set_status("stopped: 5 windows scored")
+    await _wait_for(browser, "return document.getElementById('status').textContent",
+                    "stopped: 5 windows scored", "status after the run stops")
+    shot = _artifacts(tmp_path) / "dashboard.png"
+    assert await asyncio.to_thread(browser.save_screenshot, str(shot))
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"dashboard screenshot: {shot}")
+
+    errors = [e for e in await asyncio.to_thread(browser.get_log, "browser") if e["level"] == "SEVERE"]
+    assert errors == []  # no script error and no Content-Security-Policy violation
+
+    await dash.stop()  # the page says so instead of freezing silently
+    await _wait_for(browser, "return document.getElementById('conn').textContent.includes('not answering')",
+                    True, "notice that the server is gone")
+
+
+def test_devnet_flags_reach_the_dashboard_and_notes_go_to_both(tmp_path):
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from devnet.launcher import FLAGS, Devnet, DevnetConfig, add_cli
+    from devnet.scoreboard import Scoreboard
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser)
+    args = parser.parse_args(["--no-dashboard", "--dashboard-port", "8123", "--state", str(tmp_path)])
+    cfg = DevnetConfig(**{name: getattr(args, name) for name, _ in FLAGS.values()})
+    assert cfg.dashboard is False and cfg.dashboard_port == 8123
+    defaults = parser.parse_args([])
+    assert DevnetConfig(**{name: getattr(defaults, name) for name, _ in FLAGS.values()}).dashboard
+
+    out = io.StringIO()
+    devnet = Devnet(cfg, board=Scoreboard(console=Console(file=out, width=200), live=False))
+    assert devnet.dash.config.enabled is False and devnet.dash.config.port == 8123
+    assert devnet.dash.summary["windows"] == cfg.windows and devnet.dash.summary["preset"] == "tiny"
+    devnet.note("miner-0 crashed (exit 1)")
+    assert "miner-0 crashed" in out.getvalue()
+    assert devnet.dash.notes[-1]["message"] == "miner-0 crashed (exit 1)"
