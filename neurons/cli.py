@@ -39,9 +39,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, modules
 
 
+def with_default_part(argv: list[str]) -> list[str]:
+    """`crucible devnet --miners 4 …` means `crucible devnet run --miners 4 …` (run is the devnet's main job)."""
+    if len(argv) >= 2 and argv[0] == "devnet" and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
+        return ["devnet", "run", *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(with_default_part(sys.argv[1:] if argv is None else list(argv)))
     if args.command is None:
         parser.print_help()
         return NOT_YET

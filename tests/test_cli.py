@@ -33,3 +33,10 @@ def test_prepare_then_train(tmp_path, capsys):
 def test_prepare_reports_missing_input(tmp_path, capsys):
     assert main(["data", "prepare", "--out", str(tmp_path), "--input", str(tmp_path / "none.txt")]) == 1
     assert "input not found" in capsys.readouterr().out
+
+
+def test_devnet_without_a_part_means_run(capsys):
+    """The issue's spelling `crucible devnet --miners …` reaches `devnet run` and its config checks."""
+    code = main(["devnet", "--miners", "0", "--adversary", "bogus"])
+    assert code == 2
+    assert "unknown adversary kind 'bogus'" in capsys.readouterr().err
