@@ -123,7 +123,7 @@ class WindowEntry(_Record):
     slashes: list[str] = Field(default_factory=list, description="Multipliers applied, with their reasons.")
     score: float = Field(0.0, description="Final score after slashes, decay and the zero threshold.")
     weight: float = Field(0.0, description="Weight set on chain for this uid.")
-    role: str | None = Field(None, description="'primary' or 'reserve' peer for the next window, else none.")
+    role: str | None = Field(None, description="'primary' or 'reserve' in the peer list chosen from these scores, else none.")
 
     @property
     def ordinal(self) -> float:

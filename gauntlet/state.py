@@ -169,6 +169,6 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
             f"  slash:      {s}" + ("" if e.raw_score > 0 or not e.timely else "  (nothing to slash)")
         )
     lines.append(f"  score:      {e.score:.6g}")
-    role = f" ({e.role} peer for window {e.window + 1})" if e.role else ""
+    role = f" ({e.role} peer in the list chosen from this window's scores)" if e.role else ""
     lines.append(f"  weight:     {e.weight:.6f}{role}")
     return "\n".join(lines)

@@ -96,7 +96,7 @@ class WindowOutcome:
     window: int
     weights: dict[int, float]  # uid -> weight, sums to 1
     scores: dict[int, float]  # uid -> final score
-    primary: list[int]  # peers for the next window
+    primary: list[int]  # peers chosen from this window's scores
     reserve: list[int]
 
     def as_lists(self) -> tuple[list[int], list[float]]:
