@@ -35,6 +35,7 @@ from protocol.hparams import HParams
 log = logging.getLogger(__name__)
 NOT_PRESENT = {"missing", "no_credentials", "unreachable"}
 NOT_TIMELY = {"late", "early"}
+STALENESS_CAP = 20  # windows; a never-evaluated uid counts as this stale
 
 
 def stage1(
@@ -79,9 +80,23 @@ def _rng(window_seed: bytes, secret: bytes, purpose: str) -> np.random.Generator
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
-def evaluation_order(eligible: list[int], budget: int, window_seed: bytes, secret: bytes) -> list[int]:
-    """Which eligible uids to evaluate this window: a seeded draw no miner can predict."""
-    order = list(_rng(window_seed, secret, "order").permutation(sorted(eligible)))
+def evaluation_order(eligible: list[int], budget: int, window_seed: bytes, secret: bytes,
+                     staleness: Mapping[int, int] | None = None) -> list[int]:
+    """Which eligible uids to evaluate this window, in order: a seeded draw no miner can predict.
+
+    With `staleness` (windows since a uid was last evaluated), uids are drawn without replacement
+    with probability ∝ staleness², so when the budget (count or time) covers only a few miners per
+    window, every miner is still evaluated about as often, yet none knows when.
+    """
+    ordered = sorted(eligible)
+    if not ordered:
+        return []
+    rng = _rng(window_seed, secret, "order")
+    if staleness is None:
+        order = rng.permutation(ordered)
+    else:
+        p = np.array([max(1, staleness.get(u, STALENESS_CAP)) for u in ordered], dtype=np.float64) ** 2
+        order = rng.choice(ordered, size=len(ordered), replace=False, p=p / p.sum())
     return [int(u) for u in order[:budget]]
 
 
@@ -100,12 +115,16 @@ def stage2(
     window_seed: bytes,
     secret: bytes,
     time_budget_s: float | None = None,
+    last_evaluated: Mapping[int, int | None] | None = None,
 ) -> dict[int, EvalResult]:
     """Evaluate eligible miners in a seeded order until the count or the time budget runs out."""
     eligible = [uid for uid, f in filters.items() if f.eligible]
     if not eligible:
         return {}
-    chosen = evaluation_order(eligible, hp.gauntlet.eval_miners_per_window, window_seed, secret)
+    staleness = None if last_evaluated is None else {
+        uid: STALENESS_CAP if last is None else min(STALENESS_CAP, window - last) for uid, last in last_evaluated.items()
+    }
+    chosen = evaluation_order(eligible, hp.gauntlet.eval_miners_per_window, window_seed, secret, staleness)
     norms = {uid: update_norm(fetched[miners[uid]].shard.tensors) for uid in eligible}
     clip_to = statistics.median(norms.values())
     n_eval = hp.gauntlet.eval_batches * hp.inner.batch_size

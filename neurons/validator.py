@@ -96,7 +96,8 @@ class Validator:
         eval_started = time.perf_counter()
         budget = hp.gauntlet.eval_time_fraction * await self.window_seconds(window)
         evals = await asyncio.to_thread(
-            stage2, node.model, node.store, hp, window, miners, filters, fetched, seed, self.secret, budget
+            stage2, node.model, node.store, hp, window, miners, filters, fetched, seed, self.secret, budget,
+            {uid: us.last_evaluated for uid, us in self.state.uids.items() if us.hotkey == miners.get(uid)},
         )
         report.eval_seconds = time.perf_counter() - eval_started
         outcome = score_window(self.state, window, miners, filters, evals, hp.gauntlet, hp.peers)
