@@ -23,6 +23,8 @@ class NodeMetrics:
         self.bytes_up = Gauge("crucible_bytes_uploaded", "Payload bytes uploaded to buckets.", registry=r)
         self.bytes_down = Gauge("crucible_bytes_downloaded", "Payload bytes downloaded from buckets.", registry=r)
         self.storage_retries = Gauge("crucible_storage_retries", "Bucket requests retried.", registry=r)
+        self.up_seconds = Gauge("crucible_upload_seconds", "Seconds spent uploading to buckets.", registry=r)
+        self.down_seconds = Gauge("crucible_download_seconds", "Seconds spent downloading from buckets.", registry=r)
         self.window_seconds = Gauge("crucible_window_seconds", "Seconds the last window's step took.", registry=r)
         self.rejections = Counter("crucible_shard_rejections", "Peer shards skipped, by reason.", ["reason"],
                                   registry=r)
@@ -53,6 +55,8 @@ class NodeMetrics:
         self.bytes_up.set(sum(b.stats.bytes_uploaded for b in buckets))
         self.bytes_down.set(sum(b.stats.bytes_downloaded for b in buckets))
         self.storage_retries.set(sum(b.stats.retries for b in buckets))
+        self.up_seconds.set(sum(b.stats.upload_seconds for b in buckets))
+        self.down_seconds.set(sum(b.stats.download_seconds for b in buckets))
 
     def observe_miner(self, report, buckets: list[Bucket]) -> None:
         self.window.set(report.window)

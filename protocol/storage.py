@@ -15,9 +15,11 @@ One boto3 client per Bucket; boto3 clients are thread-safe, so a Bucket may be s
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,17 +99,28 @@ class ObjectInfo:
 
 
 class StorageStats:
-    """Counters of one Bucket (thread-safe): requests made, retries, payload bytes moved."""
+    """Counters of one Bucket (thread-safe): requests made, retries, payload bytes moved and the
+    wall-clock seconds spent in uploads and downloads (retries included)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests = self.retries = self.bytes_uploaded = self.bytes_downloaded = 0
+        self.upload_seconds = self.download_seconds = 0.0
         self.by_operation: dict[str, int] = {}
 
-    def add(self, **counts: int) -> None:
+    def add(self, **counts: float) -> None:
         with self._lock:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
+
+    @contextlib.contextmanager
+    def timed(self, counter: str) -> Iterator[None]:
+        """Add the block's wall-clock seconds to `counter` (upload_seconds, download_seconds)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(**{counter: time.perf_counter() - started})
 
     def request(self, operation: str) -> None:
         with self._lock:
@@ -378,6 +391,10 @@ class Bucket:
         return info
 
     def _upload(self, key: str, size: int, source: Source, progress: Progress | None) -> None:
+        with self.stats.timed("upload_seconds"):
+            self._upload_body(key, size, source, progress)
+
+    def _upload_body(self, key: str, size: int, source: Source, progress: Progress | None) -> None:
         if size < self.storage.multipart_threshold:
             body = source(0, size)
             self.request(
@@ -390,6 +407,10 @@ class Bucket:
         upload_multipart(self, key, size, source, progress)
 
     def _download(self, info: ObjectInfo, max_bytes: int, sink: Sink, progress: Progress | None) -> None:
+        with self.stats.timed("download_seconds"):
+            self._download_body(info, max_bytes, sink, progress)
+
+    def _download_body(self, info: ObjectInfo, max_bytes: int, sink: Sink, progress: Progress | None) -> None:
         if info.size >= self.storage.multipart_threshold:
             download_ranges(self, info, sink, progress)
             return

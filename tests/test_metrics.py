@@ -58,6 +58,7 @@ async def test_metrics_move_across_windows(network_factory, tmp_path):
     assert last["crucible_bytes_uploaded"] > 0 and last["crucible_tokens_per_second"] > 0
     assert 0 < last["crucible_compute_fraction"] <= 1
     assert max(s.get("crucible_bytes_downloaded", 0) for s in seen["miner"]) > 0
+    assert last["crucible_upload_seconds"] > 0 and max(s.get("crucible_download_seconds", 0) for s in seen["miner"]) > 0
     v = seen["validator"][-1]
     assert v["crucible_set_weights_ok"] == 1 and v["crucible_miners_evaluated"] >= 1
     assert any(k.startswith("crucible_uid_rating{") for k in v)
