@@ -15,14 +15,9 @@ One boto3 client per Bucket; boto3 clients are thread-safe, so a Bucket may be s
 from __future__ import annotations
 
 import builtins
-import contextlib
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -54,6 +49,7 @@ from protocol.storage_keys import (
     peers_key,
     window_of_key,
 )
+from protocol.storage_stats import ObjectInfo, StorageStats, etag, utc
 from protocol.storage_transfer import Sink, Source, download_ranges, read_capped, upload_multipart
 
 __all__ = [
@@ -88,52 +84,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    last_modified: datetime  # UTC
-    etag: str | None = None
-
-
-class StorageStats:
-    """Counters of one Bucket (thread-safe): requests made, retries, payload bytes moved and the
-    wall-clock seconds spent in uploads and downloads (retries included)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests = self.retries = self.bytes_uploaded = self.bytes_downloaded = 0
-        self.upload_seconds = self.download_seconds = 0.0
-        self.by_operation: dict[str, int] = {}
-
-    def add(self, **counts: float) -> None:
-        with self._lock:
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
-
-    @contextlib.contextmanager
-    def timed(self, counter: str) -> Iterator[None]:
-        """Add the block's wall-clock seconds to `counter` (upload_seconds, download_seconds)."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(**{counter: time.perf_counter() - started})
-
-    def request(self, operation: str) -> None:
-        with self._lock:
-            self.requests += 1
-            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
-
-
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _etag(value: str | None) -> str | None:
-    return value.strip('"') if value else None
 
 
 class Bucket:
@@ -215,7 +165,7 @@ class Bucket:
             r = self.request("HeadObject", key, lambda: self.client.head_object(Bucket=self.name, Key=key))
         except ObjectNotFound as err:
             raise self._not_found(err) from None
-        return ObjectInfo(key, int(r["ContentLength"]), _utc(r["LastModified"]), _etag(r.get("ETag")))
+        return ObjectInfo(key, int(r["ContentLength"]), utc(r["LastModified"]), etag(r.get("ETag")))
 
     def stat(self, key: str) -> ObjectInfo:
         """`head`, with the upload time to the millisecond: listings carry milliseconds, the HEAD
@@ -224,7 +174,7 @@ class Bucket:
         page = self.request("ListObjectsV2", key, lambda: self.client.list_objects_v2(**kw))
         for o in page.get("Contents", []):
             if o["Key"] == key:
-                return ObjectInfo(key, int(o["Size"]), _utc(o["LastModified"]), _etag(o.get("ETag")))
+                return ObjectInfo(key, int(o["Size"]), utc(o["LastModified"]), etag(o.get("ETag")))
         return self.head(key)  # not listed (yet): HEAD answers, or raises ObjectNotFound
 
     def exists(self, key: str) -> bool:
@@ -328,7 +278,7 @@ class Bucket:
                         bucket=self.name,
                         key=prefix,
                     )
-                yield ObjectInfo(o["Key"], int(o["Size"]), _utc(o["LastModified"]), _etag(o.get("ETag")))
+                yield ObjectInfo(o["Key"], int(o["Size"]), utc(o["LastModified"]), etag(o.get("ETag")))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
