@@ -7,8 +7,11 @@ honest miners earn more incentive than every adversary, and nothing is left runn
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -27,13 +30,45 @@ def _model_digest(state_file: Path) -> tuple[int, bytes]:
     return window, flat.numpy().tobytes()
 
 
+def _watch_dashboard(proc: subprocess.Popen, out_path: Path) -> dict[str, list[int]]:
+    """Poll the dashboard's /api/state while the devnet runs: snapshot counts and rows per snapshot."""
+    seen: dict[str, list[int]] = {"counts": [], "rows": []}
+    url = None
+    while proc.poll() is None:
+        time.sleep(1.0)
+        if url is None:
+            found = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/)", out_path.read_text(errors="replace"))
+            url = found.group(1) if found else None
+            continue
+        try:
+            with urllib.request.urlopen(url + "api/state", timeout=5) as r:
+                state = json.loads(r.read())
+        except OSError:
+            continue  # the run has just ended, or the server is busy
+        seen["counts"].append(state["count"])
+        seen["rows"].extend(len(snap["rows"]) for snap in state["snapshots"])
+    return seen
+
+
 def test_small_devnet_end_to_end(tmp_path, tiny_dataset):
     state = tmp_path / "devnet"
     cmd = [sys.executable, "-m", "neurons.cli", "devnet", "run", "--miners", "3", "--validators", "1",
            "--windows", "6", "--adversary", "noise", "--adversary", "copycat", "--state", str(state),
            "--data", str(tiny_dataset.path), "--fresh"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out_path = tmp_path / "devnet.out"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            live = _watch_dashboard(proc, out_path)
+            proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = out_path.read_text(errors="replace")
+    assert proc.returncode == 0, output[-6000:]
+    # the live dashboard served the run: one row per miner uid, more windows as the run went on
+    assert len(set(live["counts"])) >= 3 and max(live["counts"]) >= 5, live
+    assert set(live["rows"]) == {5}, live
     report = json.loads((state / "report" / "report.json").read_text())
 
     losses = [x["loss"] for x in report["heldout_loss"] if x.get("loss") is not None]
