@@ -5,7 +5,7 @@ download every registered miner's shard, stage 1 on all, stage 2 on as many as t
 fold the results into ratings and scores, set weights on chain, aggregate the window's peers
 exactly like the miners do and apply the outer step, then publish the aggregate record and (every
 K windows) a checkpoint, and persist its state atomically. The peer list chosen from window w's
-scores is for window w + peers.lead_windows (2), published before the evaluation's outer step: a
+scores is for window w + peers.lead_windows (2), published as soon as w is scored: a
 validator has a whole window to score w before miners look for that list, and a list uploaded after
 its window's deadline counts for nobody (`Node.find_peer_list`), so a slow validator never steps a
 model the miners did not.
