@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -60,6 +61,17 @@ def _check_peers(names_by_peer: Mapping[str, list[str]]) -> list[str]:
     return names
 
 
+def _plan(
+    by_peer: Mapping[str, Mapping[str, Any]], norms: Mapping[str, float] | None, norm_of: Callable[[Any], float]
+) -> tuple[list[str], list[str], dict[str, float]]:
+    """Tensor names (the same for every peer), peers in sorted order and each peer's clip factor."""
+    names = _check_peers({peer: sorted(tensors) for peer, tensors in by_peer.items()})
+    peers = sorted(by_peer)
+    if norms is None:
+        norms = {peer: norm_of(by_peer[peer]) for peer in peers}
+    return names, peers, clip_factors({peer: norms[peer] for peer in peers})
+
+
 @torch.no_grad()
 def aggregate(updates: Mapping[str, Update], norms: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Median-norm-clipped mean of dense updates, keyed by peer id; float32, on the first peer's device.
@@ -67,11 +79,7 @@ def aggregate(updates: Mapping[str, Update], norms: Mapping[str, float] | None =
     Pass `norms` (e.g. from `update_norm`) for a result that is identical across devices; by default
     they are computed from the dense tensors.
     """
-    names = _check_peers({peer: sorted(update) for peer, update in updates.items()})
-    peers = sorted(updates)
-    if norms is None:
-        norms = {peer: dense_norm(updates[peer]) for peer in peers}
-    factors = clip_factors({peer: norms[peer] for peer in peers})
+    names, peers, factors = _plan(updates, norms, dense_norm)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         first = updates[peers[0]][name]
@@ -95,11 +103,7 @@ def aggregate_encoded(
 
     Indices must be unique within each chunk (read_shard guarantees it for downloaded shards).
     """
-    names = _check_peers({peer: sorted(shard) for peer, shard in shards.items()})
-    peers = sorted(shards)
-    if norms is None:
-        norms = {peer: update_norm(shards[peer]) for peer in peers}
-    factors = clip_factors({peer: norms[peer] for peer in peers})
+    names, peers, factors = _plan(shards, norms, update_norm)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         layout = shards[peers[0]][name].layout
