@@ -26,9 +26,10 @@ from neurons.miner import Miner, MinerReport
 from protocol.codec import EncodedTensor
 from protocol.data import random_samples, samples_digest
 from protocol.gather import GatherResult
-from protocol.storage import StorageError, gradient_key
+from protocol.storage_keys import gradient_key
 from protocol.windows import window_bounds
 from protocol.wire import Rejection, read_shard, write_shard
+from transport.bucket import StorageError
 
 log = logging.getLogger(__name__)
 

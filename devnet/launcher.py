@@ -51,10 +51,11 @@ from devnet.scoreboard import (
     WindowSnapshot,
     build_rows,
 )
+from devnet.substrate import devnet_chain
 from devnet.supervisor import ChildSpec, ChildState, Supervisor, SupervisorConfig, json_event
-from protocol.chain import Chain, ChainConfig
 from protocol.data import DatasetError, PageStore
 from protocol.hparams import HParams, load_hparams
+from transport.chain import Chain, ChainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The kinds devnet/adversaries.py implements (a test keeps the two in step; importing it here is heavy).
@@ -290,7 +291,7 @@ class Devnet:
                 loop.add_signal_handler(sig, self.stop.set)
             with board:
                 url, s3 = await self.start_network(participants)
-                chain = Chain(ChainConfig(network=url, netuid=cfg.netuid, wallet_path=manifest.wallet_path))
+                chain = devnet_chain(ChainConfig(network=url, netuid=cfg.netuid, wallet_path=manifest.wallet_path))
                 await chain.connect()
                 for p in participants:  # validators first: they publish the first peer list
                     self.sup.start(node_spec(cfg, p, url, manifest.wallet_path, data, s3))

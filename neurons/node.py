@@ -17,17 +17,18 @@ from datetime import datetime
 
 import torch
 
-from protocol.chain import Chain, MetagraphSnapshot
 from protocol.codec_aggregate import apply_outer_step
 from protocol.data import PageStore
 from protocol.gather import BucketPool, Fetched, GatherResult, fetch_many, gather
 from protocol.hparams import HParams
 from protocol.model import param_shapes
 from protocol.peers import PeerList, PeerListError, read_peer_list
-from protocol.storage import Bucket, ObjectNotFound, StorageError, peers_key
 from protocol.storage_config import BucketConfig
+from protocol.storage_keys import peers_key
 from protocol.windows import WindowBounds, window_bounds, window_of
 from protocol.wire import ShardExpectation
+from transport.bucket import Bucket, ObjectNotFound, StorageError
+from transport.chain import Chain, MetagraphSnapshot
 
 log = logging.getLogger(__name__)
 

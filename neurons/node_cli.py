@@ -16,15 +16,16 @@ import os
 from pathlib import Path
 
 import torch
+from bittensor.wallet import DEFAULT_WALLET_PATH
 
 from neurons.data_cli import add_hparams_arguments
 from neurons.node import Node
-from protocol.chain import Chain, ChainAccessError, add_chain_arguments, chain_config_from_args
 from protocol.data import DatasetError, PageStore
 from protocol.hparams import load_hparams
 from protocol.model import build_model
-from protocol.storage import Bucket, StorageError
 from protocol.storage_config import BucketConfig, BucketCredentials
+from transport.bucket import Bucket, StorageError
+from transport.chain import Chain, ChainAccessError, ChainConfig
 
 ENV_PREFIX = "CRUCIBLE_BUCKET_"
 BUCKET_FIELDS = {
@@ -36,6 +37,26 @@ BUCKET_FIELDS = {
     "write-key": "write access key id (stays on this machine)",
     "write-secret": "write secret (stays on this machine)",
 }
+
+
+def add_chain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the bittensor-convention chain flags shared by every Crucible command."""
+    group = parser.add_argument_group("chain")
+    group.add_argument("--netuid", type=int, required=False, default=None, help="Subnet uid.")
+    group.add_argument("--network", "--subtensor.network", dest="network", default="finney",
+                       help="finney | test | local | ws(s)://host:port | devnet://host:port (default finney).")
+    group.add_argument("--wallet.name", dest="wallet_name", default="default", help="Wallet name.")
+    group.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="Hotkey name.")
+    group.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="Wallet folder.")
+    return parser
+
+
+def chain_config_from_args(args: argparse.Namespace, default_netuid: int | None = None) -> ChainConfig:
+    netuid = args.netuid if args.netuid is not None else default_netuid
+    if netuid is None:
+        raise ValueError("--netuid is required")
+    return ChainConfig(network=args.network, netuid=netuid, wallet_name=args.wallet_name,
+                       wallet_hotkey=args.wallet_hotkey, wallet_path=args.wallet_path)
 
 
 class StartupError(RuntimeError):

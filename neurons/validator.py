@@ -29,12 +29,18 @@ from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import Node
 from neurons.scoring import stage1, stage2
-from protocol.chain import ChainAccessError
 from protocol.model import save_checkpoint
 from protocol.peers import AggregateRecord, make_peer_list
-from protocol.storage import StorageError, aggregate_key, checkpoint_key, peers_key
-from protocol.storage_keys import CHECKPOINT_CONFIG_FILE, CHECKPOINT_MODEL_FILE
+from protocol.storage_keys import (
+    CHECKPOINT_CONFIG_FILE,
+    CHECKPOINT_MODEL_FILE,
+    aggregate_key,
+    checkpoint_key,
+    peers_key,
+)
 from protocol.windows import window_bounds
+from transport.bucket import StorageError
+from transport.chain import ChainAccessError
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "scores.json"
@@ -90,7 +96,7 @@ class Validator:
         fetched = await node.fetch(window, list(miners.values()))
 
         params = dict(node.model.named_parameters())
-        positions = debug_positions(seed, self.numels, hp.gauntlet.debug_sample_size)
+        positions = debug_positions(seed, self.numels, hp.shard.debug_sample_size)
         own = gather_sample(params, positions)
         filters = stage1(miners, fetched, own, positions, self.state.reference_change(), hp)
         eval_started = time.perf_counter()

@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 
 class HParamsError(ValueError):
@@ -93,8 +93,13 @@ class SparseLoCoHParams(_Section):
         return self
 
 
+class ShardHParams(_Section):
+    debug_sample_size: int = Field(
+        256, ge=8, description="Parameter values of θ_w in each shard's sync debug sample (protocol/sample.py)."
+    )
+
+
 class GauntletHParams(_Section):
-    debug_sample_size: int = Field(256, ge=8, description="Parameter values in each shard's sync debug sample.")
     sync_max_steps: float = Field(5.0, gt=0, description="Steps behind at which sync reaches zero.")
     sync_penalty_steps: float = Field(3.0, ge=0, description="More steps behind than this is penalised (anchor 3).")
     sync_exponent: float = Field(2.5, gt=0, description="Exponent of the sync score curve.")
@@ -159,6 +164,7 @@ class HParams(_Section):
     inner: InnerOptimHParams = Field(default_factory=InnerOptimHParams, description="Inner optimiser.")
     outer: OuterOptimHParams = Field(default_factory=OuterOptimHParams, description="Outer optimiser.")
     sparseloco: SparseLoCoHParams = Field(default_factory=SparseLoCoHParams, description="Compression.")
+    shard: ShardHParams = Field(default_factory=ShardHParams, description="Shard contents beyond the update.")
     gauntlet: GauntletHParams = Field(default_factory=GauntletHParams, description="Validator scoring.")
     peers: PeerHParams = Field(default_factory=PeerHParams, description="Peer selection.")
     checkpoints: CheckpointHParams = Field(default_factory=CheckpointHParams, description="Checkpoints.")
@@ -169,11 +175,20 @@ class HParams(_Section):
         """Samples one miner trains on in one window."""
         return self.inner.steps * self.inner.batch_size
 
+    _revision: str | None = PrivateAttr(None)
+
     def revision(self) -> str:
-        """Short digest of everything that changes θ or the wire; peers must share it."""
-        payload = self.model_dump(mode="json", exclude={"name"})
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+        """Short digest of everything that changes θ or the wire; peers must share it (computed once)."""
+        if self._revision is None:
+            payload = self.model_dump(mode="json", exclude={"name"})
+            blob = json.dumps(payload, sort_keys=True).encode()
+            self._revision = hashlib.blake2b(blob, digest_size=8).hexdigest()
+        return self._revision
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> HParams:
+        copied = super().model_copy(update=update, deep=deep)
+        copied._revision = None  # a copy with other values has another revision
+        return copied
 
 
 def _preset(name: str, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +202,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    num_kv_heads=4, seq_len=128),
         windows=dict(blocks_per_window=10, upload_grace_blocks=1, expected_block_time_s=1.0),
         inner=dict(steps=8, batch_size=8, lr=1e-3, weight_decay=0.1),
-        gauntlet=dict(debug_sample_size=128, eval_miners_per_window=64, eval_batches=2),
+        shard=dict(debug_sample_size=128),
+        gauntlet=dict(eval_miners_per_window=64, eval_batches=2),
         peers=dict(primary=8, reserve=4),
         checkpoints=dict(every_windows=5, retention_windows=20),
         data=dict(corpus_max_chars=6_000_000),

@@ -7,8 +7,8 @@ holds `BucketCredentials`: a read pair and a write pair for its own bucket. Only
 download from it; the write secret stays local. Secrets are `SecretStr` and validation errors never
 echo inputs, so neither printing a config nor a bad value can leak a secret.
 
-`StorageConfig` holds the transport knobs of this node (timeouts, retries, multipart sizes); they
-are local tuning, not network hyperparameters, so they live here rather than in `hparams`.
+The transport knobs of a node (timeouts, retries, multipart sizes) are local tuning, not part of
+the contract: they are `transport.bucket_config.StorageConfig`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pydantic import (
 
 MiB = 1 << 20
 S3_MIN_PART = 5 * MiB  # S3 and R2 refuse multipart parts below 5 MiB (except the last)
-S3_MAX_PARTS = 10_000
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _R2_ACCOUNT_RE = re.compile(r"[0-9a-f]{32}")
@@ -122,41 +121,3 @@ class BucketCredentials(_Frozen):
         if self.write is None:
             raise ValueError(f"no write credentials for bucket '{self.read.bucket}'")
         return self.write
-
-
-class StorageConfig(_Frozen):
-    connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout per request (seconds).")
-    read_timeout_s: float = Field(60.0, gt=0, description="Socket read timeout per request (seconds).")
-    max_attempts: int = Field(5, ge=1, le=1000, description="Attempts per request, first one included.")
-    backoff_base_s: float = Field(
-        0.5, ge=0, description="Wait after the first transient failure (doubles each time)."
-    )
-    backoff_max_s: float = Field(20.0, ge=0, description="Cap on the wait between two attempts.")
-    multipart_threshold: int = Field(
-        64 * MiB,
-        ge=S3_MIN_PART,
-        description="Objects of at least this many bytes "
-        "are uploaded in parts and downloaded in parallel ranges.",
-    )
-    part_size: int = Field(
-        16 * MiB,
-        ge=S3_MIN_PART,
-        le=5 << 30,
-        description="Bytes per multipart part / range "
-        "(raised automatically if an object would need more than 10,000 parts).",
-    )
-    max_concurrency: int = Field(
-        8, ge=1, le=64, description="Parallel part uploads / range downloads per object."
-    )
-    list_page_size: int = Field(1000, ge=1, le=1000, description="Keys per ListObjectsV2 page.")
-    delete_batch_size: int = Field(1000, ge=1, le=1000, description="Keys per DeleteObjects request.")
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> StorageConfig:
-        if self.backoff_max_s < self.backoff_base_s:
-            raise ValueError("backoff_max_s must be ≥ backoff_base_s")
-        return self
-
-    def part_size_for(self, size: int) -> int:
-        """The part size to use for an object of `size` bytes (at most 10,000 parts)."""
-        return max(self.part_size, -(-size // S3_MAX_PARTS))

@@ -34,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from protocol.codec import ChunkLayout, EncodedTensor, layouts_for
-from protocol.hparams import HParams
+from protocol.hparams import HParams, SparseLoCoHParams
 
 FORMAT_VERSION = 1
 META_KEY = "crucible.shard"
@@ -148,12 +148,54 @@ def header_allowance(tensor_names: list[str]) -> int:
     return _HEADER_BASE + sum(len(n.encode()) + _HEADER_PER_TENSOR for n in tensor_names)
 
 
-def max_shard_bytes(hp: HParams, shapes: Mapping[str, tuple[int, ...] | torch.Size]) -> int:
+def max_shard_bytes(
+    sparseloco: SparseLoCoHParams, debug_sample_size: int, shapes: Mapping[str, tuple[int, ...] | torch.Size]
+) -> int:
     """Exact wire size of a full shard (full debug sample with positions) plus the header allowance."""
-    layouts = layouts_for(shapes, hp.sparseloco)
+    layouts = layouts_for(shapes, sparseloco)
     names = list(_expected_tables(layouts)) + [DEBUG_VALUES, DEBUG_POSITIONS]
-    payload = sum(lay.wire_bytes for lay in layouts.values()) + 12 * hp.gauntlet.debug_sample_size
+    payload = sum(lay.wire_bytes for lay in layouts.values()) + 12 * debug_sample_size
     return 8 + header_allowance(names) + payload
+
+
+@dataclass(frozen=True)
+class ShardRules:
+    """What every shard of one network looks like: compression, debug sample size, model, revision.
+
+    Built once per node (`from_hparams`); the layouts and limits derived from it are cached.
+    """
+
+    sparseloco: SparseLoCoHParams
+    debug_sample_size: int
+    revision: str
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", {n: tuple(int(s) for s in shape) for n, shape in self.shapes.items()})
+
+    @classmethod
+    def from_hparams(cls, hp: HParams, shapes: Mapping[str, tuple[int, ...] | torch.Size]) -> ShardRules:
+        return cls(hp.sparseloco, hp.shard.debug_sample_size, hp.revision(), shapes)
+
+    @functools.cached_property
+    def layouts(self) -> dict[str, ChunkLayout]:
+        return layouts_for(self.shapes, self.sparseloco)
+
+    @functools.cached_property
+    def table(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return _expected_tables(self.layouts)
+
+    @functools.cached_property
+    def max_bytes(self) -> int:
+        return max_shard_bytes(self.sparseloco, self.debug_sample_size, self.shapes)
+
+    @functools.cached_property
+    def header_cap(self) -> int:
+        return header_allowance(list(self.table) + [DEBUG_VALUES, DEBUG_POSITIONS])
+
+    @functools.cached_property
+    def total_numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
 
 @dataclass(frozen=True)
@@ -163,35 +205,12 @@ class ShardExpectation:
     netuid: int
     window: int
     hotkey: str
-    hp: HParams
-    shapes: Mapping[str, tuple[int, ...]]
-    revision: str | None = None  # defaults to hp.revision()
-    debug_size: int | None = None  # exact debug sample length; None: 1..hp.gauntlet.debug_sample_size
+    rules: ShardRules
+    debug_size: int | None = None  # exact debug sample length; None: 1..rules.debug_sample_size
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shapes", {n: tuple(int(s) for s in shape) for n, shape in self.shapes.items()})
-        if self.revision is None:
-            object.__setattr__(self, "revision", self.hp.revision())
-
-    @functools.cached_property
-    def layouts(self) -> dict[str, ChunkLayout]:
-        return layouts_for(self.shapes, self.hp.sparseloco)
-
-    @functools.cached_property
-    def table(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return _expected_tables(self.layouts)
-
-    @functools.cached_property
+    @property
     def max_bytes(self) -> int:
-        return max_shard_bytes(self.hp, self.shapes)
-
-    @functools.cached_property
-    def header_cap(self) -> int:
-        return header_allowance(list(self.table) + [DEBUG_VALUES, DEBUG_POSITIONS])
-
-    @functools.cached_property
-    def total_numel(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes.values())
+        return self.rules.max_bytes
 
 
 def check_size(size: int, expected: ShardExpectation) -> Rejection | None:
@@ -274,7 +293,7 @@ def _parse_table(data: memoryview, expected: ShardExpectation) -> tuple[dict[str
     if size < 8:
         raise _Reject(RejectReason.NOT_SAFETENSORS, f"only {size} bytes")
     n = int.from_bytes(data[:8], "little")
-    if n > expected.header_cap or 8 + n > size:
+    if n > expected.rules.header_cap or 8 + n > size:
         raise _Reject(RejectReason.NOT_SAFETENSORS, f"declared header length {n} is out of bounds")
     try:
         table = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -299,7 +318,7 @@ def _check_entries(table: dict[str, Any], body_len: int, expected: ShardExpectat
             entry["data_offsets"], 2
         ):
             raise _Reject(RejectReason.NOT_SAFETENSORS, f"{name[:128]}: malformed dtype, shape or offsets")
-    want = dict(expected.table)
+    want = dict(expected.rules.table)
     missing = sorted(set(want) - set(table)) + ([] if DEBUG_VALUES in table else [DEBUG_VALUES])
     if missing:
         raise _Reject(RejectReason.MISSING_TENSOR, f"missing {missing[:3]} ({len(missing)} in all)")
@@ -310,7 +329,7 @@ def _check_entries(table: dict[str, Any], body_len: int, expected: ShardExpectat
     want[DEBUG_VALUES] = ("F32", debug_shape)
     if DEBUG_POSITIONS in table:
         want[DEBUG_POSITIONS] = ("I64", debug_shape)
-    limit = expected.hp.gauntlet.debug_sample_size
+    limit = expected.rules.debug_sample_size
     length = debug_shape[0] if len(debug_shape) == 1 else -1
     if (expected.debug_size is not None and length != expected.debug_size) or not 1 <= length <= limit:
         want_len = expected.debug_size if expected.debug_size is not None else f"1..{limit}"
@@ -350,7 +369,7 @@ def _read(raw: bytes | bytearray | memoryview, expected: ShardExpectation) -> Sh
         (RejectReason.WRONG_NETUID, header.netuid, expected.netuid),
         (RejectReason.WRONG_WINDOW, header.window, expected.window),
         (RejectReason.WRONG_HOTKEY, header.hotkey, expected.hotkey),
-        (RejectReason.WRONG_REVISION, header.revision, expected.revision),
+        (RejectReason.WRONG_REVISION, header.revision, expected.rules.revision),
     ):
         if got != want:
             raise _Reject(reason, f"header says {got}, expected {want}")
@@ -374,15 +393,15 @@ def _read(raw: bytes | bytearray | memoryview, expected: ShardExpectation) -> Sh
     for name, (dtype, _) in ((n, _DTYPES[table[n]["dtype"]]) for n in offsets):
         if loaded[name].dtype != dtype or list(loaded[name].shape) != table[name]["shape"]:
             raise _Reject(RejectReason.NOT_SAFETENSORS, f"{name}: loaded tensor disagrees with its header")
-    tensors = {name: _check_content(name, loaded, lay) for name, lay in sorted(expected.layouts.items())}
+    tensors = {name: _check_content(name, loaded, lay) for name, lay in sorted(expected.rules.layouts.items())}
     debug_values = loaded[DEBUG_VALUES]
     if not bool(torch.isfinite(debug_values).all()):
         raise _Reject(RejectReason.NON_FINITE, f"{DEBUG_VALUES} has non-finite values")
     positions = loaded.get(DEBUG_POSITIONS)
     if positions is not None and positions.numel() and (
-        int(positions.min()) < 0 or int(positions.max()) >= expected.total_numel
+        int(positions.min()) < 0 or int(positions.max()) >= expected.rules.total_numel
     ):
-        raise _Reject(RejectReason.INDEX_OUT_OF_RANGE, f"{DEBUG_POSITIONS} outside [0, {expected.total_numel})")
+        raise _Reject(RejectReason.INDEX_OUT_OF_RANGE, f"{DEBUG_POSITIONS} outside [0, {expected.rules.total_numel})")
     return Shard(header, tensors, debug_values, positions, len(data))
 
 

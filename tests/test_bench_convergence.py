@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from neurons.bench_convergence import add_arguments, run
+from bench.convergence import add_arguments, run
 from neurons.cli import main
 from protocol.codec import layouts_for
 from protocol.hparams import load_hparams
@@ -62,7 +62,7 @@ def test_bench_convergence_json_losses_and_bytes(tiny_dataset, tmp_path, capsys)
     dense = 4 * params
     sparse = out["methods"]["sparseloco"]["bytes_per_peer_per_window"]
     payload = sum(lay.wire_bytes for lay in layouts_for(shapes, hp.sparseloco).values())
-    assert payload < sparse <= max_shard_bytes(hp, shapes)
+    assert payload < sparse <= max_shard_bytes(hp.sparseloco, hp.shard.debug_sample_size, shapes)
     assert out["methods"]["diloco"]["bytes_per_peer_per_window"] == dense
     assert out["methods"]["dp_adamw"]["bytes_per_peer_per_window"] == STEPS * dense
     assert out["compression_vs_diloco"] == pytest.approx(dense / sparse, abs=0.01)

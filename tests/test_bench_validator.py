@@ -2,7 +2,7 @@
 
 import argparse
 
-from neurons.bench_validator import run
+from bench.validator import run
 
 
 def test_bench_validator_smoke(tiny_dataset):

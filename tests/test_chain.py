@@ -1,4 +1,4 @@
-"""protocol.chain without a chain: credentials commitments, config and CLI flags, network resolution."""
+"""transport.chain without a chain: credentials commitments, config and CLI flags, network resolution."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from pydantic import ValidationError
 
-from protocol.chain import (
-    ChainConfig,
-    MetagraphSnapshot,
-    add_chain_arguments,
-    chain_config_from_args,
-    make_client,
-    u16_weights,
-)
+from devnet.substrate import devnet_chain
+from neurons.node_cli import add_chain_arguments, chain_config_from_args
 from protocol.chain_commitment import (
     CommitmentParseError,
     ReadCredentials,
@@ -25,6 +19,12 @@ from protocol.chain_commitment import (
     parse_credentials,
 )
 from protocol.storage_config import BucketConfig
+from transport.chain import (
+    ChainConfig,
+    MetagraphSnapshot,
+    sdk_client,
+    u16_weights,
+)
 
 R2 = ReadCredentials(
     endpoint="https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com", region="auto",
@@ -110,15 +110,17 @@ def test_cli_flags_follow_bittensor_conventions():
         ChainConfig(network="mainnet", netuid=1)
 
 
-def test_make_client_resolves_networks_without_connecting():
-    from devnet.substrate import DevnetSubstrate
+def test_clients_resolve_networks_without_connecting():
+    from devnet.substrate import DevnetSubstrate, devnet_client
 
-    devnet = make_client("devnet://127.0.0.1:9946")
+    devnet = devnet_client("devnet://127.0.0.1:9946")
     assert isinstance(devnet._substrate, DevnetSubstrate) and devnet._substrate.endpoint == "http://127.0.0.1:9946/rpc"
-    assert make_client("test").endpoint.startswith("wss://")
-    assert make_client("ws://127.0.0.1:9944").endpoint == "ws://127.0.0.1:9944"
+    assert sdk_client("test").endpoint.startswith("wss://")
+    assert sdk_client("ws://127.0.0.1:9944").endpoint == "ws://127.0.0.1:9944"
     with pytest.raises(ValueError):
-        make_client("devnet://nohost")
+        devnet_client("devnet://nohost")
+    with pytest.raises(ValueError, match="crucible devnet"):  # production code never dials a devnet by itself
+        sdk_client("devnet://127.0.0.1:9946")
 
 
 def test_u16_weights_max_upscale_and_drop_zeros():
@@ -136,11 +138,11 @@ def test_metagraph_snapshot_helpers():
 async def test_unreachable_devnet_is_a_clear_error():
     import socket
 
-    from protocol.chain import Chain, ChainAccessError
+    from transport.chain import ChainAccessError
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    chain = Chain(ChainConfig(network=f"devnet://127.0.0.1:{port}", netuid=1))
+    chain = devnet_chain(ChainConfig(network=f"devnet://127.0.0.1:{port}", netuid=1))
     with pytest.raises(ChainAccessError, match="unreachable"):
         await chain.connect()

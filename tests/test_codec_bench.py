@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from neurons.bench_codec import add_arguments, run
+from bench.codec import add_arguments, run
 
 
 def test_bench_codec_reports_real_wire_bytes_and_timings():

@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from protocol.corpus import CorpusError, file_documents, stdlib_documents
+from neurons.corpus import CorpusError, file_documents, stdlib_documents
+from neurons.dataset import prepare_dataset
 from protocol.data import (
     DatasetError,
     PageStore,
     assign,
     permute,
-    prepare_dataset,
     random_samples,
     samples_digest,
 )

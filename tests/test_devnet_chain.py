@@ -1,4 +1,4 @@
-"""The real SDK (`bt.Client` + `protocol.chain.Chain`) driving a real devnet chain process over DevnetSubstrate."""
+"""The real SDK (`bt.Client` + `transport.chain.Chain`) driving a real devnet chain process over DevnetSubstrate."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from devnet import bootstrap
 from devnet.chain_server import ChainServerConfig, serve
 from devnet.chain_store import load_state
 from devnet.chain_wire import RAO_PER_TAO
-from protocol.chain import Chain, ChainCallFailed, ChainConfig
+from devnet.substrate import devnet_client
 from protocol.chain_commitment import ReadCredentials
 from protocol.storage_config import BucketCredentials
 from tests.plugins.chain import ChainProcess
+from transport.chain import Chain, ChainCallFailed, ChainConfig
 
 
 def creds(i: int) -> ReadCredentials:
@@ -37,7 +38,7 @@ async def poll(fn, ok, timeout: float = 15.0, every: float = 0.1):
 
 async def test_register_commit_weights_incentive(devnet_chain: ChainProcess):
     names = ["miner-0", "miner-1", "miner-2", "validator-0"]
-    chains = {n: await Chain(devnet_chain.config(n)).connect() for n in names}
+    chains = {n: await devnet_chain.chain(n).connect() for n in names}
     try:
         uids = {n: await chains[n].register() for n in names}
         assert sorted(uids.values()) == [0, 1, 2, 3]
@@ -98,7 +99,7 @@ async def test_register_commit_weights_incentive(devnet_chain: ChainProcess):
 
 
 async def test_blocks_stream_and_timestamps(devnet_chain: ChainProcess):
-    async with Chain(devnet_chain.config("miner-0")) as chain:
+    async with devnet_chain.chain("miner-0") as chain:
         assert await chain.block_time() == pytest.approx(0.2)
         head = await chain.block()
         assert await chain.wait_for_block(head + 3, timeout=10) >= head + 3
@@ -113,7 +114,7 @@ async def test_blocks_stream_and_timestamps(devnet_chain: ChainProcess):
 
 
 async def test_bad_signature_and_nonce_rejected(devnet_chain: ChainProcess):
-    async with Chain(devnet_chain.config("miner-0")) as chain:
+    async with devnet_chain.chain("miner-0") as chain:
         substrate = chain.client._substrate
         call = await substrate.compose(bt.calls.Commitments.set_commitment(netuid=1, info={"fields": [{"Raw2": b"hi"}]}))
         hotkey = chain.wallet.hotkey
@@ -140,7 +141,7 @@ async def test_bad_signature_and_nonce_rejected(devnet_chain: ChainProcess):
 async def test_state_survives_restart(chain_factory):
     chain_proc = chain_factory()
     names = ["miner-0", "miner-1", "validator-0"]
-    async with Chain(chain_proc.config("validator-0")) as v, Chain(chain_proc.config("miner-0")) as m:
+    async with chain_proc.chain("validator-0") as v, chain_proc.chain("miner-0") as m:
         await m.commit_credentials(creds(0))
         graph = await poll(v.metagraph, lambda g: g.block - g.last_update[0] >= 5)
         await v.set_weights([1, 2], [0.5, 0.5])
@@ -149,7 +150,7 @@ async def test_state_survives_restart(chain_factory):
     assert weights == [[1, 65535], [2, 65535]]
     chain_proc.restart()
     assert chain_proc.started_block == chain_proc.stopped_block >= before.block  # continues from the same block
-    async with Chain(chain_proc.config("validator-0")) as v:
+    async with chain_proc.chain("validator-0") as v:
         after = await v.metagraph()
         assert after.block >= before.block
         assert after.hotkeys == before.hotkeys and len(after.hotkeys) == len(names)
@@ -164,7 +165,7 @@ async def test_state_survives_restart(chain_factory):
 
 async def test_stop_is_graceful_while_a_client_long_polls(chain_factory):
     chain_proc = chain_factory()
-    async with Chain(chain_proc.config("miner-0")) as chain:
+    async with chain_proc.chain("miner-0") as chain:
         head = await chain.block()
 
         async def follow() -> None:
@@ -190,7 +191,7 @@ def test_init_cli_creates_wallets_usable_by_wallet_path(tmp_path):
     assert sn.params.tempo == 7 and sn.params.weights_rate_limit == 5 and len(sn.neurons) == 3  # tiny: 10-block windows
     assert [n.validator_permit for n in sn.neurons] == [True, False, False]
     chain = Chain(ChainConfig(network="devnet://127.0.0.1:1", netuid=1, wallet_name="miner-1",
-                              wallet_path=manifest.wallet_path))
+                              wallet_path=manifest.wallet_path), client=devnet_client("devnet://127.0.0.1:1"))
     assert chain.hotkey == manifest.miners[1].hotkey_ss58 == sn.neurons[2].hotkey
     assert chain.wallet.coldkey.ss58_address == manifest.miners[1].coldkey_ss58  # unencrypted: no prompt
 

@@ -53,7 +53,7 @@ from devnet.supervisor import (
 )
 from gauntlet.records import EvalResult, UidState, WindowEntry
 from gauntlet.state import ScoringState
-from protocol.chain import MetagraphSnapshot
+from transport.chain import MetagraphSnapshot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

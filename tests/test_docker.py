@@ -19,8 +19,7 @@ import yaml
 
 from devnet.s3 import S3Server, load_or_create_keys
 from neurons.cli import build_parser
-from neurons.node_cli import BUCKET_FIELDS, ENV_PREFIX, bucket_credentials
-from protocol.chain import chain_config_from_args
+from neurons.node_cli import BUCKET_FIELDS, ENV_PREFIX, bucket_credentials, chain_config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -7,7 +7,7 @@ import asyncio
 from neurons.miner import Miner
 from neurons.validator import Validator
 from protocol.model import build_model, param_digest
-from protocol.storage import gradient_key
+from protocol.storage_keys import gradient_key
 from protocol.windows import window_bounds
 from protocol.wire import Shard, read_shard
 

@@ -11,28 +11,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from protocol.storage import (
-    AccessDenied,
-    Bucket,
-    BucketConfig,
-    BucketCredentials,
-    BucketNotFound,
+from protocol.storage_config import MiB
+from protocol.storage_keys import (
+    InvalidKey,
     KeyKind,
-    ObjectNotFound,
-    ObjectTooLarge,
-    StorageUnavailable,
     aggregate_key,
     checkpoint_key,
     dataset_key,
     gradient_key,
     parse_key,
     peers_key,
-    read_capped,
     window_of_key,
 )
-from protocol.storage_config import MiB
-from protocol.storage_errors import RetryPolicy, TransientError, call_with_retry
-from protocol.storage_keys import InvalidKey
+from transport.bucket import (
+    AccessDenied,
+    Bucket,
+    BucketConfig,
+    BucketCredentials,
+    BucketNotFound,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageUnavailable,
+    read_capped,
+)
+from transport.bucket_errors import RetryPolicy, TransientError, call_with_retry
 
 SECRET = "s3cr3t-value-that-must-never-leak"
 

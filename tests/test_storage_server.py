@@ -16,17 +16,9 @@ import pytest
 from pydantic import SecretStr
 
 from devnet.s3 import S3Server, S3ServerError
-from protocol.storage import (
-    AccessDenied,
-    Bucket,
-    BucketConfig,
-    BucketNotFound,
+from protocol.storage_config import MiB
+from protocol.storage_keys import (
     KeyKind,
-    ObjectNotFound,
-    ObjectTooLarge,
-    StorageConfig,
-    StorageError,
-    StorageUnavailable,
     aggregate_key,
     checkpoint_key,
     dataset_key,
@@ -34,8 +26,18 @@ from protocol.storage import (
     peers_key,
     window_of_key,
 )
-from protocol.storage_config import MiB
 from tests.plugins.s3 import TEST_STORAGE
+from transport.bucket import (
+    AccessDenied,
+    Bucket,
+    BucketConfig,
+    BucketNotFound,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageConfig,
+    StorageError,
+    StorageUnavailable,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-that-must-never-leak"

@@ -10,7 +10,7 @@ from neurons.explain_cli import run_cli as explain_cli
 from neurons.miner import Miner
 from neurons.validator import SCORES_FILE, Validator
 from protocol.model import param_digest
-from protocol.storage import peers_key
+from protocol.storage_keys import peers_key
 from protocol.windows import window_bounds
 
 WINDOWS = 5

@@ -23,6 +23,7 @@ from protocol.wire import (
     RejectReason,
     Shard,
     ShardExpectation,
+    ShardRules,
     check_size,
     max_shard_bytes,
     read_shard,
@@ -52,8 +53,9 @@ def make_shard(encoded=None, keypair=ALICE, **overrides) -> bytes:
     return write_shard(encoded if encoded is not None else encoded_update(), **args)
 
 
-def expectation(**overrides) -> ShardExpectation:
-    args = dict(netuid=NETUID, window=WINDOW, hotkey=ALICE.ss58_address, hp=HP, shapes=SHAPES)
+def expectation(shapes=SHAPES, revision=None, **overrides) -> ShardExpectation:
+    rules = ShardRules(HP.sparseloco, HP.shard.debug_sample_size, revision or HP.revision(), shapes)
+    args = dict(netuid=NETUID, window=WINDOW, hotkey=ALICE.ss58_address, rules=rules)
     args.update(overrides)
     return ShardExpectation(**args)
 
@@ -104,9 +106,9 @@ def test_roundtrip_verifies_and_decodes():
 
 
 def test_size_limit_is_exact_wire_size_plus_a_small_header_allowance():
-    full = make_shard(debug_values=torch.zeros(HP.gauntlet.debug_sample_size),
-                      debug_positions=torch.zeros(HP.gauntlet.debug_sample_size, dtype=torch.int64))
-    cap = max_shard_bytes(HP, SHAPES)
+    full = make_shard(debug_values=torch.zeros(HP.shard.debug_sample_size),
+                      debug_positions=torch.zeros(HP.shard.debug_sample_size, dtype=torch.int64))
+    cap = max_shard_bytes(HP.sparseloco, HP.shard.debug_sample_size, SHAPES)
     assert len(full) <= cap < len(full) + 8192
     assert isinstance(read_shard(full, expectation()), Shard)
     assert check_size(cap, expectation()) is None
@@ -162,7 +164,7 @@ def test_table_checks_come_before_loading(monkeypatch):
     missing = {k: v for k, v in tensors.items() if k != "odd.val"}
     rejected(forge(missing, fields), RejectReason.MISSING_TENSOR)
     rejected(forge({**tensors, "evil": torch.zeros(1)}, fields), RejectReason.UNEXPECTED_TENSOR)
-    too_long = torch.zeros(HP.gauntlet.debug_sample_size + 1)
+    too_long = torch.zeros(HP.shard.debug_sample_size + 1)
     rejected(forge({**tensors, "debug.values": too_long}, fields), RejectReason.WRONG_SHAPE)
     rejected(make_shard(), RejectReason.WRONG_SHAPE, expectation(debug_size=DEBUG + 1))
 
@@ -194,7 +196,7 @@ def test_huge_declared_shape_never_allocates():
 
 
 def test_oversized_body_is_refused_before_parsing():
-    cap = max_shard_bytes(HP, SHAPES)
+    cap = max_shard_bytes(HP.sparseloco, HP.shard.debug_sample_size, SHAPES)
     blob = bytearray(b"\xff" * (cap + 1))  # a header length no parser should believe
     tracemalloc.start()
     try:
@@ -268,7 +270,7 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_
 VALID = make_shard()
 VALID_HEADER_END = 8 + int.from_bytes(VALID[:8], "little")
 VALID_SHARD = read_shard(VALID, expectation())
-NAMES = sorted(expectation().table) + ["debug.values", "debug.positions"]
+NAMES = sorted(expectation().rules.table) + ["debug.values", "debug.positions"]
 
 
 def _same_content(shard: Shard) -> bool:

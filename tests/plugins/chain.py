@@ -23,7 +23,8 @@ import pytest
 
 from devnet.bootstrap import BootstrapConfig, DevnetManifest, init_devnet
 from devnet.chain_state import SubnetParams
-from protocol.chain import ChainConfig
+from devnet.substrate import devnet_client
+from transport.chain import Chain, ChainConfig
 
 __all__ = ["ChainProcess", "FAST_SUBNET", "bt_cache_env", "chain_factory", "devnet_chain", "start_chain"]
 
@@ -84,6 +85,10 @@ class ChainProcess:
     def restart(self) -> ChainProcess:
         self.stop()
         return self.start()
+
+    def chain(self, wallet_name: str, netuid: int | None = None) -> Chain:
+        """A (not yet connected) `Chain` on this devnet chain for one of its wallets."""
+        return Chain(self.config(wallet_name, netuid), client=devnet_client(self.url))
 
     def config(self, wallet_name: str, netuid: int | None = None) -> ChainConfig:
         return ChainConfig(network=self.url, netuid=netuid or self.manifest.netuid, wallet_name=wallet_name,

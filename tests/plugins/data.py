@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.corpus import stdlib_documents
-from protocol.data import DatasetInfo, PageStore, prepare_dataset
+from neurons.corpus import stdlib_documents
+from neurons.dataset import DatasetInfo, prepare_dataset
+from protocol.data import PageStore
 from protocol.hparams import HParams, load_hparams
 
 

@@ -17,12 +17,11 @@ from devnet.bootstrap import BootstrapConfig, subnet_params_for
 from devnet.s3 import S3Server
 from neurons.node import Node
 from neurons.node_cli import ensure_commitment
-from protocol.chain import Chain
 from protocol.data import PageStore
 from protocol.hparams import HParams, load_hparams
 from protocol.model import build_model
-from protocol.storage import Bucket, StorageConfig
 from tests.plugins.chain import ChainProcess, start_chain
+from transport.bucket import Bucket, StorageConfig
 
 # Windows of 20 blocks at 0.25 s (5 s): room for a few tiny inner steps on 2 shared cores.
 NET_OVERRIDES = [
@@ -42,7 +41,7 @@ class TestNetwork:
     nodes: list[Node] = field(default_factory=list)
 
     async def node(self, name: str) -> Node:
-        chain = Chain(self.chain.config(name))
+        chain = self.chain.chain(name)
         await chain.connect()
         bucket_name = f"b-{name}"
         self.s3.ensure_bucket(bucket_name)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from devnet.s3 import S3Server
-from protocol.storage import Bucket, BucketCredentials, StorageConfig
+from transport.bucket import Bucket, BucketCredentials, StorageConfig
 
 # Short timeouts and backoff: a test talking to a dead server should fail in seconds, not minutes.
 TEST_STORAGE = StorageConfig(

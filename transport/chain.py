@@ -2,19 +2,18 @@
 
 Everything Crucible needs from subtensor goes through `Chain`: the current block and a block stream,
 block timestamps, a typed metagraph snapshot, bucket read-credentials in the Commitments pallet,
-and set_weights with its result checked. The network is picked by name — `finney`, `test`,
-`local`, a `ws://`/`wss://` URL — or by `devnet://host:port`, which plugs
-`devnet.substrate.DevnetSubstrate` into the same `bt.Client`; nothing else differs between the two.
+and set_weights with its result checked. `Chain` takes a ready `bt.Client`: `sdk_client(name)` for `finney`, `test`, `local` or a
+`ws://`/`wss://` URL; the devnet plugs its `Substrate` backend into the same `bt.Client`
+(`devnet.substrate.devnet_client`), so nothing else differs between the two.
 Wallets follow the bittensor convention (`--wallet.name/--wallet.hotkey/--wallet.path`).
 
-    async with Chain(ChainConfig(network="devnet://127.0.0.1:9946", netuid=1, wallet_name="miner-0")) as chain:
+    async with Chain(ChainConfig(network="test", netuid=1, wallet_name="miner-0")) as chain:
         graph = await chain.metagraph()
         await chain.set_weights([1, 2], [0.3, 0.7])
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,34 +71,14 @@ class ChainConfig(BaseModel):
         raise ValueError(f"unknown network {v!r}: use {', '.join(NETWORK_NAMES)}, a ws(s):// URL or devnet://host:port")
 
 
-def add_chain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Register the bittensor-convention chain flags shared by every Crucible command."""
-    group = parser.add_argument_group("chain")
-    group.add_argument("--netuid", type=int, required=False, default=None, help="Subnet uid.")
-    group.add_argument("--network", "--subtensor.network", dest="network", default="finney",
-                       help="finney | test | local | ws(s)://host:port | devnet://host:port (default finney).")
-    group.add_argument("--wallet.name", dest="wallet_name", default="default", help="Wallet name.")
-    group.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="Hotkey name.")
-    group.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="Wallet folder.")
-    return parser
+def sdk_client(network: str) -> bt.Client:
+    """A `bt.Client` for a network name or ws(s):// URL (not connected yet).
 
-
-def chain_config_from_args(args: argparse.Namespace, default_netuid: int | None = None) -> ChainConfig:
-    netuid = args.netuid if args.netuid is not None else default_netuid
-    if netuid is None:
-        raise ValueError("--netuid is required")
-    return ChainConfig(network=args.network, netuid=netuid, wallet_name=args.wallet_name,
-                       wallet_hotkey=args.wallet_hotkey, wallet_path=args.wallet_path)
-
-
-def make_client(network: str) -> bt.Client:
-    """A `bt.Client` for a network name or URL; `devnet://` plugs in the devnet's Substrate backend."""
+    A `devnet://` network has no public endpoint: the devnet's own entry points
+    (`crucible devnet miner|validator`) build its client and hand it to `Chain`.
+    """
     if network.startswith(DEVNET_SCHEME):
-        from devnet.substrate import DevnetSubstrate, parse_devnet_url
-
-        host, port = parse_devnet_url(network)
-        # The label only keys the SDK's display caches; it never dials this URL.
-        return bt.Client(f"ws://{host}:{port}/devnet", substrate=DevnetSubstrate(network))
+        raise ValueError(f"{network} is a devnet chain: run the node with `crucible devnet miner|validator`")
     return bt.Client(network)
 
 
@@ -185,7 +164,7 @@ class Chain:
     def __init__(self, config: ChainConfig, *, wallet: bt.Wallet | None = None, client: bt.Client | None = None):
         self.config = config
         self._wallet = wallet
-        self.client = client or make_client(config.network)
+        self.client = client or sdk_client(config.network)
 
     @property
     def wallet(self) -> bt.Wallet:
@@ -348,6 +327,6 @@ async def wait_for_block(chain: Chain, block: int, timeout: float | None = None)
 
 __all__ = [
     "ReadCredentials", "Chain", "ChainAccessError", "ChainCallFailed", "ChainConfig", "CommittedCredentials",
-    "CredentialsRead", "MetagraphSnapshot", "add_chain_arguments", "chain_config_from_args", "make_client",
+    "CredentialsRead", "MetagraphSnapshot", "sdk_client",
     "u16_weights", "wait_for_block",
 ]

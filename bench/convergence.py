@@ -9,7 +9,7 @@ the dense fp32 pseudo-gradient, data-parallel AdamW H dense fp32 gradients (all-
 The bar: SparseLoCo's final held-out loss within 5 % of DiLoCo's.
 
 The headline uses the preset's hyperparameters; `--outer-lr` and `--set` exist to explore, and every
-value used is echoed under `settings`. The methods themselves live in `neurons.bench_convergence_methods`.
+value used is echoed under `settings`. The methods themselves live in `bench.convergence_methods`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from bittensor.sp_core import Keypair
 
-from neurons.bench_convergence_methods import METHODS, MethodResult, Settings, Workload
-from protocol.corpus import stdlib_documents
-from protocol.data import PageStore, assign, prepare_dataset
+from bench.convergence_methods import METHODS, MethodResult, Settings, Workload
+from neurons.corpus import stdlib_documents
+from neurons.dataset import prepare_dataset
+from protocol.data import PageStore, assign
 from protocol.hparams import HParams, load_hparams
 from protocol.model import param_shapes
 

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from bittensor.sp_core import Keypair
 
-from gauntlet.filters import debug_positions, flat_sample, gather_sample
 from neurons.training import inner_train, make_inner_optimizer, mean_loss
 from protocol.codec import Compressor
 from protocol.codec_aggregate import aggregate_encoded, apply_outer_step
 from protocol.data import samples_digest
 from protocol.hparams import HParams
 from protocol.model import build_model
-from protocol.wire import Shard, ShardExpectation, read_shard, write_shard
+from protocol.sample import debug_positions, flat_sample, gather_sample
+from protocol.wire import Shard, ShardExpectation, ShardRules, read_shard, write_shard
 
 BENCH_NETUID = 0
 Progress = Callable[[str, int, float], None]  # (method, window, held-out loss after it)
@@ -122,11 +122,12 @@ def run_sparseloco(work: Workload, settings: Settings, progress: Progress) -> Me
     peers = _LocalPeers(work)
     compressors = {peer: Compressor(hp.sparseloco) for peer in work.peers}
     shapes = {name: tuple(p.shape) for name, p in theta.named_parameters()}
+    rules = ShardRules.from_hparams(hp, shapes)
     numels = {name: p.numel() for name, p in theta.named_parameters()}
     result = MethodResult(curve=[_evaluate(theta, work)], train_curve=[], tokens=0)
     started = time.perf_counter()
     for window in range(work.windows):
-        positions = debug_positions(_window_seed(work, window), numels, hp.gauntlet.debug_sample_size)
+        positions = debug_positions(_window_seed(work, window), numels, hp.shard.debug_sample_size)
         debug = flat_sample(gather_sample(dict(theta.named_parameters()), positions))
         shards, sizes, losses = {}, [], []
         for peer in work.peers:
@@ -138,7 +139,7 @@ def run_sparseloco(work: Workload, settings: Settings, progress: Progress) -> Me
                 debug_values=debug,
             )
             # Aggregate what a gathering node would: the shard as decoded by the validating reader.
-            shard = read_shard(blob, ShardExpectation(BENCH_NETUID, window, peer, hp, shapes))
+            shard = read_shard(blob, ShardExpectation(BENCH_NETUID, window, peer, rules))
             if not isinstance(shard, Shard):
                 raise RuntimeError(f"bench convergence: own shard rejected: {shard}")
             shards[peer] = shard.tensors

@@ -15,16 +15,30 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from botocore.exceptions import ClientError
 
-from protocol.storage_errors import ObjectChanged, ObjectTooLarge, StorageError, TransientError, error_code
-
-if TYPE_CHECKING:
-    from protocol.storage import Bucket, ObjectInfo, Progress
+from transport.bucket_config import StorageConfig
+from transport.bucket_errors import ObjectChanged, ObjectTooLarge, StorageError, TransientError, error_code
+from transport.bucket_stats import ObjectInfo, StorageStats
 
 T = TypeVar("T")
+Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
+
+
+class Bucket(Protocol):
+    """What a transfer needs of `transport.bucket.Bucket` (kept structural: no import circle)."""
+
+    client: Any
+    name: str
+    storage: StorageConfig
+    stats: StorageStats
+
+    def request(self, operation: str, key: str | None, fn: Callable[[], T]) -> T: ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
 Source = Callable[[int, int], bytes]  # (offset, length) -> exactly that many bytes
 Sink = Callable[[int, Any], None]  # (offset, chunk) -> stores the chunk at that offset
 CHUNK = 1 << 20

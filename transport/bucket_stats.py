@@ -1,7 +1,7 @@
 """What a bucket reports: object metadata (size, millisecond upload time, ETag) and transfer counters.
 
 Split from storage.py so the metrics exporter and tests can read `StorageStats` without boto3 in sight;
-both names are re-exported by protocol.storage.
+both names are re-exported by transport.bucket.
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from gauntlet.evaluate import Evaluator, clip_update, mean_loss
+from neurons.corpus import stdlib_documents
 from neurons.data_cli import add_hparams_arguments
+from neurons.dataset import prepare_dataset
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor
 from protocol.codec_aggregate import aggregate_encoded, update_norm
-from protocol.corpus import stdlib_documents
-from protocol.data import PageStore, assign, prepare_dataset, random_samples
+from protocol.data import PageStore, assign, random_samples
 from protocol.hparams import load_hparams
 from protocol.model import build_model
 

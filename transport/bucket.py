@@ -1,9 +1,10 @@
 """S3-compatible buckets (AWS, Cloudflare R2, the devnet's rclone server) through boto3.
 
 Every participant talks to buckets only through `Bucket`: put/get/head/list/delete with typed errors,
-an explicit retry loop (storage_errors), size caps checked before any body byte is read, multipart
-upload and parallel ranged download for large objects, and the retention cleanup. The key layout
-lives in storage_keys, the configuration in storage_config; both are re-exported here.
+an explicit retry loop (`bucket_errors`), size caps checked before any body byte is read, multipart
+upload and parallel ranged download for large objects (`bucket_transfer`), and the retention cleanup.
+The key layout is part of the contract (`protocol.storage_keys`), and so is a bucket's address
+(`protocol.storage_config.BucketConfig`); this node's transport knobs are `bucket_config.StorageConfig`.
 
     bucket = Bucket(creds.write_config())
     bucket.put(gradient_key(w, hotkey), shard_bytes)
@@ -24,8 +25,10 @@ from typing import Any, BinaryIO, TypeVar
 import boto3
 from botocore.config import Config
 
-from protocol.storage_config import BucketConfig, BucketCredentials, StorageConfig
-from protocol.storage_errors import (
+from protocol.storage_config import BucketConfig, BucketCredentials
+from protocol.storage_keys import WINDOWED_KINDS, KeyKind, parse_key, window_of_key
+from transport.bucket_config import StorageConfig
+from transport.bucket_errors import (
     AccessDenied,
     BucketNotFound,
     ObjectChanged,
@@ -36,21 +39,8 @@ from protocol.storage_errors import (
     StorageUnavailable,
     call_with_retry,
 )
-from protocol.storage_keys import (
-    WINDOWED_KINDS,
-    KeyKind,
-    aggregate_key,
-    checkpoint_key,
-    checkpoint_prefix,
-    dataset_key,
-    gradient_key,
-    gradient_prefix,
-    parse_key,
-    peers_key,
-    window_of_key,
-)
-from protocol.storage_stats import ObjectInfo, StorageStats, etag, utc
-from protocol.storage_transfer import Sink, Source, download_ranges, read_capped, upload_multipart
+from transport.bucket_stats import ObjectInfo, StorageStats, etag, utc
+from transport.bucket_transfer import Progress, Sink, Source, download_ranges, read_capped, upload_multipart
 
 __all__ = [
     "AccessDenied",
@@ -58,7 +48,6 @@ __all__ = [
     "BucketConfig",
     "BucketCredentials",
     "BucketNotFound",
-    "KeyKind",
     "ObjectChanged",
     "ObjectInfo",
     "ObjectNotFound",
@@ -68,22 +57,12 @@ __all__ = [
     "StorageError",
     "StorageStats",
     "StorageUnavailable",
-    "aggregate_key",
-    "checkpoint_key",
-    "checkpoint_prefix",
-    "dataset_key",
-    "gradient_key",
-    "gradient_prefix",
     "open_bucket",
-    "parse_key",
-    "peers_key",
     "read_capped",
-    "window_of_key",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Progress = Callable[[int, int], None]  # (bytes done, bytes total); called from worker threads, serialised
 
 
 class Bucket:

@@ -1,4 +1,4 @@
-"""`crucible bench storage`: put/get throughput through `protocol.storage.Bucket`.
+"""`crucible bench storage`: put/get throughput through `transport.bucket.Bucket`.
 
 By default against the devnet's embedded rclone S3 server in a temporary folder (so it measures our
 client plus a local server, not a network); with `--config FILE` (a BucketConfig as JSON) against any
@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from protocol.storage import Bucket, BucketConfig, StorageConfig
 from protocol.storage_config import MiB
+from transport.bucket import Bucket, BucketConfig, StorageConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

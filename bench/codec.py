@@ -21,7 +21,7 @@ from bittensor.sp_core import Keypair
 from protocol.codec import Compressor, decode, layouts_for
 from protocol.hparams import load_hparams
 from protocol.model import param_shapes
-from protocol.wire import Shard, ShardExpectation, read_shard, write_shard
+from protocol.wire import Shard, ShardExpectation, ShardRules, read_shard, write_shard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,14 +69,14 @@ def run(args: argparse.Namespace) -> dict:
             for times in (copy_s, encode_s, decode_s):
                 times.clear()
 
-    debug_size = hp.gauntlet.debug_sample_size
+    debug_size = hp.shard.debug_sample_size
     keypair = Keypair.create_from_uri("//crucible-bench")
     shard = write_shard(
         encoded, keypair=keypair, netuid=0, window=0, revision=hp.revision(), data_digest="0" * 32,
         debug_values=torch.randn(debug_size, generator=gen),
         debug_positions=torch.randint(0, numel, (debug_size,), generator=gen),
     )
-    expected = ShardExpectation(netuid=0, window=0, hotkey=keypair.ss58_address, hp=hp, shapes=shapes)
+    expected = ShardExpectation(netuid=0, window=0, hotkey=keypair.ss58_address, rules=ShardRules.from_hparams(hp, shapes))
     read_s = []
     for _ in range(repeats):
         seconds, result = _timed(lambda: read_shard(shard, expected), torch.device("cpu"))
