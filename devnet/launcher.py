@@ -313,9 +313,8 @@ class Devnet:
             self.sup.stop_all(names=[p.name for p in participants])  # nodes first, then chain and S3
             self.sup.stop_all()
             await self.dash.stop()
-        nodes, logs = cfg.state / "nodes", cfg.state / "logs"
-        metrics = {p.name: read_miner_metrics(nodes / p.name, logs / f"{p.name}.log")
-                   for p in participants if p.role == "miner"}
+        nodes = cfg.state / "nodes"
+        metrics = {p.name: read_miner_metrics(nodes / p.name) for p in participants if p.role == "miner"}
         report = build_report(self.snapshots, participants, metrics, final_rows=self.final_rows,
                               initial_loss=initial, wall_s=time.time() - started, stopped_because=reason,
                               events=self.events)

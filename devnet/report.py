@@ -4,28 +4,24 @@ The report answers the questions the devnet exists for (DESIGN §7): do honest m
 incentive when adversaries are present (`honest_incentive_share`), does the shared model learn
 (`heldout_loss` per window), how much of a window miners spend computing (`miner_compute_fraction`),
 and how fast the network turns windows. Miners append one JSON line per window to
-`nodes/NAME/metrics.jsonl` (`window`, `compute_fraction`, `tokens_per_s`); when that file is absent
-the same numbers are parsed from the miner's log line `window W: …; N tok/s; compute P%; …`.
+`nodes/NAME/metrics.jsonl` (`neurons.node_files`: `window`, `compute_fraction`, `tokens_per_s`);
+that file is the one channel, logs are never parsed.
 Plots use matplotlib's `Figure` directly (Agg canvas), never pyplot's global state.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import statistics
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from devnet.scoreboard import HONEST, Participant, UidRow, WindowSnapshot
+from neurons.node_files import read_metrics
 
-METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.json"
 LOSS_PLOT = "heldout_loss.png"
 WEIGHTS_PLOT = "weights.png"
-_LOG_RE = re.compile(r"window (\d+): .*?([\d,.]+) tok/s[;,] compute (\d+)%")
 
 
 class MinerWindowMetrics(BaseModel):
@@ -53,7 +49,6 @@ class ComputeSummary(BaseModel):
     mean: float | None = Field(description="Mean over honest miners and windows of the compute fraction.")
     per_miner: dict[str, float] = Field(description="Mean compute fraction per miner name.")
     tokens_per_s: dict[str, float] = Field(description="Mean training tokens per second per miner name.")
-    source: dict[str, str] = Field(description="Where each miner's numbers came from: metrics.jsonl or log.")
 
 
 class DevnetReport(BaseModel):
@@ -76,33 +71,17 @@ class DevnetReport(BaseModel):
     )
 
 
-def read_miner_metrics(node_dir: Path, log_path: Path | None = None) -> tuple[list[MinerWindowMetrics], str]:
-    """A miner's per-window metrics from metrics.jsonl, else from its log; bad lines are skipped."""
-    path = node_dir / METRICS_FILE
+def read_miner_metrics(node_dir: Path) -> list[MinerWindowMetrics]:
+    """A miner's per-window metrics from its metrics.jsonl; malformed lines are skipped."""
     out: list[MinerWindowMetrics] = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                raw = json.loads(line)
-                item = MinerWindowMetrics.model_validate(
-                    {k: raw[k] for k in ("window", "compute_fraction", "tokens_per_s") if k in raw}
-                )
-            except (ValueError, TypeError):
-                continue
-            if math.isfinite(item.compute_fraction) and math.isfinite(item.tokens_per_s):
-                out.append(item)
-        return out, "metrics.jsonl"
-    if log_path is not None and log_path.is_file():
-        for match in _LOG_RE.finditer(log_path.read_text(errors="replace")):
-            out.append(
-                MinerWindowMetrics(
-                    window=int(match.group(1)),
-                    tokens_per_s=float(match.group(2).replace(",", "")),
-                    compute_fraction=int(match.group(3)) / 100,
-                )
-            )
-        return out, "log"
-    return out, "none"
+    for raw in read_metrics(node_dir):
+        try:
+            out.append(MinerWindowMetrics.model_validate(
+                {k: raw[k] for k in ("window", "compute_fraction", "tokens_per_s") if k in raw}
+            ))
+        except ValueError:
+            continue
+    return out
 
 
 def _per_window(snapshots: list[WindowSnapshot], field: str) -> dict[int, dict[int, float]]:
@@ -160,9 +139,8 @@ def build_report(
         if snap.heldout_loss is not None and snap.model_window is not None:
             losses[snap.model_window] = snap.heldout_loss
     kinds = {p.name: p.kind for p in participants}
-    per_miner, tps, source, honest_fractions = {}, {}, {}, []
-    for name, (items, where) in sorted(miner_metrics.items()):
-        source[name] = where
+    per_miner, tps, honest_fractions = {}, {}, []
+    for name, items in sorted(miner_metrics.items()):
         if items:
             per_miner[name] = statistics.fmean(m.compute_fraction for m in items)
             tps[name] = statistics.fmean(m.tokens_per_s for m in items)
@@ -180,7 +158,6 @@ def build_report(
             mean=statistics.fmean(honest_fractions) if honest_fractions else None,
             per_miner=per_miner,
             tokens_per_s=tps,
-            source=source,
         ),
         windows_per_minute=(len(scored) - 1) / span * 60 if span > 0 and len(scored) > 1 else None,
         wall_s=wall_s,

@@ -23,11 +23,11 @@ from rich.table import Table
 
 from gauntlet.records import WindowEntry
 from gauntlet.state import ScoringState, StateError, load_state
+from neurons.node_files import SCORES_FILE, STATE_FILE
 from protocol.hparams import HParams
 from transport.chain import Chain, MetagraphSnapshot
 
 HONEST = "honest"
-SCORES_FILE = "scores.json"  # neurons.validator.SCORES_FILE; not imported, to keep this module light
 
 
 class Participant(BaseModel):
@@ -134,7 +134,7 @@ class HeldoutEvaluator:
 
     def evaluate(self, state_dir: Path) -> tuple[int, float] | None:
         """(model window, loss) of `state_dir`'s node-state, or None when there is none yet."""
-        from neurons.local_state import STATE_FILE, load_local_state
+        from neurons.local_state import load_local_state
         from neurons.training import mean_loss
 
         try:

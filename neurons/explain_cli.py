@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from gauntlet.state import StateError, explain, load_state
-from neurons.validator import SCORES_FILE
+from neurons.node_files import SCORES_FILE
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

@@ -18,10 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from neurons.node_files import STATE_FILE
 from protocol.atomic import atomic_write
 from protocol.codec import Compressor
 
-STATE_FILE = "node-state.safetensors"
 _META = "crucible.local"
 
 

@@ -270,31 +270,27 @@ def _snapshots() -> list[WindowSnapshot]:
     return snaps
 
 
-def test_read_miner_metrics_prefers_jsonl_and_skips_bad_lines(tmp_path):
-    node, log = tmp_path / "node", tmp_path / "m.log"
+def test_read_miner_metrics_reads_jsonl_only_and_skips_bad_lines(tmp_path):
+    node = tmp_path / "node"
     node.mkdir()
-    log.write_text("2026 neurons.miner INFO window 4: loss 7.3; 2,111 tok/s; compute 41%; uploaded 1 B\n"
-                   "2026 neurons.miner INFO window 5: no training; 0 tok/s; compute 0%; not uploaded\n")
-    items, source = read_miner_metrics(node, log)
-    assert source == "log" and [(m.window, m.compute_fraction, m.tokens_per_s) for m in items] == [
-        (4, 0.41, 2111.0), (5, 0.0, 0.0)]
+    (tmp_path / "node.log").write_text("window 4: loss 7.3; 2,111 tok/s; compute 41%\n")  # never parsed
+    assert read_miner_metrics(node) == []
     (node / "metrics.jsonl").write_text(
         json.dumps({"window": 4, "compute_fraction": 0.9, "tokens_per_s": 10.0, "kind": "honest"}) + "\n"
         "not json\n" + json.dumps({"window": 5, "compute_fraction": -1}) + "\n"
         '{"window": 6, "compute_fraction": NaN, "tokens_per_s": 1}\n'
         + json.dumps({"window": 7, "compute_fraction": 0.5}) + "\n")
-    items, source = read_miner_metrics(node, log)
-    assert source == "metrics.jsonl"
+    items = read_miner_metrics(node)
     assert [(m.window, m.compute_fraction) for m in items] == [(4, 0.9), (7, 0.5)]
-    assert read_miner_metrics(tmp_path / "none", None) == ([], "none")
+    assert read_miner_metrics(tmp_path / "none") == []
 
 
 def test_report_schema_numbers_and_plots(tmp_path):
     honest = [MinerWindowMetrics(window=4, compute_fraction=0.8, tokens_per_s=100.0),
               MinerWindowMetrics(window=5, compute_fraction=0.6, tokens_per_s=300.0)]
-    metrics = {"miner-0": (honest, "metrics.jsonl"),
-               "miner-1": ([], "none"),
-               "adv-noise-0": ([MinerWindowMetrics(window=4, compute_fraction=0.1)], "log")}
+    metrics = {"miner-0": honest,
+               "miner-1": [],
+               "adv-noise-0": [MinerWindowMetrics(window=4, compute_fraction=0.1)]}
     report = build_report(_snapshots(), PARTICIPANTS, metrics, initial_loss=8.3, wall_s=90.0,
                           stopped_because="3 windows scored", events=["miner-1 exited with code 1"])
     assert report.windows == 3 and report.window_range == [4, 6]

@@ -8,7 +8,8 @@ from devnet.adversaries import make_adversary
 from gauntlet.state import explain, load_state
 from neurons.explain_cli import run_cli as explain_cli
 from neurons.miner import Miner
-from neurons.validator import SCORES_FILE, Validator
+from neurons.node_files import SCORES_FILE
+from neurons.validator import Validator
 from protocol.model import param_digest
 from protocol.storage_keys import peers_key
 from protocol.windows import window_bounds
