@@ -2,7 +2,7 @@
 
 Each kind is a `Miner` subclass that overrides one small hook (which samples to train on, what
 update to publish, when to upload, whether to follow the network), so the honest path in
-`neurons/miner.py` stays free of special cases. `crucible miner --adversary KIND` runs one.
+`neurons/miner.py` stays free of special cases. `crucible devnet miner --adversary KIND` runs one.
 
     noise       random update with the honest update's per-tensor norms
     zero        an all-zero update
@@ -23,12 +23,12 @@ import time
 import torch
 
 from neurons.miner import Miner, MinerReport
+from neurons.node import WindowContext
 from protocol.codec import EncodedTensor
 from protocol.data import random_samples, samples_digest
 from protocol.gather import GatherResult
 from protocol.storage_keys import gradient_key
-from protocol.windows import window_bounds
-from protocol.wire import Rejection, read_shard, write_shard
+from protocol.wire import Rejection, ShardExpectation, read_shard, write_shard
 from transport.bucket import StorageError
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,9 @@ class FreeloaderMiner(Miner):
 
 
 class LateMiner(Miner):
-    async def upload(self, window: int, blob: bytes, report: MinerReport) -> None:
-        deadline = window_bounds(window, self.hp.windows).deadline_block
-        await self.node.wait_for_block(deadline + 1)
-        await asyncio.to_thread(self.node.bucket.put, gradient_key(window, self.node.hotkey), blob)
+    async def upload(self, ctx: WindowContext, blob: bytes, report: MinerReport) -> None:
+        await self.node.wait_for_block(ctx.bounds.deadline_block + 1)
+        await asyncio.to_thread(self.node.bucket.put, gradient_key(ctx.window, self.node.hotkey), blob)
         report.uploaded = True
         report.note = "uploaded after the deadline on purpose"
 
@@ -79,19 +78,18 @@ class DesyncMiner(Miner):
 class CopycatMiner(Miner):
     """Waits for an honest peer's shard, downloads it and re-uploads it as its own."""
 
-    async def _train_and_publish(self, window: int, report: MinerReport) -> None:
-        started = time.perf_counter()
-        bounds = window_bounds(window, self.hp.windows)
-        creds = await self.node.credentials(refresh=True)
+    async def _train_and_publish(self, ctx: WindowContext, report: MinerReport) -> None:
+        started, window = time.perf_counter(), ctx.window
+        creds = await self.node.credentials()
         victims = sorted(h for h in creds if h != self.node.hotkey)
-        while await self.node.chain.block() < bounds.deadline_block - 1:
+        while await self.node.chain.block() < ctx.bounds.deadline_block - 1:
             for victim in victims:
                 try:
                     data = await asyncio.to_thread(
                         self.node.pool.get(creds[victim]).get, gradient_key(window, victim), 10**9)
                 except StorageError:
                     continue
-                shard = read_shard(data, self.node.expectation(window, victim))
+                shard = read_shard(data, ShardExpectation(self.node.netuid, window, victim, self.node.shard_rules))
                 if isinstance(shard, Rejection):
                     continue
                 blob = write_shard(
@@ -101,7 +99,7 @@ class CopycatMiner(Miner):
                 )
                 report.compute_s = time.perf_counter() - started
                 report.note = f"copied {victim[:8]}"
-                await self.upload(window, blob, report)
+                await self.upload(ctx, blob, report)
                 return
             await asyncio.sleep(0.2)
         report.note = "found no shard to copy"

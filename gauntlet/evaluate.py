@@ -56,16 +56,15 @@ def check_update(model: torch.nn.Module, update: Update) -> str | None:
     return None
 
 
-def global_norm(update: Update) -> float:
-    """L2 norm over all tensors of an update."""
-    return math.sqrt(sum(float(u.detach().double().pow(2).sum()) for u in update.values()))
+def scale_update(update: Update, factor: float) -> dict[str, torch.Tensor]:
+    """The update times `factor` (a clip factor min(1, median/norm); 1.0 returns the tensors as they are).
 
-
-def clip_update(update: Update, max_norm: float) -> dict[str, torch.Tensor]:
-    """Scale the update down to `max_norm` (e.g. the window's median norm) if it is larger."""
-    norm = global_norm(update)
-    scale = 1.0 if norm <= max_norm or norm == 0 else max_norm / norm
-    return {k: v * scale if scale != 1.0 else v for k, v in update.items()}
+    The factor comes from `protocol.codec_aggregate.clip_factors` over the encoded norms, so a miner
+    is evaluated with exactly the clipping its update gets in the aggregate.
+    """
+    if not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"scale factor must be finite and ≥ 0, got {factor}")
+    return {k: v * factor if factor != 1.0 else v for k, v in update.items()}
 
 
 def _check_batches(batches: Sequence[torch.Tensor], vocab: int | None) -> None:

@@ -3,7 +3,7 @@
 A node starts from its own saved state if it has one, else from the latest checkpoint a validator
 published, else from the network's deterministic θ_0. It then replays every window since, in
 order, exactly as live nodes stepped: with the validator's `AggregateRecord` for the window when
-there is one (the exact peers used, checked by content hash), else with the window's peer list,
+there is one (the exact peers used; their content hashes are not compared yet), else with the window's peer list,
 and no step for a window nobody had a peer list for (live nodes did not step either). Afterwards the
 node is in sync for the next window, not one behind.
 """
@@ -15,7 +15,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from neurons.node import Node
+from neurons.node import Directory, Node, WindowContext
 from protocol.model import CheckpointError, load_checkpoint
 from protocol.peers import AggregateRecord, PeerListError
 from protocol.storage_keys import (
@@ -26,80 +26,69 @@ from protocol.storage_keys import (
     checkpoint_key,
     parse_key,
 )
-from transport.bucket import ObjectNotFound, StorageError
+from transport.bucket import Bucket
+from transport.fetch import first_from_validators
 
 log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 256 * 1024
 
 
-async def _validators_by_stake(node: Node) -> list[tuple[int, str]]:
-    graph = await node.chain.metagraph()
-    uids = sorted(graph.validators(), key=lambda uid: (-graph.stake[uid], uid))
-    return [(uid, graph.hotkeys[uid]) for uid in uids]
-
-
-async def load_latest_checkpoint(node: Node, before_window: int) -> int | None:
+async def load_latest_checkpoint(node: Node, before_window: int, directory: Directory) -> int | None:
     """Load the newest validator checkpoint of θ at the start of a window ≤ before_window into the model.
 
     Returns that window, or None when no usable checkpoint exists (the model is then left as it is).
     """
-    creds = await node.credentials()
-    for uid, hotkey in await _validators_by_stake(node):
-        if hotkey not in creds:
-            continue
-        bucket = node.pool.get(creds[hotkey])
-        try:
-            objects = await asyncio.to_thread(bucket.list, f"{KeyKind.CHECKPOINT}/")
-        except StorageError as exc:
-            log.warning("cannot list checkpoints of validator uid %d: %s", uid, exc)
-            continue
+    limit = 8 * sum(p.numel() for p in node.model.parameters()) + (1 << 20)
+
+    async def newest(uid: int, hotkey: str, bucket: Bucket) -> int | None:
+        objects = await asyncio.to_thread(bucket.list, f"{KeyKind.CHECKPOINT}/")
         windows = sorted({p.window for o in objects if (p := parse_key(o.key)) and p.name == CHECKPOINT_MODEL_FILE
                           and p.window is not None and p.window <= before_window}, reverse=True)
         for window in windows:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    limit = 8 * sum(p.numel() for p in node.model.parameters()) + (1 << 20)
-                    await asyncio.to_thread(bucket.get_file, checkpoint_key(window), Path(tmp) / CHECKPOINT_MODEL_FILE, limit)
+                    await asyncio.to_thread(bucket.get_file, checkpoint_key(window), Path(tmp) / CHECKPOINT_MODEL_FILE,
+                                            limit)
                     config = await asyncio.to_thread(bucket.get, checkpoint_key(window, CHECKPOINT_CONFIG_FILE), 1 << 20)
                     (Path(tmp) / CHECKPOINT_CONFIG_FILE).write_bytes(config)
                     loaded = load_checkpoint(tmp, node.hp)
-                except (StorageError, CheckpointError) as exc:
+                except CheckpointError as exc:
                     log.warning("checkpoint %d of validator uid %d unusable: %s", window, uid, exc)
                     continue
             node.model.load_state_dict(loaded.state_dict())
             log.info("loaded checkpoint of window %d from validator uid %d", window, uid)
             return window
-    return None
+        return None
+
+    graph, credentials = directory
+    return await first_from_validators(graph, credentials, node.pool, newest, "checkpoints")
 
 
-async def find_aggregate_record(node: Node, window: int) -> AggregateRecord | None:
-    creds = await node.credentials()
-    for uid, hotkey in await _validators_by_stake(node):
-        if hotkey not in creds:
-            continue
-        try:
-            data = await asyncio.to_thread(node.pool.get(creds[hotkey]).get, aggregate_key(window), MAX_RECORD_BYTES)
-            return AggregateRecord.parse(data, netuid=node.netuid, window=window, validator=hotkey)
-        except ObjectNotFound:
-            continue
-        except (StorageError, PeerListError) as exc:
-            log.warning("aggregate record %d of validator uid %d unusable: %s", window, uid, exc)
-    return None
+async def find_aggregate_record(node: Node, ctx: WindowContext) -> AggregateRecord | None:
+    """The aggregate record of the highest-stake validator that published a valid one for the window."""
+
+    async def read(uid: int, hotkey: str, bucket: Bucket) -> AggregateRecord:
+        data = await asyncio.to_thread(bucket.get, aggregate_key(ctx.window), MAX_RECORD_BYTES)
+        return AggregateRecord.parse(data, netuid=node.netuid, window=ctx.window, validator=hotkey)
+
+    return await first_from_validators(ctx.require_closed(), ctx.credentials, node.pool, read,
+                                       f"aggregate record {ctx.window}", (PeerListError,))
 
 
-async def replay_window(node: Node, window: int) -> str:
+async def replay_window(node: Node, window: int, directory: Directory | None = None) -> str:
     """Apply one past window's aggregated update to the model; returns what was done."""
-    record = await find_aggregate_record(node, window)
+    ctx = await node.window(window, directory)
+    record = await find_aggregate_record(node, ctx)
     if record is not None:
-        result = await node.gather_window(window, record.peers, target=len(record.peers))
+        result = await node.gather_window(ctx, record.peers, target=len(record.peers))
         if result.used != record.peers:
             return f"window {window}: shards of {sorted(set(record.peers) - set(result.used))} unavailable; not replayed"
         node.apply(result)
         return f"window {window}: replayed the aggregate of {len(result.used)} peers"
-    peers = await node.find_peer_list(window)
+    peers = await node.find_peer_list(ctx)
     if peers is None:
         return f"window {window}: no peer list was published; nothing to replay"
-    result = await node.gather_window(window, peers.candidates)
+    result = await node.gather_window(ctx, peers.candidates)
     if not node.apply(result):
         return f"window {window}: no valid shard among the peers; nothing to replay"
     return f"window {window}: replayed {len(result.used)} peers from the peer list"
@@ -107,11 +96,14 @@ async def replay_window(node: Node, window: int) -> str:
 
 async def catch_up(node: Node, model_window: int | None, target_window: int) -> int:
     """Bring the model from the start of `model_window` (None: unknown) to the start of `target_window`."""
+    if model_window is not None and model_window == target_window:
+        return target_window
+    directory = await node.directory()  # one read of who is registered, for every window replayed
     if model_window is None or model_window > target_window:
-        checkpoint = await load_latest_checkpoint(node, target_window)
+        checkpoint = await load_latest_checkpoint(node, target_window, directory)
         model_window = checkpoint if checkpoint is not None else first_window(node, target_window)
     for window in range(model_window, target_window):
-        log.info(await replay_window(node, window))
+        log.info(await replay_window(node, window, directory))
     return target_window
 
 

@@ -1,6 +1,6 @@
 """The miner: every window, train on the assigned samples, publish a compressed update, step.
 
-`Miner.step(window)` is one window (DESIGN §3, miner steps 1–6): load the samples `assign` gives
+`Miner.step(window)` is one window (docs/protocol.md §3, miner steps 1–6): load the samples `assign` gives
 this hotkey, run H inner AdamW steps, take the pseudo-gradient Δ = θ_w − θ_local, compress it with
 error feedback, sign and upload the shard (with the sync debug sample of θ_w) before the deadline,
 then gather the peers named in the window's peer list and apply the outer step. A window whose
@@ -13,7 +13,6 @@ small hooks `choose_samples` and `make_update`; the honest path lives only here.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,22 +20,22 @@ from pathlib import Path
 
 import torch
 
-from gauntlet.filters import debug_positions, flat_sample, gather_sample
 from neurons.catchup import catch_up
 from neurons.distributed import DistContext, broadcast_params, broadcast_work
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
-from neurons.node import Node
+from neurons.node import Node, WindowContext
+from neurons.node_files import append_metrics
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor, EncodedTensor
 from protocol.data import assign, samples_digest
 from protocol.gather import GatherResult
+from protocol.sample import debug_positions, flat_sample, gather_sample
 from protocol.storage_keys import gradient_key
-from protocol.windows import window_bounds, window_progress
+from protocol.windows import window_of, window_progress
 from protocol.wire import write_shard
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -92,15 +91,15 @@ class Miner:
         """Train and publish for `window` (if `train`), then gather and apply its aggregated update."""
         report = MinerReport(window)
         started = time.perf_counter()
-        bounds = window_bounds(window, self.hp.windows)
+        ctx = await self.node.open_window(window)
         if train:
-            await self._train_and_publish(window, report)
-        await self.node.wait_for_block(bounds.deadline_block)
-        peers = await self.node.find_peer_list(window)
+            await self._train_and_publish(ctx, report)
+        ctx = await self.node.close_window(ctx)
+        peers = await self.node.find_peer_list(ctx)
         if peers is None:
             report.note += "no validator published a peer list for this window; model unchanged"
         else:
-            result = await self.node.gather_window(window, peers.candidates)
+            result = await self.node.gather_window(ctx, peers.candidates)
             report.skipped = result.skipped
             report.peers_used = result.used
             report.stepped = self.apply_aggregate(result)
@@ -115,9 +114,8 @@ class Miner:
         self.record(report)
         return report
 
-    async def _train_and_publish(self, window: int, report: MinerReport) -> None:
-        model = self.node.model
-        seed = await self.node.window_seed(window)
+    async def _train_and_publish(self, ctx: WindowContext, report: MinerReport) -> None:
+        model, window = self.node.model, ctx.window
         started = time.perf_counter()
         indices = self.choose_samples(window)
         samples = self.node.store.pages(indices)
@@ -133,7 +131,7 @@ class Miner:
             for name, p in model.named_parameters():
                 p.copy_(theta_w[name])  # the outer step starts from θ_w, like everyone else's
         encoded = await asyncio.to_thread(self.make_update, window, delta)
-        positions = debug_positions(seed, self.numels, self.hp.shard.debug_sample_size)
+        positions = debug_positions(ctx.seed, self.numels, self.hp.shard.debug_sample_size)
         debug = flat_sample(gather_sample(theta_w, positions))
         blob = write_shard(
             encoded, keypair=self.keypair, netuid=self.node.netuid, window=window, revision=self.hp.revision(),
@@ -141,27 +139,24 @@ class Miner:
         )
         report.compute_s = time.perf_counter() - started
         report.shard_bytes = len(blob)
-        await self.upload(window, blob, report)
+        await self.upload(ctx, blob, report)
 
-    async def upload(self, window: int, blob: bytes, report: MinerReport) -> None:
+    async def upload(self, ctx: WindowContext, blob: bytes, report: MinerReport) -> None:
         """Upload inside the window, never after its deadline (a late shard earns nothing)."""
-        bounds = window_bounds(window, self.hp.windows)
         head = await self.node.chain.block()
-        if not bounds.on_time(head):
-            report.note = f"training ended at block {head}, past the deadline {bounds.deadline_block}; not uploaded. "
+        if not ctx.bounds.on_time(head):
+            report.note = f"training ended at block {head}, past the deadline {ctx.bounds.deadline_block}; not uploaded. "
             return
-        await asyncio.to_thread(self.node.bucket.put, gradient_key(window, self.node.hotkey), blob)
+        await asyncio.to_thread(self.node.bucket.put, gradient_key(ctx.window, self.node.hotkey), blob)
         report.uploaded = True
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
     def record(self, report: MinerReport) -> None:
-        """Append the window's numbers to metrics.jsonl in the state folder (read by the devnet report)."""
+        """Append the window's numbers to the state folder's metrics.jsonl (`neurons.node_files`)."""
         line = {k: v for k, v in asdict(report).items() if k not in ("peers_used", "skipped")}
         line.update(kind=self.kind, compute_fraction=report.compute_fraction, peers_used=len(report.peers_used))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        append_metrics(self.state_dir, line)
 
     def save(self) -> None:
         save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model,
@@ -183,14 +178,13 @@ class Miner:
         done = 0
         while windows is None or done < windows:
             head = await self.node.chain.block()
-            late = window_progress(head, self.hp.windows) > 0.5 and window_bounds(window, self.hp.windows).contains(head)
+            late = window_of(head, self.hp.windows) == window and window_progress(head, self.hp.windows) > 0.5
             report = await self.step(window, train=not late)
             log.info("window %d: %s", window, _summary(report))
             if self.metrics is not None:
                 self.metrics.observe_miner(report, self.node.buckets())
             done += 1
-            window += 1
-            await self.node.wait_for_block(window_bounds(window, self.hp.windows).start_block)
+            window += 1  # step() waits for the next window's first block itself
         if self.dist.active:
             broadcast_work(self.dist, {"op": "stop"})
 

@@ -1,17 +1,24 @@
-"""What miners and validators share: chain, buckets, data, the global model and the window clock.
+"""What miners and validators share: chain, buckets, data, the global model and the window context.
 
 A `Node` holds the network's hparams, a `Chain`, this node's own writable bucket, a pool of other
-participants' read buckets (credentials come from chain commitments), the page store and the global
-model θ. It answers the per-window questions both roles ask — when does window w start and close
-(chain timestamps), what is its seed, whose peer list counts — and applies a window's aggregated
-update, so the miner and the validator step the model with literally the same code.
+participants' read buckets, the page store and the global model θ. Once per window it builds a
+`WindowContext` — bounds, seed, chain-time clock, the metagraph and every peer's read credentials,
+read from the chain once — and every per-window question (whose shards, which peer list, whose
+checkpoint) is answered from that context. Both roles step the model with the same `apply`.
+
+Chain reads per window: `open_window` waits for the window's first block and reads its hash and
+timestamp (the seed and the start time); `close_window` waits for the deadline block and reads its
+timestamp, the metagraph and the commitments. Nothing else in a window asks the chain again, except
+the miner's check that it is still before the deadline when it uploads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,27 +26,56 @@ import torch
 
 from protocol.codec_aggregate import apply_outer_step
 from protocol.data import PageStore
-from protocol.gather import BucketPool, Fetched, GatherResult, fetch_many, gather
+from protocol.gather import Fetched, GatherResult, gather
 from protocol.hparams import HParams
 from protocol.model import param_shapes
 from protocol.peers import PeerList, PeerListError, read_peer_list
 from protocol.storage_config import BucketConfig
 from protocol.storage_keys import peers_key
 from protocol.windows import WindowBounds, window_bounds, window_of
-from protocol.wire import ShardExpectation
-from transport.bucket import Bucket, ObjectNotFound, StorageError
+from protocol.wire import ShardRules
+from transport.bucket import Bucket
 from transport.chain import Chain, MetagraphSnapshot
+from transport.fetch import BucketPool, ShardSource, first_from_validators
 
 log = logging.getLogger(__name__)
+MAX_PEER_LIST_BYTES = 256 * 1024
+Directory = tuple[MetagraphSnapshot, dict[str, BucketConfig]]  # who is registered, and their read buckets
 
 
 @dataclass(frozen=True)
-class WindowClock:
-    """A window's bounds in blocks and, once those blocks exist, in chain time."""
+class WindowContext:
+    """One window as this node sees it, read from the chain once.
 
+    `open` (at the window's start): bounds, seed and start time. `closed` (at the upload deadline)
+    adds the deadline's time, the metagraph and the read credentials of every committed hotkey.
+    """
+
+    window: int
     bounds: WindowBounds
-    start_time: datetime
-    deadline_time: datetime | None  # None until the deadline block has been produced
+    seed: bytes  # blake2b(netuid, window, hash of the window's first block): public, unknowable before
+    start_time: datetime  # chain timestamp of the first block
+    deadline_time: datetime | None = None  # chain timestamp of the deadline block (None while open)
+    graph: MetagraphSnapshot | None = None
+    credentials: Mapping[str, BucketConfig] = dataclasses.field(default_factory=dict)
+
+    @property
+    def closed(self) -> bool:
+        return self.deadline_time is not None and self.graph is not None
+
+    def require_closed(self) -> MetagraphSnapshot:
+        if self.graph is None or self.deadline_time is None:
+            raise RuntimeError(f"window {self.window} is still open: call Node.close_window first")
+        return self.graph
+
+    @property
+    def seconds(self) -> float | None:
+        """Chain-time length of the window (start to deadline), scaled to blocks_per_window."""
+        if self.deadline_time is None:
+            return None
+        blocks = max(1, self.bounds.deadline_block - self.bounds.start_block)
+        per_block = (self.deadline_time - self.start_time).total_seconds() / blocks
+        return (self.bounds.end_block - self.bounds.start_block) * max(per_block, 1e-3)
 
 
 class Node:
@@ -52,9 +88,8 @@ class Node:
         self.model = model
         self.pool = pool or BucketPool(bucket.storage)
         self.shapes = {name: tuple(shape) for name, shape in param_shapes(hp).items()}
+        self.shard_rules = ShardRules.from_hparams(hp, self.shapes)
         self.device = next(model.parameters()).device
-        self._credentials: dict[str, BucketConfig] = {}
-        self._credentials_block = -1
 
     @property
     def netuid(self) -> int:
@@ -68,7 +103,7 @@ class Node:
         """Every bucket client this node has used (its own first), for transfer counters."""
         return [self.bucket, *self.pool.all()]
 
-    # --- time ------------------------------------------------------------------------------------------
+    # --- the window context ---------------------------------------------------------------------------
 
     async def current_window(self) -> int:
         return window_of(await self.chain.block(), self.hp.windows)
@@ -76,86 +111,86 @@ class Node:
     async def wait_for_block(self, block: int) -> None:
         await self.chain.wait_for_block(block)
 
-    async def clock(self, window: int) -> WindowClock:
+    async def open_window(self, window: int) -> WindowContext:
+        """The window's bounds, seed and start time (waits for its first block)."""
         bounds = window_bounds(window, self.hp.windows)
-        head = await self.chain.block()
-        start = await self.chain.block_timestamp(min(bounds.start_block, head))
-        deadline = await self.chain.block_timestamp(bounds.deadline_block) if head >= bounds.deadline_block else None
-        return WindowClock(bounds, start, deadline)
+        await self.chain.wait_for_block(bounds.start_block)
+        block_hash = await self.chain.block_hash(bounds.start_block)
+        seed = hashlib.blake2b(f"{self.netuid}:{window}:{block_hash}".encode(), digest_size=32).digest()
+        start = await self.chain.block_timestamp(bounds.start_block)
+        return WindowContext(window, bounds, seed, start)
 
-    async def window_seed(self, window: int) -> bytes:
-        """Public randomness of a window: the hash of its first block (unknown before it exists)."""
-        start = window_bounds(window, self.hp.windows).start_block
-        await self.chain.wait_for_block(start)
-        block_hash = await self.chain.block_hash(start)
-        return hashlib.blake2b(f"{self.netuid}:{window}:{block_hash}".encode(), digest_size=32).digest()
+    async def close_window(self, ctx: WindowContext, directory: Directory | None = None) -> WindowContext:
+        """`ctx` with the deadline's time, the metagraph and credentials (waits for the deadline block).
 
-    # --- participants ----------------------------------------------------------------------------------
+        `directory` (a metagraph and credentials read moments ago) saves reading them again when
+        many past windows are closed in a row (catch-up).
+        """
+        if ctx.closed:
+            return ctx
+        await self.chain.wait_for_block(ctx.bounds.deadline_block)
+        deadline = await self.chain.block_timestamp(ctx.bounds.deadline_block)
+        graph, credentials = directory or await self.directory()
+        return dataclasses.replace(ctx, deadline_time=deadline, graph=graph, credentials=credentials)
 
-    async def credentials(self, refresh: bool = False) -> dict[str, BucketConfig]:
-        """Read-bucket configs of every uid with a valid commitment, keyed by hotkey (cached per block)."""
-        block = await self.chain.block()
-        if refresh or block != self._credentials_block:
-            read = await self.chain.read_credentials()
-            self._credentials = {c.hotkey: c.credentials.bucket_config() for c in read.credentials.values()}
-            for uid, reason in read.errors.items():
-                log.debug("uid %d has no usable bucket commitment: %s", uid, reason)
-            self._credentials_block = block
-        return self._credentials
+    async def window(self, window: int, directory: Directory | None = None) -> WindowContext:
+        """A closed context for a window whose deadline has passed or is awaited (catch-up, validator)."""
+        return await self.close_window(await self.open_window(window), directory)
 
-    async def find_peer_list(self, window: int, graph: MetagraphSnapshot | None = None) -> PeerList | None:
-        """The peer list of the highest-stake validator that published a valid one for `window` in time.
+    async def directory(self) -> Directory:
+        """The metagraph and every committed hotkey's read credentials, now."""
+        return await self.chain.metagraph(), await self.credentials()
+
+    async def credentials(self, refresh: bool = True) -> dict[str, BucketConfig]:
+        """Read-bucket configs of every uid with a valid commitment now, keyed by hotkey (always read afresh)."""
+        read = await self.chain.read_credentials()
+        for uid, reason in read.errors.items():
+            log.debug("uid %d has no usable bucket commitment: %s", uid, reason)
+        return {c.hotkey: c.credentials.bucket_config() for c in read.credentials.values()}
+
+    # --- what validators publish ----------------------------------------------------------------------
+
+    async def find_peer_list(self, ctx: WindowContext) -> PeerList | None:
+        """The peer list of the highest-stake validator that published a valid one for the window in time.
 
         In time means uploaded before the window's upload deadline (upload time from the bucket
         listing, deadline from the chain), so every node decides alike whether a window has a peer
         list: a list that appears after some miners looked for it counts for nobody, and a slow
         validator cannot step a model the miners did not step.
         """
-        graph = graph or await self.chain.metagraph()
-        creds = await self.credentials()
-        deadline = (await self.clock(window)).deadline_time
-        validators = sorted(graph.validators(), key=lambda uid: (-graph.stake[uid], uid))
-        for uid in validators:
-            hotkey = graph.hotkeys[uid]
-            if hotkey not in creds:
-                continue
-            bucket = self.pool.get(creds[hotkey])
-            try:
-                info = await asyncio.to_thread(bucket.stat, peers_key(window))
-                if deadline is not None and info.last_modified > deadline:
-                    log.warning("peer list of validator uid %d for window %d came after the deadline; ignored",
-                                uid, window)
-                    continue
-                data = await asyncio.to_thread(bucket.get, peers_key(window), 256 * 1024)
-                return read_peer_list(data, netuid=self.netuid, window=window, validator=hotkey)
-            except ObjectNotFound:
-                continue
-            except (StorageError, PeerListError) as exc:
-                log.warning("peer list of validator uid %d for window %d unusable: %s", uid, window, exc)
-        return None
+        graph = ctx.require_closed()
+        key = peers_key(ctx.window)
 
-    # --- shards and the outer step ---------------------------------------------------------------------
+        async def read(uid: int, hotkey: str, bucket: Bucket) -> PeerList | None:
+            info = await asyncio.to_thread(bucket.stat, key)
+            if ctx.deadline_time is not None and info.last_modified > ctx.deadline_time:
+                log.warning("peer list of validator uid %d for window %d came after the deadline; ignored",
+                            uid, ctx.window)
+                return None
+            data = await asyncio.to_thread(bucket.get, key, MAX_PEER_LIST_BYTES)
+            return read_peer_list(data, netuid=self.netuid, window=ctx.window, validator=hotkey)
 
-    def expectation(self, window: int, hotkey: str) -> ShardExpectation:
-        return ShardExpectation(netuid=self.netuid, window=window, hotkey=hotkey, hp=self.hp, shapes=self.shapes)
+        return await first_from_validators(graph, ctx.credentials, self.pool, read,
+                                           f"peer list for window {ctx.window}", (PeerListError,))
 
-    def _fetcher(self, window: int, clock: WindowClock, creds: dict[str, BucketConfig]):
-        def fetch(hotkeys: list[str]) -> dict[str, Fetched]:
-            return fetch_many(hotkeys, creds, lambda h: self.expectation(window, h), self.pool,
-                              clock.start_time, clock.deadline_time, self.pool.storage.max_concurrency)
-        return fetch
+    # --- shards and the outer step --------------------------------------------------------------------
 
-    async def fetch(self, window: int, hotkeys: list[str]) -> dict[str, Fetched]:
-        """Download and verify these hotkeys' shards for `window` (in parallel threads)."""
-        fetch = self._fetcher(window, await self.clock(window), await self.credentials())
-        return await asyncio.to_thread(fetch, hotkeys)
+    def shard_source(self, ctx: WindowContext) -> ShardSource:
+        """Where this window's shards are read from, and what they must look like."""
+        ctx.require_closed()
+        return ShardSource(self.pool, ctx.credentials, self.netuid, ctx.window, self.shard_rules,
+                           ctx.start_time, ctx.deadline_time)
 
-    async def gather_window(self, window: int, candidates: list[str], target: int | None = None,
+    async def fetch(self, ctx: WindowContext, hotkeys: list[str]) -> dict[str, Fetched]:
+        """Download and verify these hotkeys' shards for the window (in parallel threads)."""
+        return await asyncio.to_thread(self.shard_source(ctx).fetch, hotkeys)
+
+    async def gather_window(self, ctx: WindowContext, candidates: list[str], target: int | None = None,
                             prefetched: dict[str, Fetched] | None = None) -> GatherResult:
-        """Aggregate the window's peers (call after its deadline); the model is not touched."""
-        fetch = self._fetcher(window, await self.clock(window), await self.credentials())
+        """Aggregate the window's peers (after its deadline); the model is not touched."""
         return await asyncio.to_thread(
-            gather, window, candidates, target or self.hp.peers.primary, fetch, self.device, prefetched
+            gather, ctx.window, candidates, target or self.hp.peers.primary, self.shard_source(ctx), self.device,
+            prefetched,
         )
 
     def apply(self, result: GatherResult) -> bool:

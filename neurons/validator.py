@@ -1,6 +1,6 @@
 """The validator: every window, score every miner with the Gauntlet, set weights, keep the model.
 
-`Validator.step(window)` runs after the window's upload deadline (DESIGN §3, validator steps 1–7):
+`Validator.step(window)` runs after the window's upload deadline (docs/protocol.md §3, validator steps 1–7):
 download every registered miner's shard, stage 1 on all, stage 2 on as many as the budget allows,
 fold the results into ratings and scores, set weights on chain, aggregate the window's peers
 exactly like the miners do and apply the outer step, then publish the aggregate record and (every
@@ -21,16 +21,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gauntlet.filters import debug_positions, gather_sample, step_change
+from gauntlet.filters import step_change
 from gauntlet.state import ScoringState, StateConfig, load_state, save_state
 from gauntlet.weights import score_window
 from neurons.catchup import catch_up
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
-from neurons.node import Node
-from neurons.scoring import stage1, stage2
+from neurons.node import Node, WindowContext
+from neurons.node_files import SCORES_FILE, SECRET_FILE
+from neurons.scoring import Scorer
 from protocol.model import save_checkpoint
 from protocol.peers import AggregateRecord, make_peer_list
+from protocol.sample import debug_positions, gather_sample
 from protocol.storage_keys import (
     CHECKPOINT_CONFIG_FILE,
     CHECKPOINT_MODEL_FILE,
@@ -38,13 +40,10 @@ from protocol.storage_keys import (
     checkpoint_key,
     peers_key,
 )
-from protocol.windows import window_bounds
 from transport.bucket import StorageError
 from transport.chain import ChainAccessError
 
 log = logging.getLogger(__name__)
-SCORES_FILE = "scores.json"
-SECRET_FILE = "secret.bin"
 RATE_LIMIT_ERRORS = {"SettingWeightsTooFast", "rate_limited"}
 
 
@@ -81,6 +80,7 @@ class Validator:
         self.secret = _local_secret(self.state_dir)
         self.state: ScoringState = load_state(self.state_dir / SCORES_FILE)
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
+        self.scorer = Scorer(node.model, node.store, self.hp, self.secret)
         self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None
 
@@ -88,23 +88,20 @@ class Validator:
         started = time.perf_counter()
         report = ValidatorReport(window)
         node, hp = self.node, self.hp
-        await node.wait_for_block(window_bounds(window, hp.windows).deadline_block)
-        graph = await node.chain.metagraph()
-        await node.credentials(refresh=True)
+        ctx = await node.window(window)
+        graph = ctx.require_closed()
         miners = {uid: hk for uid, hk in enumerate(graph.hotkeys) if hk != node.hotkey}
-        seed = await node.window_seed(window)
-        fetched = await node.fetch(window, list(miners.values()))
+        fetched = await node.fetch(ctx, list(miners.values()))
 
         params = dict(node.model.named_parameters())
-        positions = debug_positions(seed, self.numels, hp.shard.debug_sample_size)
+        positions = debug_positions(ctx.seed, self.numels, hp.shard.debug_sample_size)
         own = gather_sample(params, positions)
-        filters = stage1(miners, fetched, own, positions, self.state.reference_change(), hp)
+        filters = self.scorer.filter_window(miners, fetched, own, positions, self.state.reference_change())
         eval_started = time.perf_counter()
-        budget = hp.gauntlet.eval_time_fraction * await self.window_seconds(window)
-        evals = await asyncio.to_thread(
-            stage2, node.model, node.store, hp, window, miners, filters, fetched, seed, self.secret, budget,
-            {uid: us.last_evaluated for uid, us in self.state.uids.items() if us.hotkey == miners.get(uid)},
-        )
+        budget = hp.gauntlet.eval_time_fraction * self.window_seconds(ctx)
+        last_evaluated = {uid: us.last_evaluated for uid, us in self.state.uids.items() if us.hotkey == miners.get(uid)}
+        evals = await asyncio.to_thread(self.scorer.evaluate_window, ctx, miners, filters, fetched, budget,
+                                        last_evaluated)
         report.eval_seconds = time.perf_counter() - eval_started
         outcome = score_window(self.state, window, miners, filters, evals, hp.gauntlet, hp.peers)
         report.scored, report.evaluated, report.weights = len(filters), len(evals), outcome.weights
@@ -115,9 +112,9 @@ class Validator:
         await self._put(peers_key(target), make_peer_list(self.keypair, node.netuid, target, primary, reserve))
         report.weights_set = await self.set_weights(window, *outcome.as_lists(), report)
 
-        peers = await node.find_peer_list(window, graph)
+        peers = await node.find_peer_list(ctx)
         if peers is not None:
-            result = await node.gather_window(window, peers.candidates, prefetched=fetched)
+            result = await node.gather_window(ctx, peers.candidates, prefetched=fetched)
             report.stepped = node.apply(result)
             report.peers_used = result.used
             if result.used:
@@ -134,14 +131,11 @@ class Validator:
         report.seconds = time.perf_counter() - started
         return report
 
-    async def window_seconds(self, window: int) -> float:
-        """A window's duration in chain time, from its start and deadline block timestamps."""
-        clock = await self.node.clock(window)
-        if clock.deadline_time is None:
-            return self.hp.windows.blocks_per_window * self.hp.windows.expected_block_time_s
-        blocks = clock.bounds.deadline_block - clock.bounds.start_block
-        block_s = (clock.deadline_time - clock.start_time).total_seconds() / max(1, blocks)
-        return self.hp.windows.blocks_per_window * max(block_s, 1e-3)
+    def window_seconds(self, ctx: WindowContext) -> float:
+        """A window's duration in chain time (start and deadline block timestamps), else the hparams' guess."""
+        if ctx.seconds is not None:
+            return ctx.seconds
+        return self.hp.windows.blocks_per_window * self.hp.windows.expected_block_time_s
 
     async def set_weights(self, window: int, uids: list[int], weights: list[float], report: ValidatorReport) -> bool:
         """Set weights once for this window; a rate-limit refusal is retried a few blocks later."""
@@ -182,7 +176,7 @@ class Validator:
     async def publish_initial_peer_list(self, window: int) -> None:
         """With no scores yet, every miner with a bucket commitment is a peer (uid order)."""
         graph = await self.node.chain.metagraph()
-        creds = await self.node.credentials(refresh=True)
+        creds = await self.node.credentials()
         hotkeys = [hk for hk in graph.hotkeys if hk in creds and hk != self.node.hotkey]
         primary, reserve = hotkeys[: self.hp.peers.primary], hotkeys[self.hp.peers.primary :][: self.hp.peers.reserve]
         await self._put(peers_key(window), make_peer_list(self.keypair, self.node.netuid, window, primary, reserve))

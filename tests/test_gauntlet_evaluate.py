@@ -21,9 +21,8 @@ from gauntlet.evaluate import (
     UpdateError,
     binary_moving_average,
     check_update,
-    clip_update,
-    global_norm,
     mean_loss,
+    scale_update,
 )
 from gauntlet.ratings import fresh_rating, rate_window
 from protocol.hparams import GauntletHParams, OuterOptimHParams
@@ -214,7 +213,9 @@ def test_binary_moving_average_and_clipping():
     with pytest.raises(ValueError):
         binary_moving_average(0.0, 0, 0.05)
     upd = {"a": torch.full((4,), 3.0), "b": torch.full((1,), 4.0)}
-    assert global_norm(upd) == pytest.approx(math.sqrt(52))
-    clipped = clip_update(upd, 1.0)
-    assert global_norm(clipped) == pytest.approx(1.0)
-    assert clip_update(upd, 100.0)["a"] is upd["a"]
+    halved = scale_update(upd, 0.5)
+    assert torch.equal(halved["a"], torch.full((4,), 1.5)) and torch.equal(halved["b"], torch.full((1,), 2.0))
+    assert scale_update(upd, 1.0)["a"] is upd["a"]  # no copy when nothing is clipped
+    for bad in (math.nan, math.inf, -0.5):
+        with pytest.raises(ValueError):
+            scale_update(upd, bad)

@@ -1,55 +1,24 @@
-"""Gauntlet stage 1: timeliness, debug positions, sync score and copy detection."""
+"""Gauntlet stage 1: sync score (on debug samples) and copy detection."""
 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import torch
 
 from gauntlet.filters import (
     copy_verdicts,
-    debug_positions,
-    flat_sample,
-    gather_sample,
-    is_timely,
     overlap_matrix,
-    split_sample,
     step_change,
     sync_curve,
     sync_score,
 )
-from protocol.hparams import GauntletHParams
+from protocol.hparams import GauntletHParams, ShardHParams
+from protocol.sample import debug_positions, flat_sample, gather_sample, split_sample
 
 HP = GauntletHParams()
 
-
-# --- timeliness --------------------------------------------------------------------------------
-
-
-def test_timely_inclusive_bounds_and_outside():
-    assert is_timely(100.0, 100.0, 200.0)
-    assert is_timely(200.0, 100.0, 200.0)
-    assert is_timely(150, 100, 200)
-    assert not is_timely(99.999, 100.0, 200.0)
-    assert not is_timely(200.001, 100.0, 200.0)
-    assert not is_timely(math.nan, 100.0, 200.0)
-
-
-def test_timely_datetimes_naive_is_utc_and_mixed_with_floats():
-    start = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
-    deadline = start + timedelta(minutes=25)
-    assert is_timely(start + timedelta(minutes=10), start, deadline)
-    assert not is_timely(deadline + timedelta(seconds=1), start, deadline)
-    # Same instant written in another zone, and as a naive UTC datetime.
-    plus2 = timezone(timedelta(hours=2))
-    assert is_timely(datetime(2025, 1, 1, 14, 5, tzinfo=plus2), start, deadline)
-    assert is_timely(datetime(2025, 1, 1, 12, 5), start.timestamp(), deadline.timestamp())
-    assert not is_timely(datetime(2025, 1, 1, 11, 59), start, deadline)
-
-
-# --- debug positions ---------------------------------------------------------------------------
 
 NUMELS = {
     "embed.weight": 64 * 32,
@@ -57,39 +26,6 @@ NUMELS = {
     "layers.0.norm.weight": 32,
     "lm_head.weight": 2048,
 }
-
-
-def test_debug_positions_deterministic_in_range_and_seed_dependent():
-    a = debug_positions(b"seed-1", NUMELS, 256)
-    b = debug_positions(b"seed-1", dict(reversed(list(NUMELS.items()))), 256)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    total = sum(len(v) for v in a.values())
-    assert 200 <= total <= 256  # de-duplicated draws
-    for name, idx in a.items():
-        assert idx.dtype == torch.int64
-        assert int(idx.min()) >= 0 and int(idx.max()) < NUMELS[name]
-        assert torch.equal(idx, torch.unique(idx))
-    c = debug_positions(b"seed-2", NUMELS, 256)
-    flat_a = {(k, int(i)) for k, v in a.items() for i in v}
-    flat_c = {(k, int(i)) for k, v in c.items() for i in v}
-    # Another seed gives an essentially unrelated sample (expected overlap ~256/5152 ≈ 5 %).
-    assert len(flat_a & flat_c) < 0.15 * len(flat_a)
-
-
-def test_debug_positions_are_uniform_over_values():
-    big = {k: n * 1000 for k, n in NUMELS.items()}  # large enough that duplicate draws are rare
-    pos = debug_positions(b"uniform", big, 4000)
-    total = sum(big.values())
-    for name, numel in big.items():
-        got = len(pos.get(name, []))
-        expected = numel / total * 4000
-        assert abs(got - expected) < 5 * math.sqrt(expected) + 5
-
-
-def test_debug_positions_rejects_bad_n_and_handles_empty():
-    with pytest.raises(ValueError):
-        debug_positions(b"x", NUMELS, 0)
-    assert debug_positions(b"x", {}, 8) == {}
 
 
 # --- sync --------------------------------------------------------------------------------------
@@ -120,7 +56,7 @@ def _trajectory(windows: int) -> list[dict[str, torch.Tensor]]:
 def test_sync_score_counts_steps_behind_on_real_tensors():
     traj = _trajectory(8)
     now = traj[-1]
-    pos = debug_positions(b"window-8", NUMELS, HP.debug_sample_size)
+    pos = debug_positions(b"window-8", NUMELS, ShardHParams().debug_sample_size)
     own = gather_sample(now, pos)
     ref = step_change(own, gather_sample(traj[-2], pos))
     assert ref > 0

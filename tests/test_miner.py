@@ -30,11 +30,11 @@ async def test_miners_publish_valid_shards_and_stay_identical(network_factory, t
     for miner, report in zip((a, b), reports, strict=True):
         assert report.trained and report.uploaded, report
         data = miner.node.bucket.get(gradient_key(window, miner.node.hotkey), 10**8)
-        shard = read_shard(data, miner.node.expectation(window, miner.node.hotkey))
+        ctx = await miner.node.window(window)
+        shard = read_shard(data, miner.node.shard_source(ctx).expectation(miner.node.hotkey))
         assert isinstance(shard, Shard), shard
         info = miner.node.bucket.head(gradient_key(window, miner.node.hotkey))
-        clock = await miner.node.clock(window)
-        assert clock.start_time.replace(microsecond=0) <= info.last_modified <= clock.deadline_time
+        assert ctx.start_time.replace(microsecond=0) <= info.last_modified <= ctx.deadline_time
         assert report.stepped and sorted(report.peers_used) == sorted([a.node.hotkey, b.node.hotkey])
         assert 0 < report.compute_fraction <= 1 and report.tokens_per_s > 0
     assert param_digest(a.node.model) == param_digest(b.node.model) != theta0

@@ -54,9 +54,10 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
     # window w's scores chose the peers of w + lead; a list that appears after its window's deadline counts for nobody
     last = first + WINDOWS - 1
     assert vnode.bucket.exists(peers_key(last + net.hp.peers.lead_windows))
-    assert await vnode.find_peer_list(first) is not None
+    first_ctx = await vnode.window(first)
+    assert await vnode.find_peer_list(first_ctx) is not None
     vnode.bucket.put(peers_key(first), vnode.bucket.get(peers_key(first), 1 << 20))
-    assert await vnode.find_peer_list(first) is None
+    assert await vnode.find_peer_list(first_ctx) is None
 
     state = load_state(tmp_path / "validator" / SCORES_FILE)
     text = explain(state, uid[noise], first + WINDOWS - 1)

@@ -22,7 +22,7 @@ from typing import TypeVar
 from protocol.gather import Fetched, FetchOutcome, upload_timeliness
 from protocol.storage_config import BucketConfig
 from protocol.storage_keys import gradient_key
-from protocol.wire import Rejection, ShardExpectation, check_size, read_shard
+from protocol.wire import Rejection, ShardExpectation, ShardRules, check_size, read_shard
 from transport.bucket import Bucket, ObjectNotFound, StorageError
 from transport.bucket_config import StorageConfig
 from transport.chain import MetagraphSnapshot
@@ -87,9 +87,14 @@ class ShardSource:
 
     pool: BucketPool
     credentials: Mapping[str, BucketConfig]
-    expectation: Callable[[str], ShardExpectation]
+    netuid: int
+    window: int
+    rules: ShardRules
     window_start: datetime | None
     deadline: datetime | None
+
+    def expectation(self, hotkey: str) -> ShardExpectation:
+        return ShardExpectation(netuid=self.netuid, window=self.window, hotkey=hotkey, rules=self.rules)
 
     def fetch(self, hotkeys: list[str]) -> dict[str, Fetched]:
         """These hotkeys' shards, downloaded and verified in parallel; never raises."""
