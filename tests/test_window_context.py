@@ -1,0 +1,59 @@
+"""One window reads the chain a fixed, small number of times: the `WindowContext` is built once.
+
+Counted on a real devnet chain (the SDK over `DevnetSubstrate`): every `Chain` read a miner makes
+during `Miner.step(window)`, and the same for `Validator.step(window)`. Before the context existed a
+miner window made 12 chain reads and a validator window 20 (window bounds recomputed, the clock read
+again by each of fetch, peer-list lookup and gather, credentials asked again by each caller).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from neurons.miner import Miner
+from neurons.validator import Validator
+from protocol.windows import window_bounds
+
+READS = ("block", "block_hash", "block_timestamp", "block_time", "metagraph", "read_credentials", "uid")
+
+
+def count_chain_calls(chain, names=(*READS, "wait_for_block", "set_weights")) -> Counter:
+    """Wrap these methods of one `Chain` instance so each call is counted (the calls still go through)."""
+    counts: Counter = Counter()
+    for name in names:
+        method = getattr(chain, name)
+
+        async def counted(*args, _method=method, _name=name, **kwargs):
+            counts[_name] += 1
+            return await _method(*args, **kwargs)
+
+        setattr(chain, name, counted)
+    return counts
+
+
+async def test_one_window_reads_the_chain_once_per_fact(network_factory, tmp_path):
+    net = network_factory(miners=1, validators=1)
+    vnode = await net.node("validator-0")
+    validator = Validator(vnode, tmp_path / "validator")
+    miner = Miner(await net.node("miner-0"), tmp_path / "miner-0")
+    window = await vnode.current_window() + 1
+    await validator.publish_initial_peer_list(window)
+    await vnode.wait_for_block(window_bounds(window, net.hp.windows).start_block)
+
+    miner_calls, validator_calls = count_chain_calls(miner.node.chain), count_chain_calls(vnode.chain)
+    report = await miner.step(window)
+    assert report.uploaded and report.stepped, report
+    # open: first block's hash and time; upload: the head (still before the deadline?);
+    # close: deadline block's time, metagraph, commitments. Waits are not reads.
+    assert {k: miner_calls[k] for k in READS if miner_calls[k]} == {
+        "block_hash": 1, "block_timestamp": 2, "block": 1, "metagraph": 1, "read_credentials": 1,
+    }, miner_calls
+    assert miner_calls["wait_for_block"] == 2
+
+    vreport = await validator.step(window)
+    assert vreport.scored == 1 and vreport.stepped, vreport
+    assert {k: validator_calls[k] for k in READS if validator_calls[k]} == {
+        "block_hash": 1, "block_timestamp": 2, "metagraph": 1, "read_credentials": 1,
+    }, validator_calls
+    assert validator_calls["set_weights"] == 1
+    await net.close()
