@@ -1,6 +1,6 @@
 """The devnet's final report: `report.json` plus PNG plots, from the snapshots the launcher took.
 
-The report answers the questions the devnet exists for (DESIGN §7): do honest miners earn the
+The report answers the questions the devnet exists for (docs/protocol.md §7): do honest miners earn the
 incentive when adversaries are present (`honest_incentive_share`), does the shared model learn
 (`heldout_loss` per window), how much of a window miners spend computing (`miner_compute_fraction`),
 and how fast the network turns windows. Miners append one JSON line per window to

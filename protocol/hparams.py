@@ -4,7 +4,7 @@ Every number the protocol uses (window length, inner/outer optimiser, SparseLoCo
 Gauntlet scoring, peers, checkpoints, size limits) is a field here, grouped by component, each with
 a description and a validator where a bad value is possible. Code never hard-codes these values.
 
-Anchors are the Templar / Covenant-72B public values (see DESIGN.md); presets scale the model and
+Anchors are the Templar / Covenant-72B public values (docs/protocol.md §8); presets scale the model and
 schedule from a CPU-sized `tiny` network up to the 72B run.
 
     hp = load_hparams("tiny")                                  # a preset
