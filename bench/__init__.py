@@ -1,0 +1,16 @@
+"""Benchmarks: each prints JSON and measures its baseline in the same run (`crucible bench NAME`).
+
+Outside the node's packages, like torchtitan's `benchmarks/`: a bench may import anything, and
+nothing imports a bench. Targets are in docs/protocol.md §7.
+
+Modules:
+
+- `cli.py`: `BENCHES`, `add_cli`/`run_cli`: the `crucible bench` group, `print_json`.
+- `codec.py`: SparseLoCo encode/decode speed and bytes on the wire vs a plain tensor copy.
+- `convergence.py`: SparseLoCo vs DiLoCo vs data-parallel AdamW on equal tokens (`benchmark`).
+- `convergence_methods.py`: `run_sparseloco`, `run_diloco`, `run_dp_adamw`, `Workload`: the methods.
+- `validator.py`: seconds to evaluate one miner vs four plain forward passes.
+- `storage.py`: put/get throughput through `transport.bucket.Bucket`.
+- `reference_loss.py`: `run_reference`: the tiny SparseLoCo loss curve stored in
+  `tests/assets/losses/` (`python -m bench.reference_loss --write` regenerates it).
+"""

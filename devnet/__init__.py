@@ -1,0 +1,33 @@
+"""The devnet: a whole Crucible network on one machine, with no accounts and no internet.
+
+It runs the production miners and validators unchanged, as separate processes, against a simulated
+subtensor reached through the real `bittensor` SDK (a `Substrate` backend) and an embedded S3
+server; adversarial miners show that the Gauntlet does not pay for bad work. `crucible devnet run`
+is the demo; `init`, `chain` and `s3` start its parts one by one.
+
+Launching and watching:
+
+- `cli.py`: `crucible devnet [run | init | chain | s3 | miner | validator]`.
+- `launcher.py`: `Devnet`, `DevnetConfig`: start everything, run W windows, write the report.
+- `participant.py`: `DevnetNode` (`MINER`, `VALIDATOR`): the production node with the devnet's
+  chain client and, optionally, an adversary plugged in.
+- `adversaries.py`: `make_adversary`, `NoiseMiner`, `CopycatMiner`, ...: `Miner` subclasses that cheat.
+- `supervisor.py`: `Supervisor`, `ChildSpec`: child processes, restarts, clean shutdown.
+- `bootstrap.py`: `init_devnet`, `DevnetManifest`: wallets, subnet, registrations, stake (genesis).
+- `s3.py`: `S3Server`: `rclone serve s3` over a local folder, one bucket per participant.
+- `scoreboard.py`: `Scoreboard`, `WindowSnapshot`: per-uid scores, weights, incentive, held-out loss.
+- `dashboard.py`: `Dashboard`: the live scoreboard in a browser (aiohttp, loopback only).
+- `dashboard_page.py`: the dashboard's single self-contained HTML page.
+- `report.py`: `build_report`, `write_report`: `report.json` and PNG plots at the end of a run.
+
+The simulated chain:
+
+- `chain_state.py`: `ChainState`, `dispatch`: subtensor's state and rules for the parts Crucible uses.
+- `chain_epoch.py`: `produce_block`, `run_epoch`: blocks, tempos and emission.
+- `chain_yuma.py`: `yuma`: Yuma-style consensus from weights to incentive and dividends.
+- `chain_views.py`: `query`, `runtime_call`, `metagraph`: the state as the SDK's decoded values.
+- `chain_wire.py`: `signing_payload`, `canonical_json`, `block_hash`: what client and chain agree on.
+- `chain_store.py`: `save_state`/`load_state`: the chain's state file, replaced atomically.
+- `chain_server.py`: `ChainServer`: the chain process (aiohttp), blocks and signed extrinsics.
+- `substrate.py`: `DevnetSubstrate`, `devnet_client`: the SDK's `Substrate` seam backed by the chain process.
+"""

@@ -1,0 +1,36 @@
+"""The node: the miner and validator roles, the `crucible` command line, and dataset building.
+
+A role is a loop over windows (`step(window)`), built from the contract (`protocol/`), the I/O
+clients (`transport/`) and, for the validator, the scoring rules (`gauntlet/`). Production code
+never imports the devnet: the devnet plugs its chain client and adversaries in from above
+(`devnet/participant.py`). What one window does is in docs/protocol.md §3.
+
+Roles:
+
+- `node.py`: `Node`, `WindowContext`: chain, buckets, pages, θ; one chain read per window; `apply`.
+- `miner.py`: `Miner.step`: train, compress, sign and upload, then gather and step; `follow` for torchrun ranks.
+- `validator.py`: `Validator.step`: score every miner, set weights, publish peer lists, records, checkpoints.
+- `scoring.py`: `Scorer`, `evaluation_order`: a window's downloads fed to Gauntlet stages 1 and 2.
+- `catchup.py`: `catch_up`: from saved state, a checkpoint or θ_0, replay the windows since.
+- `training.py`: `inner_train`, `make_inner_optimizer`, `mean_loss`: the inner AdamW loop.
+- `distributed.py`: `DistContext`, `broadcast_work`: data-parallel inner steps under torchrun.
+- `local_state.py`: `save_local_state`/`load_local_state`: θ, error feedback and AdamW, atomically.
+- `node_files.py`: the state folder's file names, `append_metrics`/`read_metrics`.
+- `metrics.py`: `NodeMetrics`: Prometheus gauges and counters from each window's report.
+
+Command line and configuration:
+
+- `cli.py`: `main`, `LazyParser`, `add_group`: `crucible` and its lazily imported sub-commands.
+- `flags.py`: `Flags`, `FlagError`: argparse flags generated from a pydantic model, and back.
+- `node_config.py`: `NodeConfig`, `NODE_FLAGS`: every setting of a miner or validator, typed.
+- `node_cli.py`: `open_node`, `run_node`, `StartupError`: start-up checks and a node's life.
+- `miner_cli.py`: `crucible miner`.
+- `validator_cli.py`: `crucible validator`.
+- `data_cli.py`: `crucible data prepare | train`.
+- `explain_cli.py`: `crucible explain --uid U`: every component of a uid's score.
+
+Data:
+
+- `corpus.py`: `stdlib_documents`, `file_documents`: the offline corpus and the user's own files.
+- `dataset.py`: `prepare_dataset`, `train_tokenizer`: documents → BPE tokenizer → token pages.
+"""

@@ -1,0 +1,19 @@
+"""I/O clients: S3-compatible buckets, the chain, and fetching other participants' objects.
+
+Everything here talks to the outside world and may retry, time out or use threads; what the bytes
+mean and which objects count is decided in `protocol/`, which this package imports (and nothing
+else of the project). Local tuning (timeouts, retries, part sizes) lives here too, since it changes
+nothing other participants see.
+
+Modules:
+
+- `bucket.py`: `Bucket`, `open_bucket`: put/get/list/delete with size caps, typed errors, cleanup.
+- `bucket_transfer.py`: `upload_multipart`, `download_ranges`, `read_capped`: large objects in parts.
+- `bucket_errors.py`: `StorageError` and its family, `call_with_retry`: the one retry loop.
+- `bucket_stats.py`: `ObjectInfo`, `StorageStats`: object metadata and transfer counters.
+- `bucket_config.py`: `StorageConfig`: this node's bucket transport knobs.
+- `chain.py`: `Chain`, `ChainConfig`, `sdk_client`: blocks, timestamps, metagraph, commitments, weights
+  through the bittensor SDK.
+- `fetch.py`: `ShardSource`, `BucketPool`, `first_from_validators`: peers' shards and what
+  validators publish, downloaded and verified.
+"""
