@@ -1,10 +1,17 @@
-"""`crucible bench NAME`: benchmarks that print JSON, each against a baseline measured in the same run."""
+"""`crucible bench NAME`: benchmarks that print JSON, each against a baseline measured in the same run.
+
+Each bench is a command like any other (`add_cli`/`run_cli`, see `neurons.cli`); what they
+share is here: the `--json` flag and `print_json`, so every bench prints its result the same way
+(indented for a person, one line with `--json` for a script).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
-from neurons.subcommands import add_group, run_group
+from neurons.cli import add_group, run_group
 
 BENCHES = {
     "codec": ("bench.codec", "SparseLoCo encode/decode speed and bytes on the wire"),
@@ -12,6 +19,16 @@ BENCHES = {
     "validator": ("bench.validator", "seconds to evaluate one miner vs four plain forward passes"),
     "storage": ("bench.storage", "put/get throughput through the bucket client on the embedded S3 server"),
 }
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as one line of JSON")
+
+
+def print_json(result: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print a bench's result (keys sorted; one line with --json) and return exit code 0."""
+    print(json.dumps(result, indent=None if getattr(args, "json", False) else 2, sort_keys=True))
+    return 0
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

@@ -18,13 +18,15 @@ from collections.abc import Callable
 import torch
 from bittensor.sp_core import Keypair
 
+from bench.cli import add_json_flag, print_json
 from protocol.codec import Compressor, decode, layouts_for
 from protocol.hparams import load_hparams
 from protocol.model import param_shapes
 from protocol.wire import Shard, ShardExpectation, ShardRules, read_shard, write_shard
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_json_flag(parser)
     parser.add_argument("--preset", default="150m", help="hparams preset name or TOML/JSON file (default 150m)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one hyperparameter (repeatable)")
@@ -43,7 +45,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, objec
     return time.perf_counter() - start, out
 
 
-def run(args: argparse.Namespace) -> dict:
+def benchmark(args: argparse.Namespace) -> dict:
     hp = load_hparams(args.preset, overrides=list(getattr(args, "overrides", []) or []))
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -110,3 +112,6 @@ def run(args: argparse.Namespace) -> dict:
         "decode_vs_copy": round(dec_med / copy_med, 2),
     }
 
+
+def run_cli(args: argparse.Namespace) -> int:
+    return print_json(benchmark(args), args)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from bittensor.sp_core import Keypair
 
+from bench.cli import add_json_flag, print_json
 from bench.convergence_methods import METHODS, MethodResult, Settings, Workload
 from neurons.corpus import stdlib_documents
 from neurons.dataset import prepare_dataset
@@ -35,7 +36,8 @@ FULL = {"peers": 4, "windows": 30}
 LOSS_BAR = 1.05  # SparseLoCo's final held-out loss may be at most 5 % above DiLoCo's
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_json_flag(parser)
     parser.add_argument("--preset", default="tiny", help="hparams preset or TOML/JSON file (default tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one hyperparameter for this bench only (repeatable; not the headline)")
@@ -118,7 +120,7 @@ def plot_curves(path: str | Path, methods: dict[str, dict], tokens_per_window: i
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict:
+def benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(2)
     hp = load_hparams(getattr(args, "preset", "tiny"), overrides=list(getattr(args, "overrides", []) or []))
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,3 +188,6 @@ def run(args: argparse.Namespace) -> dict:
         out["plot"] = str(args.plot)
     return out
 
+
+def run_cli(args: argparse.Namespace) -> int:
+    return print_json(benchmark(args), args)

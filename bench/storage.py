@@ -19,11 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_json_flag, print_json
 from protocol.storage_config import MiB
 from transport.bucket import Bucket, BucketConfig, StorageConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_json_flag(parser)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 64], help="Object sizes in MiB.")
     parser.add_argument(
         "--repeats", type=int, default=3, help="Round trips per size (the median is reported)."
@@ -44,7 +46,7 @@ def _mbps(size: int, seconds: float) -> float:
     return round(size / 1e6 / seconds, 1) if seconds > 0 else float("inf")
 
 
-def measure(bucket: Bucket, size: int, repeats: int) -> dict[str, Any]:
+def round_trips(bucket: Bucket, size: int, repeats: int) -> dict[str, Any]:
     """Median put and get throughput (MB/s, 1 MB = 10^6 bytes) of `repeats` round trips of `size` bytes."""
     data = os.urandom(size)
     key = f"bench/{uuid.uuid4().hex}.bin"
@@ -78,18 +80,18 @@ def _bench(config: BucketConfig, args: argparse.Namespace) -> list[dict[str, Any
         multipart_threshold=args.threshold_mib * MiB,
         max_concurrency=args.concurrency,
     )
-    results = [measure(Bucket(config, storage), s * MiB, args.repeats) for s in args.sizes_mib]
+    results = [round_trips(Bucket(config, storage), s * MiB, args.repeats) for s in args.sizes_mib]
     if args.single:
         single = storage.model_copy(update={"multipart_threshold": 1 << 62})
         results += [
-            measure(Bucket(config, single), s * MiB, args.repeats)
+            round_trips(Bucket(config, single), s * MiB, args.repeats)
             for s in args.sizes_mib
             if s * MiB >= storage.multipart_threshold
         ]
     return results
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is not None:
         config = BucketConfig.model_validate(json.loads(args.config.read_text()))
         return {"target": config.endpoint_url or "aws", "results": _bench(config, args)}
@@ -103,3 +105,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "results": _bench(server.bucket_config("bench"), args),
         }
 
+
+def run_cli(args: argparse.Namespace) -> int:
+    return print_json(benchmark(args), args)

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import torch
 
-from gauntlet.evaluate import Evaluator, clip_update, mean_loss
+from bench.cli import add_json_flag, print_json
+from gauntlet.evaluate import Evaluator, mean_loss, scale_update
 from neurons.corpus import stdlib_documents
-from neurons.data_cli import add_hparams_arguments
 from neurons.dataset import prepare_dataset
+from neurons.node_config import HPARAMS_FLAGS
 from neurons.training import inner_train, make_inner_optimizer
-from protocol.codec import Compressor
-from protocol.codec_aggregate import aggregate_encoded, update_norm
+from protocol.codec import Compressor, decode
+from protocol.codec_aggregate import clip_factors, update_norm
 from protocol.data import PageStore, assign, random_samples
-from protocol.hparams import load_hparams
 from protocol.model import build_model
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_hparams_arguments(parser)
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_json_flag(parser)
+    HPARAMS_FLAGS.add_to(parser)
     parser.add_argument("--data", type=Path, help="prepared dataset (default: build a small one in a temp folder)")
     parser.add_argument("--miners", type=int, default=4, help="miners to evaluate")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median reported)")
@@ -55,9 +56,9 @@ def _batches(samples: torch.Tensor, batch: int) -> list[torch.Tensor]:
     return [samples[i : i + batch] for i in range(0, len(samples), batch)]
 
 
-def run(args: argparse.Namespace) -> dict:
+def benchmark(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    hp = load_hparams(args.preset, args.overrides)
+    hp = HPARAMS_FLAGS.parse(args).hparams()
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         shards = _miner_updates(hp, store, model, args.miners)
         n_eval = hp.gauntlet.eval_batches * hp.inner.batch_size
         random_pages = _batches(store.pages(random_samples(b"bench", n_eval, store.num_train)), hp.inner.batch_size)
-        clip_to = statistics.median(update_norm(s) for s in shards.values())
+        factors = clip_factors({h: update_norm(s) for h, s in shards.items()})
         step = hp.gauntlet.eval_step_scale * hp.outer.lr
         assigned = {
             h: _batches(store.pages(assign(h, 0, hp.data.seed, hp.samples_per_window, store.num_train)[:n_eval]),
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             evaluator = Evaluator(model, random_pages)
             for hotkey, shard in shards.items():
-                update = clip_update(aggregate_encoded({hotkey: shard}, device=args.device), clip_to)
+                update = scale_update({n: decode(enc, args.device) for n, enc in shard.items()}, factors[hotkey])
                 evaluator.evaluate(update, assigned[hotkey], step)
             window_times.append(time.perf_counter() - started)
             eval_times.append(window_times[-1] / len(shards))
@@ -96,3 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds_per_miner": per_miner, "floor_four_forwards_s": floor, "ratio_vs_floor": per_miner / floor,
         "window_s": window_s, "miners_per_window": int(window_s // per_miner),
     }
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    return print_json(benchmark(args), args)

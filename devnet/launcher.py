@@ -3,9 +3,10 @@
 One command creates (or reuses) the devnet folder — chain state and wallets in DIR/chain, buckets
 in DIR/s3, the dataset in DIR/data, each node's state in DIR/nodes/NAME, logs in DIR/logs — and
 starts, each as its own OS process under the `Supervisor`: the simulated chain, the S3 server, the
-validators, then the miners, through the very `crucible validator` / `crucible miner` command lines
-a mainnet user runs. Adversaries are extra registered miner wallets (`miner-N…`, named
-`adv-<kind>-j` everywhere else) started with `--adversary KIND`.
+validators, then the miners, as `crucible devnet validator|miner`: the node flags a mainnet user
+passes to `crucible validator|miner` (generated from the same `NodeConfig`) and the same node code,
+with the devnet's chain client plugged in (`devnet.participant`). Adversaries are extra registered
+miner wallets (`miner-N…`, named `adv-<kind>-j` everywhere else) started with `--adversary KIND`.
 
 Buckets: one per participant. `rclone serve s3` knows two key pairs and does not enforce read-only
 keys, so every node gets the server's read pair as its "read" key (published on chain) and the
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from devnet.bootstrap import (
     HOTKEY,
@@ -53,6 +54,8 @@ from devnet.scoreboard import (
 )
 from devnet.substrate import devnet_chain
 from devnet.supervisor import ChildSpec, ChildState, Supervisor, SupervisorConfig, json_event
+from neurons.flags import Flags
+from neurons.node_config import ENV_PREFIX, NODE_FLAGS, BucketSettings, NodeConfig
 from protocol.data import DatasetError, PageStore
 from protocol.hparams import HParams, load_hparams
 from transport.chain import Chain, ChainConfig
@@ -99,14 +102,6 @@ class DevnetConfig(BaseModel):
     @property
     def report_dir(self) -> Path:
         return self.report or self.state / "report"
-
-
-def config_error(exc: ValidationError) -> str:
-    """The first validation error as one line: `field: message`."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
 
 
 def prepare_state(cfg: DevnetConfig, hp: HParams) -> DevnetManifest:
@@ -175,18 +170,23 @@ def ensure_dataset(cfg: DevnetConfig, hp: HParams) -> Path:
     return out.resolve()
 
 
+def node_config(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, data: Path, s3: dict) -> NodeConfig:
+    """The participant's node settings, the keys left out (they go through the environment)."""
+    chain = ChainConfig(network=url, netuid=cfg.netuid, wallet_name=p.wallet, wallet_hotkey=HOTKEY,
+                        wallet_path=wallet_path)
+    return NodeConfig(chain=chain, preset=cfg.preset, overrides=cfg.overrides, data=data,
+                      state_dir=(cfg.state / "nodes" / p.name).resolve(), device="cpu", windows=cfg.windows + 1,
+                      bucket=BucketSettings(endpoint=s3["endpoint"], region=s3["region"], name=p.name))
+
+
 def node_spec(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, data: Path,
               s3: dict) -> ChildSpec:
-    """`crucible miner|validator …` exactly as on mainnet, with the bucket's keys in the environment."""
-    argv = crucible(
-        p.role, "--network", url, "--netuid", str(cfg.netuid), "--wallet.path", wallet_path,
-        "--wallet.name", p.wallet, "--wallet.hotkey", HOTKEY, "--data", str(data),
-        "--state-dir", str((cfg.state / "nodes" / p.name).resolve()), "--preset", cfg.preset,
-        "--device", "cpu", "--windows", str(cfg.windows + 1), "--bucket.endpoint", s3["endpoint"],
-        "--bucket.region", s3["region"], "--bucket.name", p.name, *(f"--set={o}" for o in cfg.overrides),
-        *(["--adversary", p.kind] if p.role == "miner" and p.kind != HONEST else []),
-    )
-    keys = {f"CRUCIBLE_BUCKET_{side.upper()}_{part}": s3[side][field] for side in ("read", "write")
+    """`crucible devnet miner|validator …`: the mainnet node flags, the devnet's chain client and, for an
+    adversary, `--adversary KIND`; the bucket's keys in the environment."""
+    node = node_config(cfg, p, url, wallet_path, data, s3)
+    adversary = ["--adversary", p.kind] if p.role == "miner" and p.kind != HONEST else []
+    argv = crucible("devnet", p.role, *NODE_FLAGS.argv(node), *adversary)
+    keys = {f"{ENV_PREFIX}{side.upper()}_{part}": s3[side][field] for side in ("read", "write")
             for part, field in (("KEY", "access_key_id"), ("SECRET", "secret_access_key"))}
     return ChildSpec(name=p.name, argv=argv, log_path=cfg.state / "logs" / f"{p.name}.log",
                      env={**child_env(cfg), **keys}, cwd=REPO)
@@ -326,34 +326,16 @@ class Devnet:
         return 0 if report.windows >= cfg.windows else 1
 
 
-# flag -> (DevnetConfig field, argparse options); the help texts are the fields' descriptions.
-FLAGS: dict[str, tuple[str, dict]] = {
-    "--miners": ("miners", {"type": int}), "--validators": ("validators", {"type": int}),
-    "--windows": ("windows", {"type": int}),
-    "--adversary": ("adversaries", {"action": "append", "metavar": "KIND"}),
-    "--state": ("state", {"type": Path}), "--report": ("report", {"type": Path}), "--preset": ("preset", {}),
-    "--set": ("overrides", {"action": "append", "metavar": "SECTION.FIELD=VALUE"}),
-    "--data": ("data", {"type": Path}), "--block-time": ("block_time", {"type": float}),
-    "--fresh": ("fresh", {"action": "store_true"}), "--netuid": ("netuid", {"type": int}),
-    "--max-restarts": ("max_restarts", {"type": int}),
-    "--dashboard-port": ("dashboard_port", {"type": int}),
-    "--no-dashboard": ("dashboard", {"action": "store_false"}),
-}
+DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",)},
+                     metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE"})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    for flag, (name, options) in FLAGS.items():
-        info = DevnetConfig.model_fields[name]
-        default = [] if options.get("action") == "append" else info.default
-        parser.add_argument(flag, dest=name, default=default, help=info.description, **options)
+    DEVNET_FLAGS.add_to(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        cfg = DevnetConfig(**{name: getattr(args, name) for name, _ in FLAGS.values()})
-    except ValidationError as exc:
-        print(f"crucible devnet run: {config_error(exc)}", file=sys.stderr)
-        return 2
+    cfg = DEVNET_FLAGS.parse(args)  # FlagError: one line and exit 2 (neurons.cli)
     import torch
 
     torch.set_num_threads(cfg.node_threads)  # the launcher's held-out evaluation shares the cores too

@@ -11,27 +11,20 @@ import argparse
 import time
 from pathlib import Path
 
-from protocol.hparams import load_hparams
-
-
-def add_hparams_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="hparams preset name or a .toml/.json file")
-    parser.add_argument("--hparams", dest="preset", help="alias of --preset")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one hyperparameter (repeatable)")
+from neurons.node_config import HPARAMS_FLAGS
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True)
     prep = sub.add_parser("prepare", help="build the tokenizer and tokenized pages")
-    add_hparams_arguments(prep)
+    HPARAMS_FLAGS.add_to(prep)
     prep.add_argument("--out", required=True, type=Path, help="output folder")
     prep.add_argument("--input", action="append", type=Path, default=[],
                       help="your own .txt/.jsonl/.parquet file or folder (repeatable); default: offline corpus")
     prep.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
     prep.add_argument("--max-chars", type=int, help="cap on corpus characters (default from hparams)")
     train = sub.add_parser("train", help="train the model on one process and print held-out loss")
-    add_hparams_arguments(train)
+    HPARAMS_FLAGS.add_to(train)
     train.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
     train.add_argument("--windows", type=int, default=6, help="windows of inner steps to run")
     train.add_argument("--device", default="cpu", help="torch device")
@@ -42,7 +35,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from neurons.dataset import prepare_dataset
     from protocol.data import DatasetError
 
-    hp = load_hparams(args.preset, args.overrides)
+    hp = HPARAMS_FLAGS.parse(args).hparams()
     max_chars = args.max_chars or hp.data.corpus_max_chars
     started = time.perf_counter()
     try:
@@ -70,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
     from protocol.data import DatasetError, PageStore, assign
     from protocol.model import build_model, count_params
 
-    hp = load_hparams(args.preset, args.overrides)
+    hp = HPARAMS_FLAGS.parse(args).hparams()
     try:
         store = PageStore(args.data, hp)
     except DatasetError as exc:

@@ -1,124 +1,82 @@
-"""Flags and start-up checks shared by `crucible miner` and `crucible validator`.
+"""Start-up shared by `crucible miner`, `crucible validator` and the devnet's `crucible devnet miner|validator`.
 
-Both commands take the bittensor flags (`--netuid`, `--network`, `--wallet.*`), the hparams
-(`--preset`, `--set`), the dataset folder, a local state folder, the device and the node's own
-bucket (flags or CRUCIBLE_BUCKET_* environment variables; write keys never leave the machine).
-`open_node` refuses to start with one clear line when the wallet is missing, the hotkey is not
-registered or the bucket is unreachable, and (re-)commits the bucket's read credentials on chain
-when what is there differs.
+`open_node` turns a `NodeConfig` into a checked, connected `Node`: it refuses to start with one
+clear line when the wallet is missing, the hotkey is not registered (or has no validator permit),
+the bucket is unreachable or the dataset does not match the hparams, and it (re-)commits the
+bucket's read credentials on chain when what is there differs. `run_node` is the rest of a node's
+life (parse and build are the caller's): open, build the role, serve metrics, run, close.
+
+The chain client is the one seam: production passes none and `Chain` dials the network by name;
+the devnet passes its own `bt.Client` (`devnet.substrate.devnet_client`), so the devnet runs this
+very code without production code knowing the devnet exists.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-import torch
-from bittensor.wallet import DEFAULT_WALLET_PATH
+import bittensor as bt
 
-from neurons.data_cli import add_hparams_arguments
+from neurons.metrics import NodeMetrics
 from neurons.node import Node
+from neurons.node_config import MetricsConfig, NodeConfig, bucket_credentials
 from protocol.data import DatasetError, PageStore
-from protocol.hparams import load_hparams
+from protocol.hparams import HParams
 from protocol.model import build_model
-from protocol.storage_config import BucketConfig, BucketCredentials
+from protocol.storage_config import BucketCredentials
 from transport.bucket import Bucket, StorageError
-from transport.chain import Chain, ChainAccessError, ChainConfig
-
-ENV_PREFIX = "CRUCIBLE_BUCKET_"
-BUCKET_FIELDS = {
-    "endpoint": "S3 endpoint URL (R2: https://ACCOUNT.r2.cloudflarestorage.com)",
-    "region": "signing region ('auto' on R2)",
-    "name": "bucket name",
-    "read-key": "read-only access key id (published on chain)",
-    "read-secret": "read-only secret (published on chain)",
-    "write-key": "write access key id (stays on this machine)",
-    "write-secret": "write secret (stays on this machine)",
-}
-
-
-def add_chain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Register the bittensor-convention chain flags shared by every Crucible command."""
-    group = parser.add_argument_group("chain")
-    group.add_argument("--netuid", type=int, required=False, default=None, help="Subnet uid.")
-    group.add_argument("--network", "--subtensor.network", dest="network", default="finney",
-                       help="finney | test | local | ws(s)://host:port | devnet://host:port (default finney).")
-    group.add_argument("--wallet.name", dest="wallet_name", default="default", help="Wallet name.")
-    group.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="Hotkey name.")
-    group.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="Wallet folder.")
-    return parser
-
-
-def chain_config_from_args(args: argparse.Namespace, default_netuid: int | None = None) -> ChainConfig:
-    netuid = args.netuid if args.netuid is not None else default_netuid
-    if netuid is None:
-        raise ValueError("--netuid is required")
-    return ChainConfig(network=args.network, netuid=netuid, wallet_name=args.wallet_name,
-                       wallet_hotkey=args.wallet_hotkey, wallet_path=args.wallet_path)
+from transport.chain import Chain, ChainAccessError
 
 
 class StartupError(RuntimeError):
     """A reason the node cannot start, as one line for the operator."""
 
 
-def add_node_arguments(parser: argparse.ArgumentParser) -> None:
-    add_chain_arguments(parser)
-    add_hparams_arguments(parser)
-    parser.add_argument("--data", type=Path, default=Path("data/tiny"), help="prepared dataset folder")
-    parser.add_argument("--state-dir", type=Path, default=None, help="local state folder (default ~/.crucible/HOTKEY)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--windows", type=int, default=None, help="stop after this many windows (default: run forever)")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
-    parser.add_argument("--metrics.port", dest="metrics_port", type=int, default=None,
-                        help="serve Prometheus metrics on 127.0.0.1:PORT (default: off)")
-    parser.add_argument("--metrics.addr", dest="metrics_addr", default="127.0.0.1",
-                        help="address the metrics endpoint binds (0.0.0.0 inside a container)")
-    group = parser.add_argument_group("bucket (flags or environment variables)")
-    for name, help_text in BUCKET_FIELDS.items():
-        env = ENV_PREFIX + name.upper().replace("-", "_")
-        group.add_argument(f"--bucket.{name}", dest=f"bucket_{name.replace('-', '_')}", default=os.environ.get(env),
-                           help=f"{help_text} [${env}]")
+class Role(Protocol):
+    """What `run_node` runs: a `Miner` (or an adversary) or a `Validator`."""
+
+    metrics: NodeMetrics | None
+
+    async def run(self, windows: int | None = None) -> None: ...
 
 
-def start_metrics(args: argparse.Namespace, role: str):
+def start_metrics(config: MetricsConfig, role: str) -> NodeMetrics | None:
     """A NodeMetrics served on --metrics.port, or None when the flag is not given."""
-    if args.metrics_port is None:
+    if config.port is None:
         return None
-    from neurons.metrics import NodeMetrics
-
     metrics = NodeMetrics(role)
-    metrics.serve(args.metrics_port, args.metrics_addr)
+    metrics.serve(config.port, config.addr)
     return metrics
 
 
-def bucket_credentials(args: argparse.Namespace) -> BucketCredentials:
-    values = {name: getattr(args, f"bucket_{name.replace('-', '_')}") for name in BUCKET_FIELDS}
-    missing = [name for name in ("name", "read-key", "read-secret", "write-key", "write-secret") if not values[name]]
-    if missing:
-        raise StartupError(f"bucket not configured: set --bucket.{missing[0]} (or ${ENV_PREFIX}"
-                           f"{missing[0].upper().replace('-', '_')})")
-    try:
-        common = dict(endpoint_url=values["endpoint"], region=values["region"] or "auto", bucket=values["name"])
-        return BucketCredentials(
-            read=BucketConfig(**common, access_key_id=values["read-key"], secret_access_key=values["read-secret"]),
-            write=BucketConfig(**common, access_key_id=values["write-key"], secret_access_key=values["write-secret"]),
-        )
-    except ValueError as exc:
-        raise StartupError(f"bad bucket settings: {str(exc).splitlines()[0]}") from None
+async def open_node(cfg: NodeConfig, need_permit: bool = False,
+                    client: bt.Client | None = None) -> tuple[Node, Path]:
+    """Build and check everything a miner or validator needs; StartupError with one line otherwise.
 
-
-async def open_node(args: argparse.Namespace, need_permit: bool = False) -> tuple[Node, Path]:
-    """Build and check everything a miner or validator needs; StartupError with one line otherwise."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    hp = load_hparams(args.preset, args.overrides)
+    `client`: a ready `bt.Client` to reach the chain through (the devnet's); None dials `cfg.chain.network`.
+    """
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    hp = cfg.hparams()
     try:
-        config = chain_config_from_args(args)
+        creds = bucket_credentials(cfg.bucket)
+        chain = Chain(cfg.chain, client=client)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    creds = bucket_credentials(args)
-    chain = Chain(config)
+    try:
+        node = await _checked_node(cfg, chain, creds, hp, need_permit)
+    except BaseException:
+        await chain.close()
+        raise
+    return node, cfg.state_folder(node.hotkey)
+
+
+async def _checked_node(cfg: NodeConfig, chain: Chain, creds: BucketCredentials, hp: HParams,
+                        need_permit: bool) -> Node:
+    config = cfg.chain
     try:
         hotkey = chain.hotkey
     except Exception as exc:  # the SDK raises several types for a missing or unreadable keyfile
@@ -140,14 +98,12 @@ async def open_node(args: argparse.Namespace, need_permit: bool = False) -> tupl
     except StorageError as exc:
         raise StartupError(f"bucket '{creds.read.bucket}' unreachable: {exc}") from None
     try:
-        store = PageStore(args.data, hp)
+        store = PageStore(cfg.data, hp)
     except DatasetError as exc:
         raise StartupError(f"dataset: {exc}") from None
-    model = build_model(hp, args.device)
-    node = Node(hp, chain, bucket, store, model)
+    node = Node(hp, chain, bucket, store, build_model(hp, cfg.torch_device()))
     await ensure_commitment(node, creds)
-    state_dir = args.state_dir or Path.home() / ".crucible" / hotkey
-    return node, state_dir
+    return node
 
 
 async def ensure_commitment(node: Node, creds: BucketCredentials) -> None:
@@ -157,3 +113,22 @@ async def ensure_commitment(node: Node, creds: BucketCredentials) -> None:
         return
     await node.chain.commit_credentials(creds.read_only())
     await node.credentials(refresh=True)
+
+
+async def run_node(cfg: NodeConfig, role: str, build: Callable[[Node, Path], Role], *, prog: str,
+                   client: bt.Client | None = None) -> int:
+    """Open the node, build the role on it, run `cfg.windows` windows (or forever), close the chain.
+
+    Exit code 1 with one line on stderr when the node cannot start; 0 when the run ends."""
+    try:
+        node, state_dir = await open_node(cfg, need_permit=role == "validator", client=client)
+    except StartupError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        runner = build(node, state_dir)
+        runner.metrics = start_metrics(cfg.metrics, role)
+        await runner.run(cfg.windows)
+    finally:
+        await node.chain.close()
+    return 0

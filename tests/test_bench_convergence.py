@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from bench.convergence import add_arguments, run
+from bench.convergence import add_cli, benchmark
 from neurons.cli import main
 from protocol.codec import layouts_for
 from protocol.hparams import load_hparams
@@ -79,7 +79,7 @@ def test_bench_convergence_json_losses_and_bytes(tiny_dataset, tmp_path, capsys)
 
 def test_bench_convergence_rejects_unknown_method(tiny_dataset):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_cli(parser)
     args = parser.parse_args(["--data", str(tiny_dataset.path), "--methods", "sparseloco,adam-ish"])
     with pytest.raises(ValueError, match="adam-ish"):
-        run(args)
+        benchmark(args)

@@ -7,10 +7,10 @@ import argparse
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
-from pydantic import ValidationError
 
 from devnet.substrate import devnet_chain
-from neurons.node_cli import add_chain_arguments, chain_config_from_args
+from neurons.flags import FlagError, Flags
+from neurons.node_config import CHAIN_NAMES
 from protocol.chain_commitment import (
     CommitmentParseError,
     ReadCredentials,
@@ -96,18 +96,19 @@ def test_parser_only_ever_raises_its_own_error(text):
 
 
 def test_cli_flags_follow_bittensor_conventions():
-    parser = add_chain_arguments(argparse.ArgumentParser())
+    chain_flags = Flags(ChainConfig, names=CHAIN_NAMES)
+    parser = chain_flags.add_to(argparse.ArgumentParser())
     args = parser.parse_args(["--netuid", "3", "--subtensor.network", "devnet://127.0.0.1:9946",
                               "--wallet.name", "miner-0", "--wallet.hotkey", "hk", "--wallet.path", "/tmp/w"])
-    cfg = chain_config_from_args(args)
+    cfg = chain_flags.parse(args)
     assert cfg == ChainConfig(network="devnet://127.0.0.1:9946", netuid=3, wallet_name="miner-0",
                               wallet_hotkey="hk", wallet_path="/tmp/w")
-    default = chain_config_from_args(parser.parse_args([]), default_netuid=1)
+    default = chain_flags.parse(parser.parse_args(["--netuid", "1"]))
     assert default.network == "finney" and default.wallet_name == "default"
-    with pytest.raises(ValueError, match="netuid"):
-        chain_config_from_args(parser.parse_args([]))
-    with pytest.raises(ValidationError, match="unknown network"):
-        ChainConfig(network="mainnet", netuid=1)
+    with pytest.raises(FlagError, match="^--netuid: Field required"):
+        chain_flags.parse(parser.parse_args([]))
+    with pytest.raises(FlagError, match="^--network: unknown network"):
+        chain_flags.parse(parser.parse_args(["--netuid", "1", "--network", "mainnet"]))
 
 
 def test_clients_resolve_networks_without_connecting():

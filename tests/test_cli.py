@@ -1,16 +1,85 @@
-"""The command line: six subcommands, clear exit codes, a working `data prepare`/`data train`."""
+"""The command line: six subcommands loaded lazily, flags generated from the configs, one-line errors,
+a working `data prepare`/`data train`, and the devnet plugged in only through `crucible devnet miner|validator`."""
 
+import argparse
 import subprocess
 import sys
 
+import pytest
+
 from neurons.cli import COMMANDS, main
+from neurons.node_config import NODE_FLAGS
+
+HELP_IMPORTS = """
+import sys
+from neurons.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "bittensor", "neurons.node", "devnet.adversaries") if m in sys.modules)
+print("IMPORTED", ",".join(heavy))
+"""
 
 
-def test_help_lists_the_six_subcommands():
-    out = subprocess.run([sys.executable, "-m", "neurons.cli", "--help"], capture_output=True, text=True, check=True)
+def imported_by(*argv: str) -> tuple[str, list[str]]:
+    """(help text, heavy modules imported) of `crucible ARGV` in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *argv], capture_output=True, text=True, check=True)
+    text, _, heavy = out.stdout.rpartition("IMPORTED ")
+    return text, [m for m in heavy.strip().split(",") if m]
+
+
+def test_help_lists_the_six_subcommands_and_imports_none_of_them():
+    text, heavy = imported_by("--help")
     for name in ("miner", "validator", "devnet", "data", "bench", "explain"):
-        assert name in out.stdout
+        assert name in text
     assert set(COMMANDS) == {"miner", "validator", "devnet", "data", "bench", "explain"}
+    assert heavy == []  # no command is imported to list them
+
+
+def test_node_flags_come_from_node_config_and_the_adversary_only_from_the_devnet():
+    text, heavy = imported_by("miner", "--help")
+    for flag in ("--netuid", "--network", "--subtensor.network", "--wallet.name", "--wallet.hotkey", "--wallet.path",
+                 "--preset", "--hparams", "--set", "--data", "--state-dir", "--device", "--windows", "--log-level",
+                 "--metrics.port", "--metrics.addr", "--bucket.endpoint", "--bucket.read-key", "--bucket.write-secret"):
+        assert flag in text, flag
+    assert "(default: data/tiny)" in text and "[$CRUCIBLE_BUCKET_WRITE_SECRET]" in text
+    assert "--adversary" not in text
+    assert "torch" not in heavy and "neurons.node" not in heavy  # building the parser builds no node
+    devnet_text, _ = imported_by("devnet", "miner", "--help")
+    assert "--adversary KIND" in devnet_text and "--wallet.name" in devnet_text
+    assert "--adversary" not in imported_by("devnet", "validator", "--help")[0]
+
+
+def test_flags_round_trip_through_the_config():
+    """What the devnet launcher writes (`NODE_FLAGS.argv`) parses back to the same NodeConfig."""
+    parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
+    args = parser.parse_args(["--netuid", "7", "--wallet.name", "v", "--subtensor.network", "test", "--set",
+                              "inner.steps=2", "--set=inner.lr=0.001", "--windows", "3", "--metrics.port", "9100",
+                              "--bucket.name", "b", "--log-level", "debug"])
+    cfg = NODE_FLAGS.parse(args)
+    assert (cfg.chain.netuid, cfg.chain.network, cfg.chain.wallet_name, cfg.chain.wallet_hotkey) == (7, "test", "v",
+                                                                                                    "default")
+    assert cfg.overrides == ["inner.steps=2", "inner.lr=0.001"] and cfg.windows == 3 and cfg.log_level == "DEBUG"
+    assert cfg.metrics.port == 9100 and cfg.bucket.name == "b" and cfg.bucket.region == "auto"
+    assert NODE_FLAGS.parse(parser.parse_args(NODE_FLAGS.argv(cfg))) == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["miner"], "crucible miner: --netuid: Field required"),
+    (["validator", "--netuid", "x"], "crucible validator: --netuid: Input should be a valid integer"),
+    (["miner", "--netuid", "1", "--windows", "0"], "crucible miner: --windows: Input should be greater than"),
+    (["miner", "--netuid", "1", "--network", "mainnet"], "crucible miner: --network: unknown network 'mainnet'"),
+    (["devnet", "miner", "--netuid", "1", "--network", "test"], "crucible devnet miner: --network: not a devnet URL"),
+    (["devnet", "miner", "--netuid", "1", "--network", "devnet://127.0.0.1:9", "--adversary", "sybil"],
+     "crucible devnet miner: --adversary: unknown kind 'sybil'"),
+    (["devnet", "--miners", "0", "--adversary", "bogus"], "crucible devnet run: unknown adversary kind 'bogus'"),
+    (["devnet", "--miners", "x"], "crucible devnet run: --miners: Input should be a valid integer"),
+])
+def test_a_bad_setting_is_one_line_naming_the_flag_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
 
 
 def test_bad_hparams_is_one_line_and_exit_2(capsys, tmp_path):
@@ -35,8 +104,26 @@ def test_prepare_reports_missing_input(tmp_path, capsys):
     assert "input not found" in capsys.readouterr().out
 
 
-def test_devnet_without_a_part_means_run(capsys):
-    """The issue's spelling `crucible devnet --miners …` reaches `devnet run` and its config checks."""
-    code = main(["devnet", "--miners", "0", "--adversary", "bogus"])
-    assert code == 2
-    assert "unknown adversary kind 'bogus'" in capsys.readouterr().err
+def test_devnet_nodes_reach_the_devnet_chain_and_production_nodes_refuse_it(chain_factory, s3_server, tmp_path,
+                                                                            monkeypatch, capsys):
+    """The same flags: `crucible devnet miner` connects through the devnet client, reads the metagraph, finds
+    the miner registered and the bucket (keys from CRUCIBLE_BUCKET_*) reachable, and stops only at the
+    missing dataset; `crucible miner` refuses the devnet:// network before dialing anything."""
+    chain = chain_factory()
+    s3_server.ensure_bucket("cli-miner-0")
+    creds = s3_server.credentials("cli-miner-0")
+    for side, pair in (("READ", creds.read), ("WRITE", creds.write)):
+        monkeypatch.setenv(f"CRUCIBLE_BUCKET_{side}_KEY", pair.access_key_id)
+        monkeypatch.setenv(f"CRUCIBLE_BUCKET_{side}_SECRET", pair.secret_access_key.get_secret_value())
+    flags = ["--network", chain.url, "--netuid", str(chain.manifest.netuid), "--wallet.path",
+             chain.manifest.wallet_path, "--wallet.name", "miner-0", "--data", str(tmp_path / "no-data"),
+             "--device", "cpu", "--bucket.endpoint", creds.read.endpoint_url, "--bucket.region", creds.read.region,
+             "--bucket.name", "cli-miner-0"]
+    assert main(["devnet", "miner", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("crucible devnet miner: dataset:") and err.count("\n") == 1, err
+    assert main(["devnet", "miner", *flags, "--wallet.name", "validator-9"]) == 1
+    assert "crucible devnet miner: wallet 'validator-9/default' not usable" in capsys.readouterr().err
+    assert main(["miner", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"crucible miner: {chain.url} is a devnet chain") and "crucible devnet miner" in err

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-from bench.codec import add_arguments, run
+from bench.codec import add_cli, benchmark
+from neurons.cli import main
 
 
 def test_bench_codec_reports_real_wire_bytes_and_timings():
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    result = run(parser.parse_args(["--preset", "tiny", "--repeats", "1"]))
+    add_cli(parser)
+    result = benchmark(parser.parse_args(["--preset", "tiny", "--repeats", "1"]))
     for key in ("params", "dense_fp32_bytes", "wire_bytes", "compression_ratio", "encode_s", "decode_s",
                 "copy_s", "encode_vs_copy", "decode_vs_copy"):
         assert key in result
@@ -19,3 +21,12 @@ def test_bench_codec_reports_real_wire_bytes_and_timings():
     assert abs(result["compression_ratio"] - result["dense_fp32_bytes"] / result["wire_bytes"]) < 0.01
     assert result["compression_ratio"] > 100  # tiny's 688-wide MLP chunks at 43, so below the 150m figure
     assert min(result["encode_s"], result["decode_s"], result["copy_s"]) > 0
+
+
+def test_bench_codec_through_crucible_prints_one_json_line(capsys):
+    """`crucible bench codec --json` is the same bench, printed as one line a script can read."""
+    assert main(["bench", "codec", "--preset", "tiny", "--repeats", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    result = json.loads(out)
+    assert result["dense_fp32_bytes"] == 4 * result["params"] and result["compression_ratio"] > 100

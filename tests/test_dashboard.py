@@ -283,16 +283,15 @@ def test_devnet_flags_reach_the_dashboard_and_notes_go_to_both(tmp_path):
 
     from rich.console import Console
 
-    from devnet.launcher import FLAGS, Devnet, DevnetConfig, add_cli
+    from devnet.launcher import DEVNET_FLAGS, Devnet, add_cli
     from devnet.scoreboard import Scoreboard
 
     parser = argparse.ArgumentParser()
     add_cli(parser)
     args = parser.parse_args(["--no-dashboard", "--dashboard-port", "8123", "--state", str(tmp_path)])
-    cfg = DevnetConfig(**{name: getattr(args, name) for name, _ in FLAGS.values()})
+    cfg = DEVNET_FLAGS.parse(args)
     assert cfg.dashboard is False and cfg.dashboard_port == 8123
-    defaults = parser.parse_args([])
-    assert DevnetConfig(**{name: getattr(defaults, name) for name, _ in FLAGS.values()}).dashboard
+    assert DEVNET_FLAGS.parse(parser.parse_args([])).dashboard
 
     out = io.StringIO()
     devnet = Devnet(cfg, board=Scoreboard(console=Console(file=out, width=200), live=False))

@@ -24,12 +24,11 @@ from rich.console import Console
 from devnet.bootstrap import DevnetManifest, WalletEntry
 from devnet.launcher import (
     ADVERSARY_KINDS,
+    DEVNET_FLAGS,
     DevnetConfig,
     add_cli,
-    config_error,
     node_spec,
     plan_participants,
-    run_cli,
 )
 from devnet.report import (
     LOSS_PLOT,
@@ -53,6 +52,9 @@ from devnet.supervisor import (
 )
 from gauntlet.records import EvalResult, UidState, WindowEntry
 from gauntlet.state import ScoringState
+from neurons.cli import build_parser
+from neurons.flags import FlagError, config_error
+from neurons.node_config import NODE_FLAGS
 from transport.chain import MetagraphSnapshot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -350,15 +352,20 @@ def test_config_validation_errors_are_one_clear_line(kwargs, message):
     assert config_error(exc.value).startswith(message)
 
 
-def test_cli_rejects_bad_flags_with_exit_2(capsys):
+def test_flags_are_generated_from_the_config_and_errors_name_the_flag():
     parser = argparse.ArgumentParser()
     add_cli(parser)
-    assert run_cli(parser.parse_args(["--miners", "1", "--adversary", "sybil"])) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("crucible devnet run: unknown adversary kind 'sybil'") and err.count("\n") == 1
-    args = parser.parse_args(["--adversary", "noise", "--adversary", "copycat", "--set", "inner.steps=2"])
-    cfg = DevnetConfig(**{k: getattr(args, k) for k in ("adversaries", "overrides", "miners", "state")})
+    with pytest.raises(FlagError, match="^unknown adversary kind 'sybil'"):
+        DEVNET_FLAGS.parse(parser.parse_args(["--miners", "1", "--adversary", "sybil"]))
+    with pytest.raises(FlagError, match="^--block-time: Input should be greater than or equal to 0"):
+        DEVNET_FLAGS.parse(parser.parse_args(["--block-time", "-1"]))
+    args = parser.parse_args(["--adversary", "noise", "--adversary", "copycat", "--set", "inner.steps=2",
+                              "--no-dashboard", "--heldout-pages", "8"])
+    cfg = DEVNET_FLAGS.parse(args)
     assert cfg.adversaries == ["noise", "copycat"] and cfg.overrides == ["inner.steps=2"] and cfg.miners == 4
+    assert cfg.dashboard is False and cfg.heldout_pages == 8
+    assert DEVNET_FLAGS.parse(parser.parse_args([])) == DevnetConfig()  # the defaults are the model's
+    assert "(default: 4)" in parser.format_help()  # and --help shows them
 
 
 def test_adversary_kinds_match_the_adversaries_module():
@@ -376,7 +383,7 @@ def _manifest(miners: int, validators: int) -> DevnetManifest:
                           validators=[entry(f"validator-{i}") for i in range(validators)])
 
 
-def test_participants_and_node_command_lines(tmp_path):
+def test_participants_and_node_command_lines(tmp_path, monkeypatch):
     cfg = DevnetConfig(miners=2, validators=1, windows=5, adversaries=["noise", "copycat", "noise"],
                        state=tmp_path, overrides=["inner.steps=2"])
     people = plan_participants(cfg, _manifest(6, 2))
@@ -389,11 +396,25 @@ def test_participants_and_node_command_lines(tmp_path):
           "write": {"access_key_id": "WRITEKEY", "secret_access_key": "WRITESECRET"}}
     spec = node_spec(cfg, people[3], "devnet://127.0.0.1:1", "/w", tmp_path / "data", s3)
     argv = spec.argv
-    assert argv[1:4] == ["-m", "neurons.cli", "miner"] and argv[argv.index("--adversary") + 1] == "noise"
+    assert argv[1:5] == ["-m", "neurons.cli", "devnet", "miner"] and argv[argv.index("--adversary") + 1] == "noise"
     assert argv[argv.index("--wallet.name") + 1] == "miner-2"
     assert argv[argv.index("--bucket.name") + 1] == "adv-noise-0"
     assert argv[argv.index("--windows") + 1] == "6" and "--set=inner.steps=2" in argv
     assert not any("SECRET" in a or "KEY" in a for a in argv)  # keys travel in the environment only
     assert spec.env["CRUCIBLE_BUCKET_WRITE_SECRET"] == "WRITESECRET" and spec.env["OMP_NUM_THREADS"] == "1"
     assert spec.env["CRUCIBLE_BUCKET_READ_KEY"] == "READKEY"
-    assert "--adversary" not in node_spec(cfg, people[0], "devnet://h:1", "/w", tmp_path, s3).argv
+    validator = node_spec(cfg, people[0], "devnet://h:1", "/w", tmp_path, s3).argv
+    assert validator[3:5] == ["devnet", "validator"] and "--adversary" not in validator
+    # what the launcher writes is what `crucible devnet miner` parses, keys read from the child's environment
+    args = build_parser().parse_args(argv[3:])
+    assert args.adversary == "noise"
+    for key, value in spec.env.items():
+        if key.startswith("CRUCIBLE_BUCKET_"):
+            monkeypatch.setenv(key, value)
+    node = NODE_FLAGS.parse(args)
+    assert (node.chain.network, node.chain.wallet_name, node.chain.wallet_path) == ("devnet://127.0.0.1:1", "miner-2",
+                                                                                      "/w")
+    assert node.state_dir == (tmp_path / "nodes" / "adv-noise-0").resolve() and node.data == tmp_path / "data"
+    assert (node.bucket.endpoint, node.bucket.region, node.bucket.name) == ("http://127.0.0.1:9", "us-east-1",
+                                                                            "adv-noise-0")
+    assert node.bucket.write_secret.get_secret_value() == "WRITESECRET" and node.windows == 6

@@ -2,24 +2,25 @@
 
 No machine of the project runs Docker, so these tests read what Docker would read: the compose files
 (PyYAML, with compose's `${VAR}` interpolation done here from docker/.env.example), the Dockerfile and
-.dockerignore. Every service's command goes through the real `crucible` argument parser, the devnet
-nodes' bucket settings through the real `bucket_credentials`, and the S3 key file compose writes
-through the devnet S3 server's own loader; variables must be documented, and no secret may be baked
-into the image or written into a compose file.
+.dockerignore. Every service's command goes through the real `crucible` argument parser and node
+commands through the real `NodeConfig` (bucket settings from the service's environment, as in the
+container), and the S3 key file compose writes through the devnet S3 server's own loader; variables
+must be documented, and no secret may be baked into the image or written into a compose file.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from devnet.s3 import S3Server, load_or_create_keys
-from neurons.cli import build_parser
-from neurons.node_cli import BUCKET_FIELDS, ENV_PREFIX, bucket_credentials, chain_config_from_args
+from neurons.cli import COMMANDS, build_parser
+from neurons.node_config import NODE_FLAGS, NodeConfig, bucket_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -38,6 +39,7 @@ OPERATOR = {
 SECRET_WORDS = ("SECRET", "PASSWORD", "PASSWD", "MNEMONIC", "PRIVATE", "CREDENTIAL", "SEED")
 SECRET_PARTS = {"KEY", "KEYS", "TOKEN", "PASS", "PWD"}
 NODE_COMMANDS = ("miner", "validator")
+BUCKET_ENV = set(NODE_FLAGS.env.values())  # CRUCIBLE_BUCKET_*
 
 
 class MissingVariable(ValueError):
@@ -93,15 +95,19 @@ def parser():
     return build_parser()
 
 
-def parse(parser_and_modules, argv: list[str]):
-    cli, modules = parser_and_modules
+def parse(cli, argv: list[str]):
     try:
         args = cli.parse_args(argv)
     except SystemExit as exc:
         pytest.fail(f"crucible {' '.join(argv)}: the CLI parser refused it (exit {exc.code})")
-    assert args.command in modules, f"crucible {args.command} is not available in this version"
-    assert not hasattr(args, "rest"), f"crucible {' '.join(argv[:2])} is a placeholder, not a real command"
+    assert args.command in COMMANDS
     return args
+
+
+def node_role(argv: list[str]) -> str | None:
+    """'miner' or 'validator' for `crucible miner|validator …` and `crucible devnet miner|validator …`."""
+    role = argv[1] if argv[0] == "devnet" else argv[0]
+    return role if role in NODE_COMMANDS else None
 
 
 def options(argv: list[str]) -> dict[str, list[str]]:
@@ -131,9 +137,11 @@ def test_every_service_runs_a_crucible_command_the_cli_accepts(parser, file, ser
     argv = svc["command"]
     assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), "commands are exec-form lists"
     args = parse(parser, argv)
-    if args.command in NODE_COMMANDS:
-        config = chain_config_from_args(args)  # --netuid present, wallet flags read
+    if node_role(argv):
+        config = NODE_FLAGS.parse(args).chain  # --netuid present, wallet flags read, every value valid
         assert config.wallet_path == ("/wallets" if file == "compose.yml" else "/state/chain/wallets")
+        # production commands dial the network by name; only `crucible devnet …` plugs in the devnet chain
+        assert (argv[0] == "devnet") == (file == "compose.devnet.yml") == config.network.startswith("devnet://")
         flags = options(argv)
         assert not [f for f in flags if f.startswith("--bucket.") and secret_like(f)], "keys never go on argv"
 
@@ -161,25 +169,27 @@ def test_every_variable_is_documented_and_in_the_example():
 
 
 def test_mainnet_nodes_take_bucket_settings_from_the_environment(parser, monkeypatch):
-    expected = {ENV_PREFIX + f.upper().replace("-", "_") for f in BUCKET_FIELDS}
     for service in NODE_COMMANDS:
         raw = RAW["compose.yml"]["services"][service]
-        assert set(raw["environment"]) == expected
+        assert set(raw["environment"]) == BUCKET_ENV
         svc = COMPOSE["compose.yml"]["services"][service]
         creds = credentials_of(svc, monkeypatch)
         assert creds.write.secret_access_key.get_secret_value() == OPERATOR["CRUCIBLE_BUCKET_WRITE_SECRET"]
         assert creds.read.bucket == OPERATOR["CRUCIBLE_BUCKET_NAME"]
 
 
-def credentials_of(svc: dict, monkeypatch):
-    """Build the parser inside the service's environment (node_cli reads CRUCIBLE_BUCKET_* then)."""
+def node_config_of(svc: dict, monkeypatch) -> NodeConfig:
+    """The service's NodeConfig, built inside its environment (where CRUCIBLE_BUCKET_* are read)."""
     with monkeypatch.context() as m:
-        for field in BUCKET_FIELDS:
-            m.delenv(ENV_PREFIX + field.upper().replace("-", "_"), raising=False)
+        for name in BUCKET_ENV:
+            m.delenv(name, raising=False)
         for key, value in svc.get("environment", {}).items():
             m.setenv(key, str(value))
-        args = parse(build_parser(), svc["command"])
-    return bucket_credentials(args)
+        return NODE_FLAGS.parse(parse(build_parser(), svc["command"]))
+
+
+def credentials_of(svc: dict, monkeypatch):
+    return bucket_credentials(node_config_of(svc, monkeypatch).bucket)
 
 
 def test_devnet_parts_agree_with_each_other(monkeypatch, tmp_path):
@@ -196,7 +206,7 @@ def test_devnet_parts_agree_with_each_other(monkeypatch, tmp_path):
     (tmp_path / "credentials.json").write_text(content)
     write, read = load_or_create_keys(tmp_path)
     S3Server(tmp_path, int(s3_port), write.access_key, write.secret_key, read_key=read)  # validates the keys
-    nodes = [n for n, svc in services.items() if svc["command"][0] in NODE_COMMANDS]
+    nodes = [n for n, svc in services.items() if node_role(svc["command"])]
     assert {"validator-0", "miner-0", "miner-1", "miner-2"} <= set(nodes)
     wallets = {n: options(services[n]["command"])["--wallet.name"][0] for n in nodes}
     assert len(set(wallets.values())) == len(nodes), "two nodes share a wallet"
@@ -213,6 +223,9 @@ def test_devnet_parts_agree_with_each_other(monkeypatch, tmp_path):
         assert (creds.write.access_key_id, creds.read.access_key_id) == (write.access_key, read.access_key)
         secrets = (creds.write.secret_access_key.get_secret_value(), creds.read.secret_access_key.get_secret_value())
         assert secrets == (write.secret_key, read.secret_key)
+    adversary = services["adversary"]["command"]  # only the devnet's miner takes --adversary
+    assert adversary[:2] == ["devnet", "miner"]
+    assert parse(build_parser(), adversary).adversary == ENV["DEVNET_ADVERSARY"]
     miners = int(init["--miners"][0])
     assert all(w in {f"miner-{i}" for i in range(miners)} | {"validator-0"} for w in wallets.values())
 
@@ -251,7 +264,9 @@ def test_dockerfile_bakes_in_no_secret_and_runs_crucible_unprivileged():
     assert set(volumes) == {"/wallets", "/data", "/state"}
     copies = [arg.split()[:-1] for op, arg in ins if op == "COPY" and "--from=" not in arg]
     sources = {s for c in copies for s in c}
-    assert sources <= {"pyproject.toml", "README.md", "protocol", "gauntlet", "neurons", "devnet"}, sources
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {p.rstrip("*") for p in find["include"]}
+    assert sources == {"pyproject.toml", "README.md"} | packages, "the image needs every package, nothing else"
     cpu_index = [arg for op, arg in ins if op == "RUN" and "download.pytorch.org/whl" in arg]
     assert cpu_index and "cuda) uv pip install" in cpu_index[0], "PyTorch's index only for cpu/cuNNN"
 
@@ -276,7 +291,7 @@ def test_dockerignore_keeps_secrets_and_state_out_but_the_package_in():
            ".devnet/chain/state.json", "s3/credentials.json", ".git/config"]
     assert not [p for p in out if not dockerignore_excludes(p, patterns)]
     needed = ["pyproject.toml", "README.md", "protocol/data.py", "gauntlet/state.py", "neurons/cli.py",
-              "devnet/s3.py", "docker/Dockerfile"]
+              "devnet/s3.py", "transport/chain.py", "bench/codec.py", "docker/Dockerfile"]
     assert not [p for p in needed if dockerignore_excludes(p, patterns)]
 
 

@@ -1,0 +1,66 @@
+"""`crucible devnet miner|validator`: the production node, plugged into the devnet from above.
+
+The devnet runs the same code as mainnet: the same node flags (`neurons.node_config.NODE_FLAGS`),
+the same start-up checks (`neurons.node_cli.open_node`) and the same `Miner`/`Validator`. Two things
+are injected here, so production code never imports the devnet: the chain client for the
+`devnet://host:port` network (`devnet.substrate.devnet_client`; production's `sdk_client` refuses
+such a URL and points here), and, for `--adversary KIND`, one of `devnet.adversaries`' `Miner`
+subclasses in place of the honest miner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from neurons.flags import FlagError
+from neurons.node_config import NODE_FLAGS
+
+if TYPE_CHECKING:  # imported when the command runs: building the parser needs no torch
+    from neurons.miner import Miner
+    from neurons.node import Node
+    from neurons.validator import Validator
+
+
+class DevnetNode:
+    """`crucible devnet ROLE`: one command per role, sharing this module."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self.prog = f"crucible devnet {role}"
+
+    def add_cli(self, parser: argparse.ArgumentParser) -> None:
+        NODE_FLAGS.add_to(parser)
+        if self.role == "miner":
+            parser.add_argument("--adversary", metavar="KIND", default=None,
+                                help="run an adversarial miner of this kind (see devnet/adversaries.py)")
+
+    def run_cli(self, args: argparse.Namespace) -> int:
+        cfg = NODE_FLAGS.parse(args)  # a bad flag fails before torch is imported
+        from devnet.substrate import devnet_client
+
+        try:
+            client = devnet_client(cfg.chain.network)
+        except ValueError as exc:
+            raise FlagError(f"--network: {exc}") from None
+        from devnet.adversaries import KINDS, make_adversary
+        from neurons.miner import Miner
+        from neurons.node_cli import run_node
+        from neurons.validator import Validator
+
+        kind = getattr(args, "adversary", None)
+        if kind is not None and kind not in KINDS:
+            raise FlagError(f"--adversary: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+        def build(node: Node, state_dir: Path) -> Miner | Validator:
+            if self.role == "validator":
+                return Validator(node, state_dir)
+            return make_adversary(kind, node, state_dir) if kind else Miner(node, state_dir)
+
+        return asyncio.run(run_node(cfg, self.role, build, prog=self.prog, client=client))
+
+
+MINER = DevnetNode("miner")
+VALIDATOR = DevnetNode("validator")
