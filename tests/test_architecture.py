@@ -306,6 +306,22 @@ def test_every_package_map_names_every_module():
     assert not gaps, "package maps (__init__.py docstrings) are incomplete:\n" + "\n".join(gaps)
 
 
+def test_protocol_doc_citations_resolve():
+    """`docs/protocol.md §N` citations name a section that exists; none cite the out-of-repo DESIGN.md."""
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    sections = set(re.findall(r'^<a id="s(\d+)"></a>\n## §\1 ', doc, flags=re.MULTILINE))
+    assert {"3", "5", "6", "7", "8"} <= sections, sorted(sections)
+    bad = []
+    for path in [*source_files(), ROOT / "README.md"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            bad += [f"{where}: §{n} is not a section of docs/protocol.md"
+                    for n in re.findall(r"docs/protocol\.md`?\s*§(\d+)", line) if n not in sections]
+            if re.search(r"DESIGN(\.md| §)", line):
+                bad.append(f"{where}: cites DESIGN, which a clone does not have; cite docs/protocol.md")
+    assert not bad, "\n".join(bad)
+
+
 # --- the checker itself: each rule catches what it is for --------------------------------------------
 
 _PROBE = '''
