@@ -2,13 +2,18 @@
 a working `data prepare`/`data train`, and the devnet plugged in only through `crucible devnet miner|validator`."""
 
 import argparse
+import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
+from gauntlet.state import load_state
 from neurons.cli import COMMANDS, main
 from neurons.node_config import NODE_FLAGS
+from neurons.node_files import SCORES_FILE
+from tests.plugins.network import NET_OVERRIDES
 
 HELP_IMPORTS = """
 import sys
@@ -65,6 +70,19 @@ def test_flags_round_trip_through_the_config():
     assert NODE_FLAGS.parse(parser.parse_args(NODE_FLAGS.argv(cfg))) == cfg
 
 
+def test_bucket_settings_fall_back_to_the_environment_and_secrets_stay_off_argv(monkeypatch):
+    parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
+    monkeypatch.setenv("CRUCIBLE_BUCKET_NAME", "from-env")
+    monkeypatch.setenv("CRUCIBLE_BUCKET_REGION", "")  # compose's ${VAR:-} leaves an empty value: unset
+    monkeypatch.setenv("CRUCIBLE_BUCKET_WRITE_SECRET", "s3cr3t-value")
+    cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1"]))
+    assert cfg.bucket.name == "from-env" and cfg.bucket.region == "auto"
+    assert cfg.bucket.write_secret.get_secret_value() == "s3cr3t-value" and "s3cr3t" not in repr(cfg)
+    assert "s3cr3t-value" not in NODE_FLAGS.argv(cfg)  # the launcher passes secrets through the environment
+    flagged = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--bucket.name", "from-flag"]))
+    assert flagged.bucket.name == "from-flag"  # a flag beats the environment
+
+
 @pytest.mark.parametrize("argv, message", [
     (["miner"], "crucible miner: --netuid: Field required"),
     (["validator", "--netuid", "x"], "crucible validator: --netuid: Input should be a valid integer"),
@@ -104,21 +122,26 @@ def test_prepare_reports_missing_input(tmp_path, capsys):
     assert "input not found" in capsys.readouterr().out
 
 
+def node_flags(chain, s3_server, wallet: str, data, monkeypatch) -> list[str]:
+    """The node flags of `wallet` on a test devnet chain, its bucket's keys in CRUCIBLE_BUCKET_* (as the launcher)."""
+    bucket = f"cli-{wallet}"
+    s3_server.ensure_bucket(bucket)
+    creds = s3_server.credentials(bucket)
+    for side, pair in (("READ", creds.read), ("WRITE", creds.write)):
+        monkeypatch.setenv(f"CRUCIBLE_BUCKET_{side}_KEY", pair.access_key_id)
+        monkeypatch.setenv(f"CRUCIBLE_BUCKET_{side}_SECRET", pair.secret_access_key.get_secret_value())
+    return ["--network", chain.url, "--netuid", str(chain.manifest.netuid), "--wallet.path",
+            chain.manifest.wallet_path, "--wallet.name", wallet, "--data", str(data), "--device", "cpu",
+            "--bucket.endpoint", creds.read.endpoint_url, "--bucket.region", creds.read.region, "--bucket.name", bucket]
+
+
 def test_devnet_nodes_reach_the_devnet_chain_and_production_nodes_refuse_it(chain_factory, s3_server, tmp_path,
                                                                             monkeypatch, capsys):
     """The same flags: `crucible devnet miner` connects through the devnet client, reads the metagraph, finds
     the miner registered and the bucket (keys from CRUCIBLE_BUCKET_*) reachable, and stops only at the
     missing dataset; `crucible miner` refuses the devnet:// network before dialing anything."""
     chain = chain_factory()
-    s3_server.ensure_bucket("cli-miner-0")
-    creds = s3_server.credentials("cli-miner-0")
-    for side, pair in (("READ", creds.read), ("WRITE", creds.write)):
-        monkeypatch.setenv(f"CRUCIBLE_BUCKET_{side}_KEY", pair.access_key_id)
-        monkeypatch.setenv(f"CRUCIBLE_BUCKET_{side}_SECRET", pair.secret_access_key.get_secret_value())
-    flags = ["--network", chain.url, "--netuid", str(chain.manifest.netuid), "--wallet.path",
-             chain.manifest.wallet_path, "--wallet.name", "miner-0", "--data", str(tmp_path / "no-data"),
-             "--device", "cpu", "--bucket.endpoint", creds.read.endpoint_url, "--bucket.region", creds.read.region,
-             "--bucket.name", "cli-miner-0"]
+    flags = node_flags(chain, s3_server, "miner-0", tmp_path / "no-data", monkeypatch)
     assert main(["devnet", "miner", *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("crucible devnet miner: dataset:") and err.count("\n") == 1, err
@@ -127,3 +150,21 @@ def test_devnet_nodes_reach_the_devnet_chain_and_production_nodes_refuse_it(chai
     assert main(["miner", *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"crucible miner: {chain.url} is a devnet chain") and "crucible devnet miner" in err
+
+
+def test_devnet_validator_runs_one_window_and_serves_its_metrics(network_factory, s3_server, tiny_dataset, tmp_path,
+                                                                 monkeypatch):
+    """`run_node` end to end on the real devnet chain and S3 server: open, build, metrics, one window, close."""
+    net = network_factory(miners=1, validators=1)
+    flags = node_flags(net.chain, s3_server, "validator-0", tiny_dataset.path, monkeypatch)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    state = tmp_path / "validator"
+    argv = ["devnet", "validator", *flags, "--state-dir", str(state), "--windows", "1", "--metrics.port", str(port),
+            *(f"--set={o}" for o in NET_OVERRIDES)]
+    assert main(argv) == 0
+    scored = load_state(state / SCORES_FILE).last_window  # the validator scored its window into --state-dir
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert scored is not None and f"crucible_window {float(scored)}" in page  # observed after the window
+    assert "crucible_miners_evaluated" in page  # the validator's gauges: metrics were built for its role
