@@ -12,5 +12,5 @@ Modules:
 - `validator.py`: seconds to evaluate one miner vs four plain forward passes.
 - `storage.py`: put/get throughput through `transport.bucket.Bucket`.
 - `reference_loss.py`: `run_reference`: the tiny SparseLoCo loss curve stored in
-  `tests/assets/losses/` (`python -m bench.reference_loss --write` regenerates it).
+  `tests/assets/losses/` (`crucible bench reference-loss --write` regenerates it).
 """

@@ -18,7 +18,7 @@ pages are cut and split into train/held-out exactly as for real data.
 
 When a change is *meant* to alter training, regenerate the file and commit it with the change:
 
-    .venv/bin/python -m bench.reference_loss --write
+    .venv/bin/crucible bench reference-loss --write
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from protocol.data import PageStore
 from protocol.hparams import HParams, load_hparams
 
 ASSET = Path(__file__).resolve().parent.parent / "tests" / "assets" / "losses" / "tiny_sparseloco.json"
-REGENERATE = ".venv/bin/python -m bench.reference_loss --write"
+REGENERATE = ".venv/bin/crucible bench reference-loss --write"
 
 # The run: small enough for a couple of CPU seconds per window, long enough for the loss to move.
 PRESET = "tiny"
@@ -156,13 +156,3 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"wrote {ASSET}", file=sys.stderr)
     print(json.dumps(record, indent=1))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.reference_loss", description=__doc__.splitlines()[0])
-    add_cli(parser)
-    return run_cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -141,8 +141,8 @@ class Node:
         """The metagraph and every committed hotkey's read credentials, now."""
         return await self.chain.metagraph(), await self.credentials()
 
-    async def credentials(self, refresh: bool = True) -> dict[str, BucketConfig]:
-        """Read-bucket configs of every uid with a valid commitment now, keyed by hotkey (always read afresh)."""
+    async def credentials(self) -> dict[str, BucketConfig]:
+        """Read-bucket configs of every uid with a valid commitment now, keyed by hotkey."""
         read = await self.chain.read_credentials()
         for uid, reason in read.errors.items():
             log.debug("uid %d has no usable bucket commitment: %s", uid, reason)

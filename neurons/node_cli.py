@@ -108,11 +108,10 @@ async def _checked_node(cfg: NodeConfig, chain: Chain, creds: BucketCredentials,
 
 async def ensure_commitment(node: Node, creds: BucketCredentials) -> None:
     """Commit our read credentials on chain unless exactly these are already there."""
-    current = await node.credentials(refresh=True)
+    current = await node.credentials()
     if current.get(node.hotkey) == creds.read:
         return
     await node.chain.commit_credentials(creds.read_only())
-    await node.credentials(refresh=True)
 
 
 async def run_node(cfg: NodeConfig, role: str, build: Callable[[Node, Path], Role], *, prog: str,

@@ -7,7 +7,7 @@ the run was found bit-reproducible across processes and across 1, 2 and 4 torch 
 (torch 2.13.0+cpu), because θ_0 comes from a private RNG and the aggregate is summed in float64 in
 sorted peer order. So any difference means training changed. If that was the intent (a model,
 codec, inner-loop or outer-step change), regenerate the file with
-`.venv/bin/python -m bench.reference_loss --write` and commit it with the change.
+`.venv/bin/crucible bench reference-loss --write` and commit it with the change.
 """
 
 from __future__ import annotations
