@@ -2,6 +2,6 @@
 
 import torch
 
-pytest_plugins = ["tests.plugins.data", "tests.plugins.chain", "tests.plugins.s3", "tests.plugins.network"]
+pytest_plugins = ["tests.plugins.data", "tests.plugins.chain", "tests.plugins.s3", "tests.plugins.network", "tests.plugins.hostile_s3"]
 
 torch.set_num_threads(2)
