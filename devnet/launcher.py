@@ -176,7 +176,8 @@ def node_config(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, d
                         wallet_path=wallet_path)
     return NodeConfig(chain=chain, preset=cfg.preset, overrides=cfg.overrides, data=data,
                       state_dir=(cfg.state / "nodes" / p.name).resolve(), device="cpu", windows=cfg.windows + 1,
-                      bucket=BucketSettings(endpoint=s3["endpoint"], region=s3["region"], name=p.name))
+                      # model_construct: the launcher's own CRUCIBLE_BUCKET_* must not leak into a node's argv
+                      bucket=BucketSettings.model_construct(endpoint=s3["endpoint"], region=s3["region"], name=p.name))
 
 
 def node_spec(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, data: Path,

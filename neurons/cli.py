@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args._prog}: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except HParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{args._prog}: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ process, the tiny model, a few windows of inner steps, held-out loss printed as 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--device", default="cpu", help="torch device")
 
 
+def _fail(command: str, message: str) -> int:
+    """One line on stderr, exit code 1."""
+    print(f"crucible data {command}: {message}", file=sys.stderr)
+    return 1
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from neurons.corpus import CorpusError, file_documents, stdlib_documents
     from neurons.dataset import prepare_dataset
@@ -38,6 +45,10 @@ def _prepare(args: argparse.Namespace) -> int:
     hp = HPARAMS_FLAGS.parse(args).hparams()
     max_chars = args.max_chars or hp.data.corpus_max_chars
     started = time.perf_counter()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail("prepare", f"--out {args.out}: cannot create the folder: {exc.strerror or exc}")
     try:
         if args.input:
             docs = list(file_documents(args.input, max_chars))
@@ -49,8 +60,9 @@ def _prepare(args: argparse.Namespace) -> int:
             raise DatasetError(f"tokenizer not found: {args.tokenizer}")
         info = prepare_dataset(hp, args.out, docs, args.tokenizer, progress=True)
     except (CorpusError, DatasetError) as exc:
-        print(f"error: {exc}")
-        return 1
+        return _fail("prepare", str(exc))
+    except OSError as exc:  # writing pages or the tokenizer: a full disk, a read-only folder
+        return _fail("prepare", f"{exc.filename or args.out}: {exc.strerror or exc}")
     seconds = time.perf_counter() - started
     print(f"source: {source}: {len(docs)} documents, {sum(map(len, docs)):,} characters")
     print(f"wrote {info.tokens:,} tokens: {info.train_pages:,} train pages ({info.train_tokens:,} tokens) and "
@@ -67,8 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         store = PageStore(args.data, hp)
     except DatasetError as exc:
-        print(f"error: {exc}")
-        return 1
+        return _fail("train", f"--data {args.data}: {exc}")
     model = build_model(hp, args.device)
     optimizer = make_inner_optimizer(model, hp)
     heldout = store.pages(range(min(64, store.num_heldout)), "heldout")

@@ -30,5 +30,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if window is None:
         print("crucible explain: the validator has not scored a window yet", file=sys.stderr)
         return 1
+    if state.entry(args.uid, window) is None:  # explain() would say so on stdout; a script needs the exit code
+        print(f"crucible explain: {explain(state, args.uid, window)}", file=sys.stderr)
+        return 1
     print(explain(state, args.uid, window))
     return 0

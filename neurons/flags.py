@@ -7,8 +7,10 @@ back into a validated model, so no default is written twice and every check runs
 Spelling: a field `state_dir` is `--state-dir`; a field of a nested model `metrics.port` is
 `--metrics.port` and `bucket.read_key` is `--bucket.read-key`. `names` gives a field other
 spellings (bittensor's `--wallet.name`, `--subtensor.network`; the first one is the one error
-messages use). `env` lets a field fall back to an environment variable (read when the model is
-built, so a secret need never be on argv); empty variables count as unset. Booleans get
+messages use); `switches` adds value-less flags that set a field to a constant (bittensor's
+`--logging.debug` sets `log_level`). A nested model that is a pydantic-settings `BaseSettings`
+falls back to environment variables by itself (its `env_prefix` + field name, read when the model is
+built, so a secret need never be on argv); its flags' help names the variable. Booleans get
 `--x/--no-x`; lists are repeatable flags.
 
 Flags are registered with `default=SUPPRESS`: a flag that is not given leaves no attribute on the
@@ -20,7 +22,6 @@ argparse's usage dump.
 from __future__ import annotations
 
 import argparse
-import os
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,8 +72,8 @@ class Flags(Generic[M]):
 
     model: type[M]
     names: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
     metavars: Mapping[str, str] = field(default_factory=dict)
+    switches: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # path -> {flag: value}
 
     def fields(self) -> Iterator[tuple[str, FieldInfo, str | None]]:
         """(path, field, group) of every leaf field; group is the nested model's path, None at the top."""
@@ -93,6 +94,18 @@ class Flags(Generic[M]):
             return list(self.names[path])
         return ["--" + path.replace("_", "-")]
 
+    def env_var(self, path: str) -> str | None:
+        """The environment variable a field falls back to: its model is a `BaseSettings` with an env_prefix."""
+        parent, _, leaf = path.rpartition(".")
+        model = self._model_at(parent) if parent else self.model
+        prefix = model.model_config.get("env_prefix") if hasattr(model, "settings_customise_sources") else None
+        return f"{prefix}{leaf}".upper() if prefix else None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Field path -> its environment variable, for every field that has one."""
+        return {path: var for path, _, _ in self.fields() if (var := self.env_var(path))}
+
     def flag_of(self) -> dict[str, str]:
         """Field path -> the flag that error messages name."""
         return {path: self.spellings(path)[0] for path, _, _ in self.fields()}
@@ -106,8 +119,8 @@ class Flags(Generic[M]):
                 groups[group] = parser.add_argument_group(f"{group}: {doc[0]}" if doc else group)
             names = self.spellings(path)
             help_text = (info.description or "").rstrip(".") + _default_text(info)
-            if path in self.env:
-                help_text += f" [${self.env[path]}]"
+            if env := self.env_var(path):
+                help_text += f" [${env}]"
             options: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS,
                                        "help": help_text.replace("%", "%%")}
             if info.annotation is bool:
@@ -117,10 +130,13 @@ class Flags(Generic[M]):
                     options["action"] = "append"
                 options["metavar"] = self.metavars.get(path) or names[0].lstrip("-").split(".")[-1].upper().replace("-", "_")
             groups[group].add_argument(*names, **options)
+            for flag, const in self.switches.get(path, {}).items():
+                groups[group].add_argument(flag, dest=path, action="store_const", const=const,
+                                           default=argparse.SUPPRESS, help=f"same as {names[0]} {const}")
         return parser
 
     def values(self, args: argparse.Namespace) -> dict[str, Any]:
-        """The nested dict of what was given: flags first, then environment variables."""
+        """The nested dict of the flags given (environment fallbacks are the settings models' own)."""
         out: dict[str, Any] = {}
         given = vars(args)
         for path, _, _ in self.fields():
@@ -130,8 +146,6 @@ class Flags(Generic[M]):
                 node = node.setdefault(part, {})
             if path in given:
                 node[leaf] = given[path]
-            elif os.environ.get(self.env.get(path, "")):
-                node[leaf] = os.environ[self.env[path]]
         return out
 
     def parse(self, args: argparse.Namespace) -> M:

@@ -44,6 +44,27 @@ class Role(Protocol):
     async def run(self, windows: int | None = None) -> None: ...
 
 
+# Libraries whose INFO lines (connection attempts, HTTP requests, weight-loading notes) are noise in a node
+# log; they log at WARNING unless --logging.trace.
+NOISY_LOGGERS = ("bittensor", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp", "asyncio", "websockets",
+                 "transformers", "filelock", "matplotlib", "PIL")
+
+
+def configure_logging(cfg: NodeConfig) -> None:
+    """Root logger at the node's level, 24-hour timestamps; third-party libraries quiet unless TRACE."""
+    logging.basicConfig(level=cfg.python_log_level(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    if cfg.log_level == "TRACE":
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, cfg.python_log_level()))
+    # transformers has its own handler and tqdm bars, which bypass the root logger
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def start_metrics(config: MetricsConfig, role: str) -> NodeMetrics | None:
     """A NodeMetrics served on --metrics.port, or None when the flag is not given."""
     if config.port is None:
@@ -59,7 +80,7 @@ async def open_node(cfg: NodeConfig, need_permit: bool = False,
 
     `client`: a ready `bt.Client` to reach the chain through (the devnet's); None dials `cfg.chain.network`.
     """
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(cfg)
     hp = cfg.hparams()
     try:
         creds = bucket_credentials(cfg.bucket)

@@ -2,12 +2,18 @@
 
 The fields are the single source of each default and check; `NODE_FLAGS` (see `neurons.flags`)
 turns them into the command line: the bittensor chain flags (`--netuid`, `--network` alias
-`--subtensor.network`, `--wallet.name/.hotkey/.path`, reusing `transport.chain.ChainConfig`), the
-hparams choice (`--preset` alias `--hparams`, repeatable `--set`), the dataset, state folder,
-device, window count, log level, the Prometheus endpoint (`--metrics.port/.addr`) and the node's
-own bucket (`--bucket.*`, each with a CRUCIBLE_BUCKET_* environment fallback, so the keys need never
-be on argv, where `ps` shows them). This module imports neither torch nor the node, so building a
-parser stays cheap; `neurons.node_cli.open_node` does the I/O.
+`--subtensor.network` and `--subtensor.chain_endpoint`, `--wallet.name/.hotkey/.path`, reusing
+`transport.chain_config.ChainConfig`), the hparams choice (`--preset` alias `--hparams`, repeatable
+`--set`), the dataset, state folder, device, window count, log level (`--logging.debug`,
+`--logging.trace` as in bittensor), the Prometheus endpoint (`--metrics.port/.addr`) and the node's
+own bucket (`--bucket.*`, each with a CRUCIBLE_BUCKET_* environment fallback read by
+pydantic-settings, so the keys need never be on argv, where `ps` shows them).
+
+Defaults that only make sense for a demo apply only off the public networks: on `finney`, `test`
+and `archive` a node refuses to start without an explicit `--preset` and `--data` (the tiny model
+on a real subnet would waste everybody's time); on `local`, `ws://` and `devnet://` they default to
+`tiny` and `data/tiny`. This module imports neither torch, the SDK nor the node, so building a parser
+stays cheap; `neurons.node_cli.open_node` does the I/O.
 """
 
 from __future__ import annotations
@@ -15,17 +21,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from neurons.flags import Flags, config_error
-from protocol.hparams import HParams, load_hparams
+from neurons.flags import Flags
+from protocol.hparams import PRESETS, HParams, load_hparams
 from protocol.storage_config import BucketConfig, BucketCredentials
-from transport.chain import ChainConfig
+from transport.chain_config import ChainConfig
 
 ENV_PREFIX = "CRUCIBLE_BUCKET_"
 # bittensor's spellings of ChainConfig's fields; the first one is what error messages name.
 CHAIN_NAMES: dict[str, tuple[str, ...]] = {
-    "network": ("--network", "--subtensor.network"),
+    "network": ("--network", "--subtensor.network", "--subtensor.chain_endpoint"),
     "netuid": ("--netuid",),
     "wallet_name": ("--wallet.name",),
     "wallet_hotkey": ("--wallet.hotkey",),
@@ -33,6 +48,22 @@ CHAIN_NAMES: dict[str, tuple[str, ...]] = {
 }
 HPARAMS_NAMES: dict[str, tuple[str, ...]] = {"preset": ("--preset", "--hparams"), "overrides": ("--set",)}
 HPARAMS_METAVARS = {"overrides": "SECTION.FIELD=VALUE"}
+# bittensor's logging switches; TRACE is DEBUG for third-party libraries too (the SDK, boto3, transformers)
+LOGGING_SWITCHES = {"log_level": {"--logging.info": "INFO", "--logging.debug": "DEBUG", "--logging.trace": "TRACE"}}
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEMO_PRESET, DEMO_DATA = "tiny", Path("data/tiny")
+
+
+def check_preset(value: str) -> str:
+    """A preset name or an existing .toml/.json file; ValueError listing the presets otherwise."""
+    if value in PRESETS:
+        return value
+    path = Path(value)
+    if path.suffix in (".toml", ".json"):
+        if not path.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+    raise ValueError(f"unknown preset {value!r}: use one of {', '.join(PRESETS)} or a .toml/.json file")
 
 
 class HParamsChoice(BaseModel):
@@ -42,15 +73,23 @@ class HParamsChoice(BaseModel):
     preset: str = Field("tiny", min_length=1, description="hparams preset name or a .toml/.json file")
     overrides: list[str] = Field(default_factory=list, description="override one hyperparameter (repeatable)")
 
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        return None if v is None else check_preset(v)
+
     def hparams(self) -> HParams:
         """The chosen hyperparameters; HParamsError with one line when the preset or an override is bad."""
+        assert self.preset is not None, "NodeConfig fills the preset in"
         return load_hparams(self.preset, self.overrides)
 
 
-class BucketSettings(BaseModel):
+class BucketSettings(BaseSettings):
     """the node's own bucket (flags or CRUCIBLE_BUCKET_* environment variables)"""
 
-    model_config = ConfigDict(extra="forbid")
+    # pydantic-settings reads CRUCIBLE_BUCKET_<FIELD> for every field not given as a flag; empty counts as unset
+    # (compose's ${VAR:-}); nothing else (no .env file, no secrets dir) is read.
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_ignore_empty=True)
     endpoint: str | None = Field(None, description="S3 endpoint URL (R2: https://ACCOUNT.r2.cloudflarestorage.com)")
     region: str = Field("auto", description="signing region ('auto' on R2)")
     name: str | None = Field(None, description="bucket name")
@@ -70,20 +109,43 @@ class MetricsConfig(BaseModel):
 
 class NodeConfig(HParamsChoice):
     chain: ChainConfig
-    data: Path = Field(Path("data/tiny"), description="prepared dataset folder")
+    preset: str | None = Field(None, min_length=1, description=(
+        f"hparams preset ({', '.join(PRESETS)}) or a .toml/.json file (default: {DEMO_PRESET} on local, ws:// and "
+        "devnet:// networks; required on finney, test and archive)"))
+    data: Path | None = Field(None, description=(
+        f"prepared dataset folder (default: {DEMO_DATA} on local, ws:// and devnet:// networks; required on "
+        "finney, test and archive)"))
     state_dir: Path | None = Field(None, description="local state folder (default ~/.crucible/HOTKEY)")
     device: str = Field("auto", min_length=1, description="torch device: cpu, cuda, cuda:N, or auto (cuda when available)")
     windows: int | None = Field(None, ge=1, description="stop after this many windows (default: run forever)")
-    log_level: str = Field("INFO", description="logging level")
+    log_level: str = Field("INFO", description="logging level: TRACE (DEBUG, third-party libraries too), DEBUG, INFO, WARNING, ERROR")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     bucket: BucketSettings = Field(default_factory=BucketSettings)
 
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
-        if v.upper() not in logging.getLevelNamesMapping():
-            raise ValueError(f"unknown logging level {v!r}")
+        if v.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown logging level {v!r}: use one of {', '.join(LOG_LEVELS)}")
         return v.upper()
+
+    @model_validator(mode="after")
+    def _demo_defaults(self) -> NodeConfig:
+        """The tiny preset and data/tiny off the public networks; on them, both must be chosen."""
+        network = self.chain.network
+        if self.preset is None and self.chain.is_public:
+            raise ValueError(f"--preset: required on network {network}: one of {', '.join(PRESETS)} or a .toml/.json "
+                             f"file ({DEMO_PRESET} is the default on local networks only)")
+        if self.data is None and self.chain.is_public:
+            raise ValueError(f"--data: required on network {network}: a folder made by `crucible data prepare "
+                             f"--preset {self.preset} --out DIR` ({DEMO_DATA} is the default on local networks only)")
+        self.preset = self.preset or DEMO_PRESET
+        self.data = self.data or DEMO_DATA
+        return self
+
+    def python_log_level(self) -> int:
+        """The level for the root logger (TRACE is DEBUG with third-party libraries unmuted)."""
+        return logging.DEBUG if self.log_level == "TRACE" else logging.getLevelNamesMapping()[self.log_level]
 
     def torch_device(self) -> str:
         """`device` with `auto` resolved (imports torch, so only when the node is being built)."""
@@ -101,10 +163,24 @@ HPARAMS_FLAGS = Flags(HParamsChoice, names=HPARAMS_NAMES, metavars=HPARAMS_METAV
 NODE_FLAGS = Flags(
     NodeConfig,
     names={**{f"chain.{k}": v for k, v in CHAIN_NAMES.items()}, **HPARAMS_NAMES},
-    env={f"bucket.{name}": ENV_PREFIX + name.upper() for name in BucketSettings.model_fields},
     metavars=HPARAMS_METAVARS,
+    switches=LOGGING_SWITCHES,
 )
 REQUIRED_BUCKET_FIELDS = ("name", "read_key", "read_secret", "write_key", "write_secret")
+# BucketConfig's field -> BucketSettings' field ("{pair}" is read or write)
+BUCKET_FIELDS = {"endpoint_url": "endpoint", "region": "region", "bucket": "name", "access_key_id": "{pair}_key",
+                 "secret_access_key": "{pair}_secret"}
+
+
+def _bucket_setting(bucket: BucketSettings, pair: str, exc: ValidationError) -> str:
+    """One line for a BucketConfig error: the flag and variable, the bad value (never a secret), the rule."""
+    first = exc.errors()[0]
+    name = BUCKET_FIELDS.get(str(first["loc"][0]) if first["loc"] else "", "name").format(pair=pair)
+    path = f"bucket.{name}"
+    value = getattr(bucket, name)
+    got = "" if value is None or isinstance(value, SecretStr) else f" (got {value!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{NODE_FLAGS.spellings(path)[0]} (${NODE_FLAGS.env_var(path)}): {message}{got}"
 
 
 def bucket_credentials(bucket: BucketSettings) -> BucketCredentials:
@@ -112,12 +188,13 @@ def bucket_credentials(bucket: BucketSettings) -> BucketCredentials:
     missing = [name for name in REQUIRED_BUCKET_FIELDS if not getattr(bucket, name)]
     if missing:
         path = f"bucket.{missing[0]}"
-        raise ValueError(f"bucket not configured: set {NODE_FLAGS.spellings(path)[0]} (or ${NODE_FLAGS.env[path]})")
+        raise ValueError(f"bucket not configured: set {NODE_FLAGS.spellings(path)[0]} (or ${NODE_FLAGS.env_var(path)})")
     common = dict(endpoint_url=bucket.endpoint, region=bucket.region, bucket=bucket.name)
-    try:
-        return BucketCredentials(
-            read=BucketConfig(**common, access_key_id=bucket.read_key, secret_access_key=bucket.read_secret),
-            write=BucketConfig(**common, access_key_id=bucket.write_key, secret_access_key=bucket.write_secret),
-        )
-    except ValidationError as exc:
-        raise ValueError(f"bad bucket settings: {config_error(exc)}") from None
+    pairs = {}
+    for pair in ("read", "write"):
+        try:
+            pairs[pair] = BucketConfig(**common, access_key_id=getattr(bucket, f"{pair}_key"),
+                                       secret_access_key=getattr(bucket, f"{pair}_secret"))
+        except ValidationError as exc:
+            raise ValueError(_bucket_setting(bucket, pair, exc)) from None
+    return BucketCredentials(**pairs)

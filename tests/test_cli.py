@@ -11,6 +11,7 @@ import pytest
 
 from gauntlet.state import load_state
 from neurons.cli import COMMANDS, main
+from neurons.flags import FlagError
 from neurons.node_config import NODE_FLAGS
 from neurons.node_files import SCORES_FILE
 from tests.plugins.network import NET_OVERRIDES
@@ -48,7 +49,9 @@ def test_node_flags_come_from_node_config_and_the_adversary_only_from_the_devnet
                  "--preset", "--hparams", "--set", "--data", "--state-dir", "--device", "--windows", "--log-level",
                  "--metrics.port", "--metrics.addr", "--bucket.endpoint", "--bucket.read-key", "--bucket.write-secret"):
         assert flag in text, flag
-    assert "(default: data/tiny)" in text and "[$CRUCIBLE_BUCKET_WRITE_SECRET]" in text
+    assert "(default: data/tiny on local" in text and "[$CRUCIBLE_BUCKET_WRITE_SECRET]" in text
+    for alias in ("--subtensor.chain_endpoint", "--logging.debug", "--logging.trace"):  # bittensor's spellings
+        assert alias in text, alias
     assert "--adversary" not in text
     assert "torch" not in heavy and "neurons.node" not in heavy  # building the parser builds no node
     devnet_text, _ = imported_by("devnet", "miner", "--help")
@@ -61,7 +64,7 @@ def test_flags_round_trip_through_the_config():
     parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
     args = parser.parse_args(["--netuid", "7", "--wallet.name", "v", "--subtensor.network", "test", "--set",
                               "inner.steps=2", "--set=inner.lr=0.001", "--windows", "3", "--metrics.port", "9100",
-                              "--bucket.name", "b", "--log-level", "debug"])
+                              "--bucket.name", "b", "--log-level", "debug", "--preset", "150m", "--data", "d"])
     cfg = NODE_FLAGS.parse(args)
     assert (cfg.chain.netuid, cfg.chain.network, cfg.chain.wallet_name, cfg.chain.wallet_hotkey) == (7, "test", "v",
                                                                                                     "default")
@@ -70,16 +73,30 @@ def test_flags_round_trip_through_the_config():
     assert NODE_FLAGS.parse(parser.parse_args(NODE_FLAGS.argv(cfg))) == cfg
 
 
+def test_bittensor_aliases_and_demo_defaults_only_off_the_public_networks():
+    parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
+    cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--subtensor.chain_endpoint", "ws://10.0.0.1:9944",
+                                              "--logging.trace"]))
+    assert cfg.chain.network == "ws://10.0.0.1:9944" and cfg.log_level == "TRACE" and cfg.python_log_level() == 10
+    assert (cfg.preset, str(cfg.data)) == ("tiny", "data/tiny")  # a private chain: the demo defaults apply
+    assert NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", "local", "--logging.debug"])).log_level == "DEBUG"
+    for network in ("finney", "test", "archive"):  # a real subnet: the operator chooses model and data
+        with pytest.raises(FlagError, match=f"--preset: required on network {network}"):
+            NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--data", "d"]))
+        with pytest.raises(FlagError, match=f"--data: required on network {network}"):
+            NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--preset", "1b"]))
+
+
 def test_bucket_settings_fall_back_to_the_environment_and_secrets_stay_off_argv(monkeypatch):
     parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
     monkeypatch.setenv("CRUCIBLE_BUCKET_NAME", "from-env")
     monkeypatch.setenv("CRUCIBLE_BUCKET_REGION", "")  # compose's ${VAR:-} leaves an empty value: unset
     monkeypatch.setenv("CRUCIBLE_BUCKET_WRITE_SECRET", "s3cr3t-value")
-    cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1"]))
+    cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", "local"]))
     assert cfg.bucket.name == "from-env" and cfg.bucket.region == "auto"
     assert cfg.bucket.write_secret.get_secret_value() == "s3cr3t-value" and "s3cr3t" not in repr(cfg)
     assert "s3cr3t-value" not in NODE_FLAGS.argv(cfg)  # the launcher passes secrets through the environment
-    flagged = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--bucket.name", "from-flag"]))
+    flagged = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", "local", "--bucket.name", "from-flag"]))
     assert flagged.bucket.name == "from-flag"  # a flag beats the environment
 
 
@@ -88,7 +105,8 @@ def test_bucket_settings_fall_back_to_the_environment_and_secrets_stay_off_argv(
     (["validator", "--netuid", "x"], "crucible validator: --netuid: Input should be a valid integer"),
     (["miner", "--netuid", "1", "--windows", "0"], "crucible miner: --windows: Input should be greater than"),
     (["miner", "--netuid", "1", "--network", "mainnet"], "crucible miner: --network: unknown network 'mainnet'"),
-    (["devnet", "miner", "--netuid", "1", "--network", "test"], "crucible devnet miner: --network: not a devnet URL"),
+    (["devnet", "miner", "--netuid", "1", "--network", "test", "--preset", "tiny", "--data", "d"],
+     "crucible devnet miner: --network: not a devnet URL"),
     (["devnet", "miner", "--netuid", "1", "--network", "devnet://127.0.0.1:9", "--adversary", "sybil"],
      "crucible devnet miner: --adversary: unknown kind 'sybil'"),
     (["devnet", "--miners", "0", "--adversary", "bogus"], "crucible devnet run: unknown adversary kind 'bogus'"),
@@ -103,7 +121,7 @@ def test_a_bad_setting_is_one_line_naming_the_flag_and_exit_2(argv, message, cap
 def test_bad_hparams_is_one_line_and_exit_2(capsys, tmp_path):
     code = main(["data", "prepare", "--out", str(tmp_path), "--set", "inner.lr=-3"])
     assert code == 2
-    assert capsys.readouterr().err.strip().startswith("error: hparams: inner.lr")
+    assert capsys.readouterr().err.strip().startswith("crucible data: hparams: inner.lr")
 
 
 def test_prepare_then_train(tmp_path, capsys):
@@ -119,7 +137,7 @@ def test_prepare_then_train(tmp_path, capsys):
 
 def test_prepare_reports_missing_input(tmp_path, capsys):
     assert main(["data", "prepare", "--out", str(tmp_path), "--input", str(tmp_path / "none.txt")]) == 1
-    assert "input not found" in capsys.readouterr().out
+    assert "input not found" in capsys.readouterr().err
 
 
 def node_flags(chain, s3_server, wallet: str, data, monkeypatch) -> list[str]:

@@ -12,8 +12,9 @@ Modules:
 - `bucket_errors.py`: `StorageError` and its family, `call_with_retry`: the one retry loop.
 - `bucket_stats.py`: `ObjectInfo`, `StorageStats`: object metadata and transfer counters.
 - `bucket_config.py`: `StorageConfig`: this node's bucket transport knobs.
-- `chain.py`: `Chain`, `ChainConfig`, `sdk_client`: blocks, timestamps, metagraph, commitments, weights
-  through the bittensor SDK.
+- `chain.py`: `Chain`, `sdk_client`: blocks, timestamps, metagraph, commitments, weights through the
+  bittensor SDK.
+- `chain_config.py`: `ChainConfig`: network, netuid and wallet; imports no SDK (fast `--help`).
 - `fetch.py`: `ShardSource`, `BucketPool`, `first_from_validators`: peers' shards and what
   validators publish, downloaded and verified.
 """

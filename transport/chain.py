@@ -14,6 +14,7 @@ Wallets follow the bittensor convention (`--wallet.name/--wallet.hotkey/--wallet
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +25,6 @@ from typing import Any
 import bittensor as bt
 from bittensor.intents import normalize
 from bittensor.result import BittensorError, ExtrinsicResult
-from bittensor.wallet import DEFAULT_WALLET_PATH
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol.chain_commitment import (
     RAW_FIELD_MAX,
@@ -36,9 +35,7 @@ from protocol.chain_commitment import (
     parse_credentials,
 )
 from protocol.storage_config import BucketConfig, BucketCredentials
-
-DEVNET_SCHEME = "devnet://"
-NETWORK_NAMES = ("finney", "test", "local", "archive")
+from transport.chain_config import DEVNET_SCHEME, NETWORK_NAMES, ChainConfig  # noqa: F401 (re-exported)
 
 
 class ChainAccessError(RuntimeError):
@@ -53,22 +50,6 @@ class ChainAccessError(RuntimeError):
 
 class ChainCallFailed(ChainAccessError):
     """An extrinsic was refused (preflight, pool or dispatch); carries the SDK's reason and error name."""
-
-
-class ChainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    network: str = Field("finney", description="finney | test | local | archive | ws(s)://host:port | devnet://host:port.")
-    netuid: int = Field(..., ge=0, le=65535, description="Subnet this node takes part in.")
-    wallet_name: str = Field("default", description="Wallet (coldkey) name, as --wallet.name.")
-    wallet_hotkey: str = Field("default", description="Hotkey name inside the wallet, as --wallet.hotkey.")
-    wallet_path: str = Field(DEFAULT_WALLET_PATH, description="Folder holding wallets, as --wallet.path.")
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, v: str) -> str:
-        if v in NETWORK_NAMES or v.startswith(("ws://", "wss://", DEVNET_SCHEME)):
-            return v
-        raise ValueError(f"unknown network {v!r}: use {', '.join(NETWORK_NAMES)}, a ws(s):// URL or devnet://host:port")
 
 
 def sdk_client(network: str) -> bt.Client:
@@ -180,8 +161,15 @@ class Chain:
     async def connect(self) -> Chain:
         try:
             await self.client.connect()
-        except BittensorError as exc:
-            raise ChainAccessError(f"cannot connect to {self.config.network}: {exc}") from exc
+        except BaseException as exc:
+            # bt.Client.connect opens the transport (an aiohttp session on the devnet) before its first
+            # reads; a failure after that would leave the session to the garbage collector, which prints
+            # "Unclosed client session" after the error. Close it here, whatever the caller does next.
+            with contextlib.suppress(Exception):
+                await self.client.close()
+            if isinstance(exc, BittensorError):
+                raise ChainAccessError(f"cannot connect to {self.config.network}: {exc}") from exc
+            raise
         return self
 
     async def close(self) -> None:
