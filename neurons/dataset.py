@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.data import INDEX_VERSION, PAGES_PER_SHARD, DatasetError
+from protocol.data import EOT, INDEX_VERSION, PAGES_PER_SHARD, TOKENIZER_FILE, DatasetError
 from protocol.hparams import HParams
-
-EOT = "<|endoftext|>"
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int):
@@ -86,7 +84,7 @@ def prepare_dataset(
     eot = tokenizer.token_to_id(EOT)
     if eot is None:
         raise DatasetError(f"tokenizer has no {EOT} token")
-    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer.save(str(out / TOKENIZER_FILE))
 
     dtype = np.uint16 if hp.model.vocab_size <= 1 << 16 else np.uint32
     seq = hp.model.seq_len

@@ -23,6 +23,8 @@ import torch
 from protocol.hparams import HParams
 
 INDEX_VERSION = 1
+EOT = "<|endoftext|>"  # ends every document in the pages; checkpoints name it bos, eos and pad (protocol.model)
+TOKENIZER_FILE = "tokenizer.json"  # the dataset's tokenizer, next to index.json
 PAGES_PER_SHARD = 4096  # pages per .npy file of a page store
 _MASK64 = (1 << 64) - 1
 
@@ -36,6 +38,7 @@ class PageStore:
 
     def __init__(self, path: str | Path, hp: HParams | None = None):
         self.path = Path(path)
+        self.tokenizer_path = self.path / TOKENIZER_FILE
         index_file = self.path / "index.json"
         if not index_file.is_file():
             raise DatasetError(f"{self.path}: no index.json (run `crucible data prepare`)")

@@ -4,7 +4,11 @@ Every node must start from the bit-identical θ_0, so the model is always initia
 float32 under a private RNG seeded from `hparams.init_seed` (the global RNG is left untouched), and
 only then moved to the training device. Checkpoints are plain `save_pretrained` folders
 (`config.json` + `model.safetensors`), loadable by `LlamaForCausalLM.from_pretrained` and
-lm-eval-harness; loading goes through safetensors only, never pickle.
+lm-eval-harness; loading goes through safetensors only, never pickle. Given the dataset's tokenizer,
+a checkpoint also carries it (`tokenizer.json`, `tokenizer_config.json`)
+and names its end-of-text token as bos/eos/pad id in `config.json` and `generation_config.json`, so
+`AutoTokenizer` + `AutoModelForCausalLM.from_pretrained(folder)` need nothing else and `generate()`
+stops at the end of a document.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from protocol.data import EOT
 from protocol.hparams import HParams
 
 
@@ -70,13 +75,46 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: LlamaForCausalLM, out_dir: str | Path, hp: HParams) -> Path:
-    """Write config.json + model.safetensors (+ crucible.json naming the hparams revision)."""
+def save_checkpoint(model: LlamaForCausalLM, out_dir: str | Path, hp: HParams,
+                    tokenizer: str | Path | None = None) -> Path:
+    """Write config.json + model.safetensors (+ crucible.json naming the hparams revision) and, with the
+    dataset's `tokenizer` (its tokenizer.json), the tokenizer files and the end-of-text token ids.
+
+    Every file the folder holds is part of the checkpoint (`checkpoint_files` lists them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        _save_tokenizer(Path(tokenizer), out, hp)
     (out / "crucible.json").write_text(json.dumps({"revision": hp.revision(), "preset": hp.name}))
     return out
+
+
+def checkpoint_files(folder: str | Path) -> list[str]:
+    """The names of a saved checkpoint's files, in a stable order (what a validator uploads)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+
+
+def _save_tokenizer(source: Path, out: Path, hp: HParams) -> None:
+    """The dataset's tokenizer as transformers files; its end-of-text token as bos, eos and pad in the configs."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        raw = Tokenizer.from_file(str(source))
+    except Exception as exc:  # tokenizers raises a bare Exception for a missing or malformed file
+        raise CheckpointError(f"tokenizer {source}: cannot load ({exc})") from None
+    eot_id = raw.token_to_id(EOT)
+    if eot_id is None or raw.get_vocab_size() > hp.model.vocab_size:
+        raise CheckpointError(f"tokenizer {source}: no {EOT} token or more than {hp.model.vocab_size} tokens")
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+                                   model_max_length=hp.model.seq_len)
+    fast.save_pretrained(out)
+    ids = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
+    for name in ("config.json", "generation_config.json"):
+        path = out / name
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**config, **ids}, indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(path: str | Path, hp: HParams, device: str | torch.device = "cpu") -> LlamaForCausalLM:

@@ -58,3 +58,43 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_hp):
         load_checkpoint(tmp_path / "other", tiny_hp)
     with pytest.raises(CheckpointError, match="missing model.safetensors"):
         load_checkpoint(tmp_path / "nothing", tiny_hp)
+
+
+def test_checkpoint_folder_alone_gives_model_and_tokenizer_and_generation_stops_at_eos(tmp_path, tiny_hp,
+                                                                                      tiny_dataset):
+    """With the dataset's tokenizer, a checkpoint is self-contained: AutoTokenizer and AutoModelForCausalLM load
+    from the folder alone, and generate() ends at the end-of-text token the folder names."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from protocol.data import EOT, PageStore
+    from protocol.model import checkpoint_files
+
+    store = PageStore(tiny_dataset.path, tiny_hp)
+    source = Tokenizer.from_file(str(store.tokenizer_path))
+    prompt, eot = "def main():", source.token_to_id(EOT)
+    ids = source.encode(prompt).ids
+    model = build_model(tiny_hp)
+    # teach the model that the prompt is a whole document (prompt, EOT, prompt, EOT, ...)
+    seq = torch.tensor((ids + [eot]) * (tiny_hp.model.seq_len // (len(ids) + 1))).view(1, -1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        model(input_ids=seq, labels=seq).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    folder = save_checkpoint(model, tmp_path / "ckpt", tiny_hp, tokenizer=store.tokenizer_path)
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "config.json", "model.safetensors", "crucible.json"} <= set(checkpoint_files(folder))
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    assert tokenizer.eos_token == tokenizer.bos_token == EOT and tokenizer.eos_token_id == eot
+    assert hf.config.eos_token_id == hf.config.bos_token_id == hf.generation_config.eos_token_id == eot
+    inputs = tokenizer(prompt, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids  # the same tokens as the pages were made of
+    out = hf.generate(**inputs, max_new_tokens=24, do_sample=False)[0].tolist()
+    new = out[len(ids):]
+    assert new and new[-1] == eot and len(new) < 24, new  # stopped at eos, not at the length cap
+    assert tokenizer.decode(out, skip_special_tokens=True) == prompt + tokenizer.decode(new, skip_special_tokens=True)
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        save_checkpoint(model, tmp_path / "bad", tiny_hp, tokenizer=tmp_path / "no-tokenizer.json")
