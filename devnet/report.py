@@ -47,8 +47,10 @@ class HeldoutPoint(BaseModel):
 
 class ComputeSummary(BaseModel):
     mean: float | None = Field(description="Mean over honest miners and windows of the compute fraction.")
-    per_miner: dict[str, float] = Field(description="Mean compute fraction per miner name.")
-    tokens_per_s: dict[str, float] = Field(description="Mean training tokens per second per miner name.")
+    per_miner: dict[str, float] = Field(description="Mean compute fraction per honest miner name.")
+    adversaries: dict[str, float] = Field(
+        default_factory=dict, description="Mean compute fraction per adversary name, apart (not in `mean`).")
+    tokens_per_s: dict[str, float] = Field(description="Mean training tokens per second per miner name (all).")
 
 
 class DevnetReport(BaseModel):
@@ -139,13 +141,16 @@ def build_report(
         if snap.heldout_loss is not None and snap.model_window is not None:
             losses[snap.model_window] = snap.heldout_loss
     kinds = {p.name: p.kind for p in participants}
-    per_miner, tps, honest_fractions = {}, {}, []
+    per_miner, adversaries, tps, honest_fractions = {}, {}, {}, []
     for name, items in sorted(miner_metrics.items()):
         if items:
-            per_miner[name] = statistics.fmean(m.compute_fraction for m in items)
+            fraction = statistics.fmean(m.compute_fraction for m in items)
             tps[name] = statistics.fmean(m.tokens_per_s for m in items)
             if kinds.get(name) == HONEST:
+                per_miner[name] = fraction
                 honest_fractions += [m.compute_fraction for m in items]
+            else:  # a copycat computes nothing by design: listed, never averaged in
+                adversaries[name] = fraction
     span = snapshots[-1].time - snapshots[0].time if len(snapshots) > 1 else 0.0
     return DevnetReport(
         windows=len(scored),
@@ -157,6 +162,7 @@ def build_report(
         miner_compute_fraction=ComputeSummary(
             mean=statistics.fmean(honest_fractions) if honest_fractions else None,
             per_miner=per_miner,
+            adversaries=adversaries,
             tokens_per_s=tps,
         ),
         windows_per_minute=(len(scored) - 1) / span * 60 if span > 0 and len(scored) > 1 else None,
@@ -168,11 +174,27 @@ def build_report(
     )
 
 
-def _figure():
+def _figure(width: float = 7.0):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(width, 4), dpi=100, layout="constrained")
     return fig, fig.subplots()
+
+
+def _axes(ax, xs: list[int], ys: list[float], floor: float | None = None, ceiling: float | None = None) -> None:
+    """Round ticks (whole windows; 1-2-2.5-5 steps) and limits that hug the data instead of matplotlib's margins."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    if xs:
+        lo, hi = min(xs), max(xs)
+        ax.set_xlim(lo - 0.25, hi + 0.25) if lo == hi else ax.set_xlim(lo, hi)
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = (hi - lo) * 0.04 or abs(hi) * 0.02 or 0.01
+        lo, hi = lo - pad, hi + pad
+        ax.set_ylim(lo if floor is None else max(floor, lo), hi if ceiling is None else min(ceiling, hi))
 
 
 def plot_heldout(report: DevnetReport, path: Path) -> Path:
@@ -184,19 +206,23 @@ def plot_heldout(report: DevnetReport, path: Path) -> Path:
         [p.loss for p in report.heldout_loss],
         marker="o",
         label="global model",
+        clip_on=False,  # the axes end at the first and last point: draw those markers whole
     )
     ax.set_xlabel("window (model at its start)")
     ax.set_ylabel("held-out loss")
     ax.set_title("Held-out loss of the global model")
+    ys = [p.loss for p in report.heldout_loss]
+    if ys and report.heldout_loss_initial is not None:
+        ys.append(report.heldout_loss_initial)
+    _axes(ax, [p.window for p in report.heldout_loss], ys)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="best")
     fig.savefig(path, format="png")
     return path
 
 
 def plot_weights(report: DevnetReport, path: Path) -> Path:
-    fig, ax = _figure()
+    fig, ax = _figure(width=8.5)  # room for the legend beside the plot, where it covers no line
     windows = sorted(report.weights_per_window)
     for uid, summary in sorted(report.per_uid.items()):
         xs = [w for w in windows if uid in report.weights_per_window[w]]
@@ -206,14 +232,16 @@ def plot_weights(report: DevnetReport, path: Path) -> Path:
             marker=".",
             linestyle="-" if summary.kind == HONEST else "--",
             label=f"{uid} {summary.name}",
+            clip_on=False,  # a weight of exactly 0 or 1 sits on the frame, fully drawn
         )
     ax.set_xlabel("window")
     ax.set_ylabel("weight")
     ax.set_title("Weight per uid (dashed: adversaries)")
+    weights = [v for per in report.weights_per_window.values() for v in per.values()]
+    _axes(ax, windows, weights + [0.0], floor=0.0, ceiling=1.0)
     ax.grid(alpha=0.3)
     if report.per_uid:
-        ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.savefig(path, format="png")
     return path
 

@@ -6,6 +6,12 @@ fixed slice of held-out pages), and turns them into a `WindowSnapshot`: one `Uid
 with its shard status, sync, loss score, rating (μ − 3σ), weight and incentive. The snapshots are
 shown as a rich live table on a terminal, as plain lines otherwise, and become the final report.
 Evaluating held-out loss here keeps the validator lean: it never pays for a number only we show.
+
+The validator writes `scores.json` for window w and then θ at the start of w + 1 (the model window w
+produced), so a reader can see the new scores next to the old θ. `ScoreWatcher` therefore keys the
+held-out loss on the saved θ's own window: window w's snapshot waits (briefly) until the saved state
+holds θ of window w + 1, and each saved θ is evaluated once, so every scored window gets exactly the
+loss of the model it produced — never a repeat of the previous one.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class UidRow(BaseModel):
     name: str = Field(description="Participant name, or 'uid N' for a hotkey the devnet did not start.")
     kind: str = Field(description="'honest', an adversary kind, or 'external'.")
     status: str = Field(
-        description="The window's shard: ok, missing, late, rejected, copy, or '-' if unscored."
+        description="The window's shard: ok, missing, late, rejected, 'copy of uid N', or '-' if unscored."
     )
     accepted: bool = Field(False, description="The shard passed stage 1 (present, on time, valid).")
     sync: float | None = Field(None, description="Sync score used this window.")
@@ -76,7 +82,8 @@ def _status(entry: WindowEntry) -> tuple[str, bool]:
     if entry.reject_reason is not None:
         return "rejected", False
     if entry.copy_factor < 1:
-        return f"copy x{entry.copy_factor:g}", True
+        source = f"uid {entry.copied_from}" if entry.copied_from is not None else "an earlier upload"
+        return f"copy of {source}", True
     return "ok", True
 
 
@@ -123,7 +130,7 @@ class HeldoutEvaluator:
         store = PageStore(data_path, hp)
         self.samples = store.pages(range(min(pages, store.num_heldout)), "heldout")
         self.model = build_model(hp)
-        self._cache: tuple[int, int, float] | None = None  # (mtime_ns, model window, loss)
+        self._cache: tuple[tuple[int, int, int], int, float] | None = None  # (file identity, model window, loss)
 
     def initial(self) -> float:
         """Loss of θ_0, the network's deterministic initialisation."""
@@ -138,27 +145,37 @@ class HeldoutEvaluator:
         from neurons.training import mean_loss
 
         try:
-            mtime = os.stat(state_dir / STATE_FILE).st_mtime_ns
+            st = os.stat(state_dir / STATE_FILE)
         except OSError:
             return None
-        if self._cache is not None and self._cache[0] == mtime:
+        # every save is a new file (atomic replace): inode, mtime and size tell two saves apart even when
+        # they fall in the same coarse mtime tick
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._cache is not None and self._cache[0] == identity:
             return self._cache[1], self._cache[2]
         saved = load_local_state(state_dir, self.hp.revision(), self.model)
         if saved is None:
             return None
         loss = mean_loss(self.model, self.samples)
-        self._cache = (mtime, saved.window, loss)
+        self._cache = (identity, saved.window, loss)
         return saved.window, loss
 
 
 class ScoreWatcher:
-    """Turns the first validator's scores.json into one snapshot per window it newly scored.
+    """Turns the first validator's scores.json into one snapshot per window it newly scored, each with the
+    held-out loss of the θ that window produced (see the module docstring).
 
-    Windows scored before the watcher started (a resumed devnet) are not reported again."""
+    Windows scored before the watcher started (a resumed devnet) are not reported again. A window whose θ
+    never shows up (the validator died between its two writes, or already saved a later θ) is reported
+    without a loss after `max_wait_s`, or as soon as the saved θ is newer than the one it produced."""
 
-    def __init__(self, validator_dir: Path, participants: list[Participant], evaluator: HeldoutEvaluator):
+    def __init__(self, validator_dir: Path, participants: list[Participant], evaluator: HeldoutEvaluator,
+                 max_wait_s: float = 30.0):
         self.dir, self.participants, self.evaluator = validator_dir, participants, evaluator
+        self.max_wait_s = max_wait_s
         self.seen = self.state().last_window if self.state() is not None else None
+        self.pending: dict[int, float] = {}  # scored window -> when it was first seen
+        self.evaluated: int | None = None  # newest model window whose loss was reported
 
     def state(self) -> ScoringState | None:
         try:
@@ -168,31 +185,43 @@ class ScoreWatcher:
 
     async def poll(self, chain: Chain, block: int | None) -> list[WindowSnapshot]:
         state = self.state()
-        if (
-            state is None
-            or state.last_window is None
-            or (self.seen is not None and state.last_window <= self.seen)
-        ):
+        now = time.time()
+        if state is not None and state.last_window is not None and (self.seen is None or state.last_window > self.seen):
+            scored = {e.window for us in state.uids.values() for e in us.history}
+            new = [w for w in scored if (self.seen is None or w > self.seen) and w <= state.last_window]
+            for w in new or [state.last_window]:
+                self.pending.setdefault(w, now)
+            self.seen = state.last_window
+        if not self.pending or state is None:
             return []
-        scored = {e.window for us in state.uids.values() for e in us.history}
-        new = sorted(w for w in scored if (self.seen is None or w > self.seen) and w <= state.last_window)
-        new = new or [state.last_window]
-        self.seen = state.last_window
+        held = await asyncio.to_thread(self.evaluator.evaluate, self.dir)  # (model window, loss) of the saved θ
+        ready: list[tuple[int, float | None]] = []
+        for w in sorted(self.pending):
+            produced = w + 1  # window w's outer step gives θ at the start of w + 1
+            if held is not None and held[0] == produced:
+                fresh = self.evaluated is None or produced > self.evaluated
+                ready.append((w, held[1] if fresh else None))
+                self.evaluated = produced if fresh else self.evaluated
+            elif (held is not None and held[0] > produced) or now - self.pending[w] > self.max_wait_s:
+                ready.append((w, None))  # its θ is gone (overwritten) or never came
+            else:
+                break  # θ of this window is not saved yet: wait, and keep the windows in order
+        if not ready:
+            return []
         try:
             graph = await chain.metagraph()
         except Exception:  # the SDK raises several types while the chain restarts
             graph = None
-        held = await asyncio.to_thread(self.evaluator.evaluate, self.dir)
         out = []
-        for w in new:
-            last = w == new[-1] and held is not None
+        for w, loss in ready:
+            del self.pending[w]
             out.append(
                 WindowSnapshot(
                     window=w,
                     block=block or 0,
-                    time=time.time(),
-                    heldout_loss=held[1] if last else None,
-                    model_window=held[0] if last else None,
+                    time=now,
+                    heldout_loss=loss,
+                    model_window=w + 1 if loss is not None else None,
                     rows=build_rows(state, w, graph, self.participants),
                 )
             )

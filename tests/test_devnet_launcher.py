@@ -301,7 +301,8 @@ def test_report_schema_numbers_and_plots(tmp_path):
     assert report.honest_incentive_share == pytest.approx((0.4 + 0.3) / (0.4 + 0.3 + 0.1))
     assert [(p.window, p.loss) for p in report.heldout_loss] == [(5, 8.0), (6, 7.0), (7, 6.0)]
     assert report.miner_compute_fraction.mean == pytest.approx(0.7)  # honest miners only
-    assert report.miner_compute_fraction.per_miner == {"adv-noise-0": 0.1, "miner-0": pytest.approx(0.7)}
+    assert report.miner_compute_fraction.per_miner == {"miner-0": pytest.approx(0.7)}
+    assert report.miner_compute_fraction.adversaries == {"adv-noise-0": 0.1}  # listed apart, not averaged in
     assert report.miner_compute_fraction.tokens_per_s["miner-0"] == pytest.approx(200.0)
     assert report.windows_per_minute == pytest.approx(2.0)  # 2 windows in 60 s
     assert report.weights_per_window[5] == {1: 0.5, 2: 0.3, 3: pytest.approx(0.1)}
