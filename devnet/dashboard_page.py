@@ -3,8 +3,10 @@
 Kept apart from the server (devnet/dashboard.py) because it is mostly page text. The page needs no
 network beyond its own origin: no CDN, no fonts, no images. It polls `/api/state?since=N` (only new
 snapshots travel) and redraws in place. Stable hooks for tests and scripts: `tr[data-uid]` rows,
-`circle.loss-point`, `polyline.weight-line[data-uid]`, `rect.incentive-bar[data-uid]`, and a
-`data-points` count on every plot's `<svg>`; `body[data-count]` is the number of snapshots shown.
+`circle.loss-point`, `polyline.weight-line[data-uid]`, `rect.incentive-bar[data-uid]`, `text.y-tick` /
+`text.x-tick`, and a `data-points` count on every plot's `<svg>`; `body[data-count]` is the number of
+snapshots shown. Axes span the data (weights never beyond [0, 1]) with round ticks (1-2-2.5-5 steps,
+whole windows); times are 24-hour HH:MM:SS, like the terminal's.
 """
 
 PAGE = r"""<!doctype html>
@@ -103,25 +105,51 @@ const htmlEl = (tag, attrs, text) => make(null, tag, attrs, text);
 const fix = (v, d) => (v === null || v === undefined) ? "-" : Number(v).toFixed(d);
 const sci = v => (v === null || v === undefined) ? "-" : Number(v).toExponential(2);
 const isAdv = kind => kind !== "honest" && kind !== "external";
+// 24-hour HH:MM:SS in the browser's time zone: the same clock the terminal prints (never a 12-hour locale).
+const pad2 = v => String(v).padStart(2, "0");
+function clock(seconds) {
+  const d = new Date(seconds * 1000);
+  return pad2(d.getHours()) + ":" + pad2(d.getMinutes()) + ":" + pad2(d.getSeconds());
+}
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
 function setText(id, text) { document.getElementById(id).textContent = text; }
 
-function frame(svg, x0, x1, y0, y1, yfmt, xticks) {
-  if (x1 === x0) { x0 -= 1; x1 += 1; }
+// "Nice" tick steps: 1, 2, 2.5 or 5 times a power of ten, about `n` of them over the span.
+function niceStep(span, n) {
+  const raw = span / Math.max(1, n), mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 2.5, 5]) if (m * mag >= raw - 1e-12) return m * mag;
+  return 10 * mag;
+}
+function decimals(step) {
+  let d = 0;
+  while (d < 8 && Math.abs(Math.round(step * 10 ** d) - step * 10 ** d) > 1e-6) d++;
+  return d;
+}
+function ticks(lo, hi, n, integer) {
+  const step = integer ? Math.max(1, Math.round(niceStep(hi - lo, n))) : niceStep(hi - lo, n);
+  const out = [];
+  for (let k = Math.ceil(lo / step - 1e-9); k * step <= hi + step * 1e-9; k++) out.push(k * step);
+  return {values: out, digits: integer ? 0 : decimals(step)};
+}
+
+// The plot area spans exactly [x0, x1] x [y0, y1] (the callers clamp these to the data); ticks are round
+// numbers inside it.
+function frame(svg, x0, x1, y0, y1, xticks) {
+  if (x1 === x0) { x0 -= 0.5; x1 += 0.5; }
   if (y1 === y0) { const d = Math.abs(y0) * 0.05 || 1; y0 -= d; y1 += d; }
   const sx = x => M.l + (x - x0) / (x1 - x0) * (W - M.l - M.r);
   const sy = y => H - M.b - (y - y0) / (y1 - y0) * (H - M.t - M.b);
   svg.appendChild(svgEl("rect", {x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b,
                                  class: "frame"}));
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + (y1 - y0) * i / 4;
+  const ys = ticks(y0, y1, 5, false);
+  for (const y of ys.values) {
     svg.appendChild(svgEl("line", {x1: M.l, x2: W - M.r, y1: sy(y), y2: sy(y), class: "grid"}));
-    svg.appendChild(svgEl("text", {x: M.l - 6, y: sy(y) + 4, class: "tick", "text-anchor": "end"}, yfmt(y)));
+    svg.appendChild(svgEl("text", {x: M.l - 6, y: sy(y) + 4, class: "tick y-tick", "text-anchor": "end"},
+                          y.toFixed(ys.digits)));
   }
   if (xticks) {
-    const step = Math.max(1, Math.ceil((x1 - x0) / 8));
-    for (let x = Math.ceil(x0); x <= x1; x += step) {
-      const at = {x: sx(x), y: H - M.b + 16, class: "tick", "text-anchor": "middle"};
+    for (const x of ticks(x0, x1, 8, true).values) {
+      const at = {x: sx(x), y: H - M.b + 16, class: "tick x-tick", "text-anchor": "middle"};
       svg.appendChild(svgEl("text", at, String(x)));
     }
   }
@@ -134,15 +162,17 @@ function empty(svg, text) {
 }
 
 // series: [{uid, label, color, dashed, pts: [[window, value], ...]}]; cls names the line and its points.
-function linePlot(svg, series, cls, yfmt, refs, emptyText, floor) {
+// The y axis spans the data (and the reference lines) plus 4 %, never beyond [floor, ceiling].
+function linePlot(svg, series, cls, yfmt, refs, emptyText, floor, ceiling) {
   clear(svg);
   const all = series.flatMap(s => s.pts);
   if (!all.length) return empty(svg, emptyText);
   const xs = all.map(p => p[0]), ys = all.map(p => p[1]).concat(refs.map(r => r.y));
   const y0 = Math.min(...ys), y1 = Math.max(...ys);
-  const pad = (y1 - y0) * 0.08;
+  const pad = (y1 - y0) * 0.04;
   const low = floor === undefined ? y0 - pad : Math.max(floor, y0 - pad);
-  const {sx, sy} = frame(svg, Math.min(...xs), Math.max(...xs), low, y1 + pad, yfmt, true);
+  const high = ceiling === undefined ? y1 + pad : Math.min(ceiling, y1 + pad);
+  const {sx, sy} = frame(svg, Math.min(...xs), Math.max(...xs), low, high, true);
   for (const r of refs) {
     svg.appendChild(svgEl("line", {x1: M.l, x2: W - M.r, y1: sy(r.y), y2: sy(r.y), class: "ref"}));
     const at = {x: W - M.r - 4, y: sy(r.y) - 4, class: "tick", "text-anchor": "end"};
@@ -173,7 +203,7 @@ function barPlot(svg, rows, colorOf) {
   clear(svg);
   if (!rows.length) return empty(svg, "no miners yet");
   const vals = rows.map(r => r.incentive === null ? 0 : r.incentive);
-  const {sy} = frame(svg, 0, 1, 0, Math.max(...vals, 1e-9) * 1.15, v => v.toFixed(3), false);
+  const {sy} = frame(svg, 0, 1, 0, Math.min(1, Math.max(...vals, 1e-9) * 1.15), false);
   const bw = (W - M.l - M.r) / rows.length;
   rows.forEach((r, i) => {
     const v = vals[i], x = M.l + i * bw;
@@ -249,7 +279,7 @@ function render() {
   const initial = S.config.initial_loss;
   const refs = typeof initial === "number" ? [{y: initial, label: "\u03b8\u2080 (initial model)"}] : [];
   linePlot(document.getElementById("loss-plot"), [{label: "held-out loss", color: PALETTE[0], pts: lossPts}],
-           "loss", v => v.toFixed(3), refs, "no held-out loss yet");
+           "loss", v => v.toFixed(4), refs, "no held-out loss yet");
 
   const series = uids.map(uid => {
     const byWindow = new Map();
@@ -260,8 +290,8 @@ function render() {
     return {uid, label: uid + " " + who.name, color: colorOf(uid), dashed: isAdv(who.kind),
             pts: [...byWindow.entries()].sort((a, b) => a[0] - b[0])};
   });
-  linePlot(document.getElementById("weight-plot"), series, "weight", v => v.toFixed(2), [],
-           "no weights yet", 0);
+  linePlot(document.getElementById("weight-plot"), series, "weight", v => v.toFixed(3), [],
+           "no weights yet", 0, 1);
   const legend = document.getElementById("weight-legend");
   clear(legend);
   for (const s of series) {
@@ -282,7 +312,7 @@ function renderNotes(notes) {
   clear(list);
   for (const n of notes.slice(-100).reverse()) {
     const li = htmlEl("li");
-    li.appendChild(htmlEl("span", {class: "t"}, new Date(n.time * 1000).toLocaleTimeString()));
+    li.appendChild(htmlEl("span", {class: "t"}, clock(n.time)));
     li.appendChild(document.createTextNode(n.message));
     list.appendChild(li);
   }

@@ -14,7 +14,10 @@ write pair as its "write" key; both can in fact write. Keys reach the nodes thro
 CRUCIBLE_BUCKET_* environment variables, never argv (visible in `ps`) or a log file.
 
 The run ends after the first validator has scored W windows (or at a window cap, when a node
-never comes up, or on Ctrl-C/SIGTERM); the report is written in every case.
+never comes up, or on Ctrl-C/SIGTERM); the report is written in every case. Then, when stdin is a
+terminal, the web dashboard stays up (nodes, chain and S3 already stopped) until Enter or Ctrl-C, so
+the URL printed at the start can still be opened; `--no-keep-dashboard` exits at once, and a run
+without a terminal (CI, tests, `nohup`) always does.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class DevnetConfig(BaseModel):
     start_timeout_s: float = Field(120.0, gt=0, description="Seconds chain or S3 may take to start.")
     dashboard: bool = Field(True, description="Serve the web dashboard on 127.0.0.1 (--no-dashboard: off).")
     dashboard_port: int = Field(0, ge=0, le=65535, description="Port of the web dashboard (0: a free port).")
+    keep_dashboard: bool = Field(True, description="After the run, keep the dashboard up until Enter or Ctrl-C "
+                                                   "(only when stdin is a terminal).")
 
     @model_validator(mode="after")
     def _check(self) -> DevnetConfig:
@@ -142,6 +147,9 @@ def child_env(cfg: DevnetConfig) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
             "TOKENIZERS_PARALLELISM": "false",
+            # node logs without transformers' progress bars and advisory warnings (--logging.trace brings logs back)
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
             "BTCLI_TOKEN_SYMBOLS_CACHE": str((cfg.state / "cache" / "token_symbols.json").resolve())}
 
 
@@ -274,6 +282,31 @@ class Devnet:
         return "interrupted"
 
     async def run(self) -> int:
+        try:
+            code = await self._run()
+            if code != 130:  # Ctrl-C during the run means "stop now", dashboard included
+                await self.linger()
+            return code
+        finally:
+            await self.dash.stop()
+
+    async def linger(self) -> None:
+        """Keep the dashboard up after the run until Enter or Ctrl-C, when someone is at a terminal to say so."""
+        if self.dash.url is None or not self.cfg.keep_dashboard or not sys.stdin.isatty():
+            return
+        self.note(f"run finished; the dashboard stays up at {self.dash.url} until you press Enter or Ctrl-C")
+        loop, done = asyncio.get_running_loop(), asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        loop.add_reader(sys.stdin.fileno(), lambda: (sys.stdin.readline(), done.set()))
+        try:
+            await done.wait()
+        finally:
+            loop.remove_reader(sys.stdin.fileno())
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
         cfg, hp, board, started = self.cfg, self.hp, self.board, time.time()
         cfg.state.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", child_env(cfg)["BTCLI_TOKEN_SYMBOLS_CACHE"])
@@ -313,7 +346,6 @@ class Devnet:
                 await chain.close()
             self.sup.stop_all(names=[p.name for p in participants])  # nodes first, then chain and S3
             self.sup.stop_all()
-            await self.dash.stop()
         nodes = cfg.state / "nodes"
         metrics = {p.name: read_miner_metrics(nodes / p.name) for p in participants if p.role == "miner"}
         report = build_report(self.snapshots, participants, metrics, final_rows=self.final_rows,

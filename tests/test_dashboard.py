@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -31,7 +33,7 @@ def _snapshot(window: int, loss: float | None = None) -> WindowSnapshot:
         honest = kind == "honest"
         rows.append(UidRow(
             uid=uid, name=f"miner-{uid - 1}" if honest else f"adv-{kind}-0", kind=kind,
-            status="ok" if honest else ("rejected" if kind == "noise" else "copy x0.5"), accepted=honest,
+            status="ok" if honest else ("rejected" if kind == "noise" else "copy of uid 1"), accepted=honest,
             sync=1.0 if honest else 0.4, loss_score=0.01 * uid if honest else -0.02,
             rating=10.0 + uid + window if honest else -3.0,
             weight=0.1 * uid + 0.01 * window if honest else 0.0,
@@ -245,6 +247,15 @@ async def test_page_in_headless_chromium_updates_live(dash, browser, tmp_path):
     assert await _js(browser, "return document.getElementById('window').textContent") == "12"
     assert await _js(browser, "return document.getElementById('status').textContent") == "running"
     assert "started 6 nodes" in await _js(browser, "return document.getElementById('notes').textContent")
+    stamps = await _js(browser, "return [...document.querySelectorAll('#notes .t')].map(t => t.textContent)")
+    assert stamps and all(re.fullmatch(r"[0-2]\d:[0-5]\d:[0-5]\d", t) for t in stamps)  # 24 h, as the terminal
+    for plot in ("loss-plot", "weight-plot"):  # round tick labels, all inside the data's range
+        labels = await _js(browser, f"return [...document.querySelectorAll('#{plot} text.y-tick')]"
+                                    ".map(t => t.textContent)")
+        assert len(labels) >= 3 and all(len(t.split(".")[-1]) <= 3 for t in labels), labels
+    weight_ticks = await _js(browser, "return [...document.querySelectorAll('#weight-plot text.y-tick')]"
+                                      ".map(t => Number(t.textContent))")
+    assert max(weight_ticks) <= 1.0
 
     await _js(browser, "window.__marker = 1")  # survives only if the page is never reloaded
     later = _snapshot(14)
@@ -300,3 +311,67 @@ def test_devnet_flags_reach_the_dashboard_and_notes_go_to_both(tmp_path):
     devnet.note("miner-0 crashed (exit 1)")
     assert "miner-0 crashed" in out.getvalue()
     assert devnet.dash.notes[-1]["message"] == "miner-0 crashed (exit 1)"
+
+
+TICKS_JS = """
+{functions}
+const out = {{}};
+for (const [lo, hi] of [[7.571, 8.316], [0, 1], [0, 0.37], [1234.5, 1299.9], [6.001, 6.004]]) {{
+  const t = ticks(lo, hi, 5, false);
+  out[lo + "-" + hi] = t.values.map(v => v.toFixed(t.digits));
+}}
+out.windows = ticks(3, 41, 8, true).values;
+out.clock = clock(Date.UTC(2026, 0, 1, 23, 5, 9) / 1000);  // TZ=UTC
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed (the browser test covers the page)")
+def test_page_ticks_are_round_numbers_inside_the_range_and_the_clock_is_24_hours():
+    """The page's tick and clock helpers, run in node: 1-2-2.5-5 steps, labels inside [lo, hi], whole windows."""
+    from devnet.dashboard_page import PAGE
+
+    start, end = PAGE.index("// 24-hour HH:MM:SS"), PAGE.index("function clear(node)")
+    helpers = PAGE[start:end] + PAGE[PAGE.index('// "Nice" tick steps'):PAGE.index("// The plot area")]
+    run = subprocess.run(["node", "-e", TICKS_JS.format(functions=helpers)], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TZ": "UTC"})
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["7.571-8.316"] == ["7.6", "7.8", "8.0", "8.2"]  # not 7.571 / 7.787 / ...
+    assert out["0-1"] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert out["0-0.37"] == ["0.0", "0.1", "0.2", "0.3"]
+    assert out["1234.5-1299.9"] == ["1240", "1260", "1280"] and out["6.001-6.004"][0] == "6.001"
+    for key, labels in out.items():
+        if "-" in key:
+            lo, hi = map(float, key.split("-"))
+            assert all(lo <= float(v) <= hi for v in labels), (key, labels)
+    assert out["windows"] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert out["clock"] == "23:05:09"
+
+
+async def test_dashboard_stays_up_after_the_run_until_enter_only_at_a_terminal(tmp_path, monkeypatch):
+    """At a terminal the finished run keeps serving the page and says so; Enter closes it. Without a terminal
+    (CI, tests, pipes) `linger` returns at once, so `crucible devnet run` always exits."""
+    from devnet.launcher import Devnet, DevnetConfig
+
+    devnet = Devnet(DevnetConfig(state=tmp_path, dashboard_port=0))
+    await devnet.dash.start()
+    try:
+        with open(os.devnull) as null:  # not a terminal
+            monkeypatch.setattr("sys.stdin", null)
+            await asyncio.wait_for(devnet.linger(), 5)
+        master, slave = os.openpty()
+        with open(slave, closefd=True) as tty:
+            monkeypatch.setattr("sys.stdin", tty)
+            waiting = asyncio.create_task(devnet.linger())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # still serving
+            status, _, _ = await _get(devnet.dash.url + "api/state")
+            assert status == 200
+            assert "stays up at http://127.0.0.1:" in devnet.dash.notes[-1]["message"]
+            assert "Enter or Ctrl-C" in devnet.dash.notes[-1]["message"]
+            os.write(master, b"\n")
+            await asyncio.wait_for(waiting, 5)
+        os.close(master)
+    finally:
+        await devnet.dash.stop()
