@@ -5,7 +5,11 @@ the same start-up checks (`neurons.node_cli.open_node`) and the same `Miner`/`Va
 are injected here, so production code never imports the devnet: the chain client for the
 `devnet://host:port` network (`devnet.substrate.devnet_client`; production's `sdk_client` refuses
 such a URL and points here), and, for `--adversary KIND`, one of `devnet.adversaries`' `Miner`
-subclasses in place of the honest miner.
+subclasses in place of the honest miner. One hparams setting is added too: the devnet's S3 server is
+plain http on 127.0.0.1 (devnet/s3.py), which the endpoint policy refuses everywhere else
+(protocol/endpoint_policy.py), so every devnet node, however it is started (`crucible devnet run`,
+docker/compose.devnet.yml, by hand), accepts http on loopback addresses and nothing more
+(`DEVNET_ENDPOINT_OVERRIDES`, before the node's own `--set`s, which may change it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ from typing import TYPE_CHECKING
 
 from neurons.flags import FlagError
 from neurons.node_config import NODE_FLAGS
+from protocol.endpoint_policy import EndpointAllowance
+from protocol.hparams import load_hparams
+
+# The devnet's endpoint allowance, as `--set` overrides of HParams.endpoints.
+DEVNET_ENDPOINT_OVERRIDES = ("endpoints.allow_http=true", 'endpoints.allow_networks=["127.0.0.0/8", "::1/128"]')
+
+
+def devnet_endpoints() -> EndpointAllowance:
+    """The allowance `DEVNET_ENDPOINT_OVERRIDES` gives (for code that reads a devnet chain directly)."""
+    return load_hparams("tiny", list(DEVNET_ENDPOINT_OVERRIDES)).endpoints.allowance()
+
 
 if TYPE_CHECKING:  # imported when the command runs: building the parser needs no torch
     from neurons.miner import Miner
@@ -39,6 +54,7 @@ class DevnetNode:
 
     def run_cli(self, args: argparse.Namespace) -> int:
         cfg = NODE_FLAGS.parse(args)  # a bad flag fails before torch is imported
+        cfg = cfg.model_copy(update={"overrides": [*DEVNET_ENDPOINT_OVERRIDES, *cfg.overrides]})
         from devnet.substrate import devnet_client
 
         try:

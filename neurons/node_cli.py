@@ -83,8 +83,9 @@ async def open_node(cfg: NodeConfig, need_permit: bool = False,
     configure_logging(cfg)
     hp = cfg.hparams()
     try:
-        creds = bucket_credentials(cfg.bucket)
-        chain = Chain(cfg.chain, client=client)
+        endpoints = hp.endpoints.allowance()  # the network's endpoint policy (protocol/endpoint_policy.py)
+        chain = Chain(cfg.chain, client=client, endpoints=endpoints)
+        creds = bucket_credentials(cfg.bucket, endpoints, cfg.bucket_allow_private)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     try:

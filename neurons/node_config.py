@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from neurons.flags import Flags
+from protocol.endpoint_policy import ANY_ENDPOINT, EndpointAllowance, endpoint_problem
 from protocol.hparams import PRESETS, HParams, load_hparams
 from protocol.storage_config import BucketConfig, BucketCredentials
 from transport.chain_config import ChainConfig
@@ -121,6 +122,10 @@ class NodeConfig(HParamsChoice):
     log_level: str = Field("INFO", description="logging level: TRACE (DEBUG, third-party libraries too), DEBUG, INFO, WARNING, ERROR")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     bucket: BucketSettings = Field(default_factory=BucketSettings)
+    bucket_allow_private: bool = Field(False, description=(
+        "let THIS node's own bucket endpoint be plain http or resolve to a private, loopback or other "
+        "non-public address (your own MinIO, split-horizon DNS); peers still apply the network's endpoint "
+        "policy to what you commit"))
 
     @field_validator("log_level")
     @classmethod
@@ -162,7 +167,8 @@ class NodeConfig(HParamsChoice):
 HPARAMS_FLAGS = Flags(HParamsChoice, names=HPARAMS_NAMES, metavars=HPARAMS_METAVARS)
 NODE_FLAGS = Flags(
     NodeConfig,
-    names={**{f"chain.{k}": v for k, v in CHAIN_NAMES.items()}, **HPARAMS_NAMES},
+    names={**{f"chain.{k}": v for k, v in CHAIN_NAMES.items()}, **HPARAMS_NAMES,
+           "bucket_allow_private": ("--bucket.allow-private",)},
     metavars=HPARAMS_METAVARS,
     switches=LOGGING_SWITCHES,
 )
@@ -183,13 +189,27 @@ def _bucket_setting(bucket: BucketSettings, pair: str, exc: ValidationError) -> 
     return f"{NODE_FLAGS.spellings(path)[0]} (${NODE_FLAGS.env_var(path)}): {message}{got}"
 
 
-def bucket_credentials(bucket: BucketSettings) -> BucketCredentials:
-    """Read and write key pairs of the node's bucket; ValueError with one line naming the flag otherwise."""
+def bucket_credentials(bucket: BucketSettings, endpoints: EndpointAllowance | None = None,
+                       allow_private: bool = False) -> BucketCredentials:
+    """Read and write key pairs of the node's bucket; ValueError with one line naming the flag otherwise.
+
+    `endpoints` (the network's `HParams.endpoints.allowance()`) is the endpoint policy the bucket is
+    held to, as peers will hold its commitment: a refused endpoint fails here, at start-up, instead of
+    silently earning nothing. `allow_private` (`--bucket.allow-private`) lifts it for this node's own
+    connections only. None: not checked (tests, tools).
+    """
     missing = [name for name in REQUIRED_BUCKET_FIELDS if not getattr(bucket, name)]
     if missing:
         path = f"bucket.{missing[0]}"
         raise ValueError(f"bucket not configured: set {NODE_FLAGS.spellings(path)[0]} (or ${NODE_FLAGS.env_var(path)})")
-    common = dict(endpoint_url=bucket.endpoint, region=bucket.region, bucket=bucket.name)
+    allowance = ANY_ENDPOINT if allow_private and endpoints is not None else endpoints
+    problem = None if allowance is None or bucket.endpoint is None else endpoint_problem(bucket.endpoint, allowance)
+    if problem is not None:
+        raise ValueError(f"{NODE_FLAGS.spellings('bucket.endpoint')[0]} (${NODE_FLAGS.env_var('bucket.endpoint')}): "
+                         f"{problem}; peers refuse it under this network's endpoint policy (a private endpoint "
+                         f"for this node's own use: {NODE_FLAGS.spellings('bucket_allow_private')[0]})")
+    common = dict(endpoint_url=bucket.endpoint, region=bucket.region, bucket=bucket.name,
+                  endpoint_allowance=allowance)
     pairs = {}
     for pair in ("read", "write"):
         try:

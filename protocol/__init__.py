@@ -35,5 +35,6 @@ Modules:
 - `storage_keys.py`: `gradient_key`, `peers_key`, `aggregate_key`, `checkpoint_key`, `parse_key`.
 - `storage_config.py`: `BucketConfig`, `BucketCredentials`: a bucket's address and key pairs.
 - `chain_commitment.py`: `encode_credentials`, `parse_credentials`: read credentials as a commitment.
+- `endpoint_policy.py`: `endpoint_problem`, `EndpointAllowance`: which bucket endpoints a node may connect to.
 - `atomic.py`: `atomic_write`: crash-safe file replacement for every persisted state.
 """

@@ -10,6 +10,14 @@ UTF-8, split into `Raw` data fields of at most 128 bytes (the pallet's largest `
 the SDK's commitment reader concatenates them back. Commitments are written by strangers, so
 `parse_credentials` accepts only this exact shape and raises `CommitmentParseError` with a reason
 for anything else; it never trusts lengths, schemes or characters it did not check.
+
+The endpoint is a stranger's choice too: `parse_credentials` applies the endpoint policy
+(`protocol.endpoint_policy`, docs/protocol.md §5) under the network's allowance, strict unless the
+caller passes the hparams' (`HParams.endpoints.allowance()`), so a commitment naming loopback,
+link-local, private or other non-public addresses, in any spelling, or plain http, is refused
+with its reason (`transport.chain.Chain.read_credentials` files it under the uid in
+`CredentialsRead.errors`). The accepted credentials remember that allowance and hand it to their
+`BucketConfig`, so the transport checks the resolved address against the same rule before connecting.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from protocol.endpoint_policy import STRICT, EndpointAllowance, endpoint_problem
 from protocol.storage_config import BucketConfig
 
 COMMITMENT_VERSION = "c1"
@@ -47,6 +56,11 @@ class ReadCredentials(BaseModel):
     bucket: str = Field(description="Bucket name (S3 naming rules).")
     access_key_id: str = Field(description="Read-only access key id.")
     secret_access_key: SecretStr = Field(description="Secret of the read-only access key.")
+    endpoint_allowance: EndpointAllowance | None = Field(
+        None, exclude=True, repr=False,
+        description="The allowance the endpoint was accepted under (parse_credentials sets it); None: "
+        "built locally, not checked. Passed on to bucket_config(); ignored by ==.",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -95,17 +109,27 @@ class ReadCredentials(BaseModel):
     def secret(self) -> str:
         return self.secret_access_key.get_secret_value()
 
+    def __eq__(self, other: object) -> bool:
+        """What is on chain decides equality; the allowance it was read under does not."""
+        if not isinstance(other, ReadCredentials):
+            return NotImplemented
+        return encode_credentials(self) == encode_credentials(other)
+
+    def __hash__(self) -> int:
+        return hash(encode_credentials(self))
+
     def bucket_config(self) -> BucketConfig:
-        """The storage layer's view of this bucket (read-only key pair)."""
+        """The storage layer's view of this bucket (read-only key pair), checked under the same allowance."""
         return BucketConfig(endpoint_url=self.endpoint, region=self.region, bucket=self.bucket,
-                            access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
+                            access_key_id=self.access_key_id, secret_access_key=self.secret_access_key,
+                            endpoint_allowance=self.endpoint_allowance)
 
     @classmethod
     def from_bucket_config(cls, cfg: BucketConfig) -> ReadCredentials:
         """What to publish for a bucket: pass the READ pair only (`BucketCredentials.read`), never the write one."""
         endpoint = cfg.endpoint_url or f"https://s3.{cfg.region}.amazonaws.com"
         return cls(endpoint=endpoint, region=cfg.region, bucket=cfg.bucket, access_key_id=cfg.access_key_id,
-                   secret_access_key=cfg.secret_access_key)
+                   secret_access_key=cfg.secret_access_key, endpoint_allowance=cfg.endpoint_allowance)
 
 
 def encode_credentials(creds: ReadCredentials) -> str:
@@ -113,8 +137,13 @@ def encode_credentials(creds: ReadCredentials) -> str:
     return _SEP.join(parts)
 
 
-def parse_credentials(text: str | None, max_bytes: int | None = None) -> ReadCredentials:
-    """Strictly parse a commitment string; CommitmentParseError with a one-line reason otherwise."""
+def parse_credentials(text: str | None, max_bytes: int | None = None,
+                      allowance: EndpointAllowance = STRICT) -> ReadCredentials:
+    """Strictly parse a commitment string; CommitmentParseError with a one-line reason otherwise.
+
+    The endpoint must pass the endpoint policy under `allowance` (strict by default: https:// and a
+    public address or DNS name); the result carries `allowance` on to its `bucket_config()`.
+    """
     if text is None or text == "":
         raise CommitmentParseError("no commitment")
     if not isinstance(text, str):
@@ -132,8 +161,13 @@ def parse_credentials(text: str | None, max_bytes: int | None = None) -> ReadCre
     try:
         creds = ReadCredentials(endpoint=endpoint, region=region, bucket=bucket, access_key_id=access_key_id,
                                 secret_access_key=SecretStr(secret))
+        if (problem := endpoint_problem(creds.endpoint, allowance)) is not None:
+            raise CommitmentParseError(problem)
+        creds = creds.model_copy(update={"endpoint_allowance": allowance})
         creds.bucket_config()  # the storage layer must accept whatever we hand it
         return creds
+    except CommitmentParseError:
+        raise
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": "rejected by the storage layer"}
         where = ".".join(str(p) for p in first["loc"]) or "commitment"

@@ -15,12 +15,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from protocol.endpoint_policy import EndpointAllowance
 
 
 class HParamsError(ValueError):
@@ -156,6 +167,34 @@ class DataHParams(_Section):
     corpus_max_chars: int = Field(24_000_000, ge=10_000, description="Cap on characters read to build the offline corpus.")
 
 
+class EndpointHParams(_Section):
+    """Which bucket endpoints nodes accept beyond https:// on public addresses (protocol/endpoint_policy.py).
+
+    Every preset is strict; a network whose buckets live on private addresses says so here (the
+    devnet: plain http on loopback, injected by `crucible devnet miner|validator`). Not part of the
+    revision: it says where a network runs, not what it computes or sends.
+    """
+
+    allow_http: bool = Field(False, description="Accept plain http:// bucket endpoints (devnets, private test networks).")
+    allow_networks: tuple[str, ...] = Field(
+        (), description="CIDRs whose non-public addresses are accepted as bucket endpoints, e.g. 127.0.0.0/8.",
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR network: {exc}") from None
+        return v
+
+    def allowance(self) -> EndpointAllowance:
+        """The allowance every node of this network applies to committed endpoints."""
+        return EndpointAllowance(http=self.allow_http, networks=tuple(ipaddress.ip_network(c) for c in self.allow_networks))
+
+
 class HParams(_Section):
     name: str = Field("custom", description="Preset or file this set came from (not part of the revision).")
     init_seed: int = Field(0, description="Seed of the network's deterministic initialisation θ_0.")
@@ -169,6 +208,7 @@ class HParams(_Section):
     peers: PeerHParams = Field(default_factory=PeerHParams, description="Peer selection.")
     checkpoints: CheckpointHParams = Field(default_factory=CheckpointHParams, description="Checkpoints.")
     data: DataHParams = Field(default_factory=DataHParams, description="Data and assignment.")
+    endpoints: EndpointHParams = Field(default_factory=EndpointHParams, description="Accepted bucket endpoints.")
 
     @property
     def samples_per_window(self) -> int:
@@ -178,9 +218,13 @@ class HParams(_Section):
     _revision: str | None = PrivateAttr(None)
 
     def revision(self) -> str:
-        """Short digest of everything that changes θ or the wire; peers must share it (computed once)."""
+        """Short digest of everything that changes θ or the wire; peers must share it (computed once).
+
+        `name` and `endpoints` are left out: where a set came from and which bucket addresses a network
+        accepts change neither θ nor the wire (a devnet node and the launcher watching it agree).
+        """
         if self._revision is None:
-            payload = self.model_dump(mode="json", exclude={"name"})
+            payload = self.model_dump(mode="json", exclude={"name", "endpoints"})
             blob = json.dumps(payload, sort_keys=True).encode()
             self._revision = hashlib.blake2b(blob, digest_size=8).hexdigest()
         return self._revision

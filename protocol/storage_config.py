@@ -7,6 +7,14 @@ holds `BucketCredentials`: a read pair and a write pair for its own bucket. Only
 download from it; the write secret stays local. Secrets are `SecretStr` and validation errors never
 echo inputs, so neither printing a config nor a bad value can leak a secret.
 
+Whose endpoint may be trusted how far travels with the config: `endpoint_allowance` is None for a
+bucket this machine's operator or code configured directly (not checked), and set for every bucket
+read from a chain commitment (`protocol.chain_commitment.parse_credentials`: the network's
+allowance) and for the node's own bucket (`neurons.node_config.bucket_credentials`). A config with
+an allowance is checked against it when it is built (`protocol.endpoint_policy`) and again, after
+resolving the name, before every new connection (`transport.endpoint_guard`). The allowance is not
+part of a bucket's identity: two configs naming the same bucket with the same keys are equal.
+
 The transport knobs of a node (timeouts, retries, multipart sizes) are local tuning, not part of
 the contract: they are `transport.bucket_config.StorageConfig`.
 """
@@ -24,6 +32,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from protocol.endpoint_policy import EndpointAllowance, endpoint_problem
 
 MiB = 1 << 20
 S3_MIN_PART = 5 * MiB  # S3 and R2 refuse multipart parts below 5 MiB (except the last)
@@ -62,6 +72,13 @@ class BucketConfig(_Frozen):
     secret_access_key: SecretStr = Field(
         min_length=16, max_length=256, description="Secret key; never printed."
     )
+    endpoint_allowance: EndpointAllowance | None = Field(
+        None,
+        exclude=True,
+        repr=False,
+        description="How far the endpoint is trusted (protocol.endpoint_policy); None: configured "
+        "locally, not checked. Not part of the bucket's identity (ignored by ==).",
+    )
 
     @field_validator("bucket")
     @classmethod
@@ -79,6 +96,27 @@ class BucketConfig(_Frozen):
         if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
             raise ValueError("endpoint_url must be scheme://host[:port] only")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _endpoint_allowed(self) -> BucketConfig:
+        if self.endpoint_allowance is not None and self.endpoint_url is not None:
+            problem = endpoint_problem(self.endpoint_url, self.endpoint_allowance)
+            if problem is not None:
+                raise ValueError(problem)
+        return self
+
+    def _identity(self) -> tuple[str | None, str, str, str, str]:
+        return (self.endpoint_url, self.region, self.bucket, self.access_key_id,
+                self.secret_access_key.get_secret_value())
+
+    def __eq__(self, other: object) -> bool:
+        """Same bucket, same keys; the allowance says how far THIS machine trusts the address, not which bucket."""
+        if not isinstance(other, BucketConfig):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     @classmethod
     def for_r2(cls, account_id: str, bucket: str, access_key_id: str, secret_access_key: str) -> BucketConfig:

@@ -12,6 +12,8 @@ Modules:
 - `bucket_errors.py`: `StorageError` and its family, `call_with_retry`: the one retry loop.
 - `bucket_stats.py`: `ObjectInfo`, `StorageStats`: object metadata and transfer counters.
 - `bucket_config.py`: `StorageConfig`: this node's bucket transport knobs.
+- `endpoint_guard.py`: `guard_client`: resolve a bucket's host, check every address against the endpoint
+  policy, connect only to a checked one (SSRF, DNS rebinding).
 - `chain.py`: `Chain`, `sdk_client`: blocks, timestamps, metagraph, commitments, weights through the
   bittensor SDK.
 - `chain_config.py`: `ChainConfig`: network, netuid and wallet; imports no SDK (fast `--help`).

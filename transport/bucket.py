@@ -41,6 +41,7 @@ from transport.bucket_errors import (
 )
 from transport.bucket_stats import ObjectInfo, StorageStats, etag, utc
 from transport.bucket_transfer import Progress, Sink, Source, download_ranges, read_capped, upload_multipart
+from transport.endpoint_guard import guard_client
 
 __all__ = [
     "AccessDenied",
@@ -96,6 +97,8 @@ class Bucket:
             aws_access_key_id=config.access_key_id,
             aws_secret_access_key=self._secret,
         )
+        if config.endpoint_allowance is not None:  # a committed endpoint: resolve, check, pin (endpoint_guard)
+            guard_client(self.client, config.endpoint_allowance, self.storage.connect_timeout_s)
 
     def __repr__(self) -> str:
         return f"Bucket({self.name!r} at {self.config.endpoint_url or 'aws'})"

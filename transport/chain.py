@@ -34,6 +34,7 @@ from protocol.chain_commitment import (
     encode_credentials,
     parse_credentials,
 )
+from protocol.endpoint_policy import STRICT, EndpointAllowance
 from protocol.storage_config import BucketConfig, BucketCredentials
 from transport.chain_config import DEVNET_SCHEME, NETWORK_NAMES, ChainConfig  # noqa: F401 (re-exported)
 
@@ -142,10 +143,12 @@ def _failed(result: ExtrinsicResult, what: str) -> ChainCallFailed:
 class Chain:
     """One node's connection to the chain: reads, block waits and the few writes Crucible makes."""
 
-    def __init__(self, config: ChainConfig, *, wallet: bt.Wallet | None = None, client: bt.Client | None = None):
+    def __init__(self, config: ChainConfig, *, wallet: bt.Wallet | None = None, client: bt.Client | None = None,
+                 endpoints: EndpointAllowance = STRICT):
         self.config = config
         self._wallet = wallet
         self.client = client or sdk_client(config.network)
+        self.endpoints = endpoints  # the network's endpoint allowance (HParams.endpoints), for read_credentials
 
     @property
     def wallet(self) -> bt.Wallet:
@@ -244,7 +247,11 @@ class Chain:
         return result
 
     async def read_credentials(self, block: int | None = None) -> CredentialsRead:
-        """Every registered uid's committed credentials; other people's garbage lands in `errors`."""
+        """Every registered uid's committed credentials; other people's garbage lands in `errors`.
+
+        Garbage includes an endpoint the endpoint policy refuses under `self.endpoints`
+        (protocol/endpoint_policy.py): its reason names the category (loopback, private, ...).
+        """
         view = await self.client.at(block)
         committed = await view.subnets.commitments(self.config.netuid)
         max_bytes = await self._max_commitment_bytes()
@@ -256,7 +263,8 @@ class Chain:
             try:
                 if not c.is_revealed:
                     raise CommitmentParseError(f"commitment is {c.status}, not plain text")
-                good[c.uid] = CommittedCredentials(c.uid, hotkey, c.block, parse_credentials(c.value, max_bytes))
+                creds = parse_credentials(c.value, max_bytes, self.endpoints)
+                good[c.uid] = CommittedCredentials(c.uid, hotkey, c.block, creds)
             except CommitmentParseError as exc:
                 bad[c.uid] = str(exc)
         return CredentialsRead(block=view.block, credentials=good, errors=bad)

@@ -23,6 +23,7 @@ import pytest
 
 from devnet.bootstrap import BootstrapConfig, DevnetManifest, init_devnet
 from devnet.chain_state import SubnetParams
+from devnet.participant import devnet_endpoints
 from devnet.substrate import devnet_client
 from transport.chain import Chain, ChainConfig
 
@@ -87,8 +88,9 @@ class ChainProcess:
         return self.start()
 
     def chain(self, wallet_name: str, netuid: int | None = None) -> Chain:
-        """A (not yet connected) `Chain` on this devnet chain for one of its wallets."""
-        return Chain(self.config(wallet_name, netuid), client=devnet_client(self.url))
+        """A (not yet connected) `Chain` on this devnet chain for one of its wallets, reading commitments
+        with the devnet's endpoint allowance (http on loopback, as every devnet node)."""
+        return Chain(self.config(wallet_name, netuid), client=devnet_client(self.url), endpoints=devnet_endpoints())
 
     def config(self, wallet_name: str, netuid: int | None = None) -> ChainConfig:
         return ChainConfig(network=self.url, netuid=netuid or self.manifest.netuid, wallet_name=wallet_name,

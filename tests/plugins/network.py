@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from devnet.bootstrap import BootstrapConfig, subnet_params_for
+from devnet.participant import DEVNET_ENDPOINT_OVERRIDES
 from devnet.s3 import S3Server
 from neurons.node import Node
 from neurons.node_cli import ensure_commitment
@@ -23,10 +24,12 @@ from protocol.model import build_model
 from tests.plugins.chain import ChainProcess, start_chain
 from transport.bucket import Bucket, StorageConfig
 
-# Windows of 20 blocks at 0.25 s (5 s): room for a few tiny inner steps on 2 shared cores.
+# Windows of 20 blocks at 0.25 s (5 s): room for a few tiny inner steps on 2 shared cores. The buckets
+# are on the session S3 server, http on 127.0.0.1: the devnet's endpoint allowance, as `crucible devnet`.
 NET_OVERRIDES = [
     "windows.blocks_per_window=20", "windows.upload_grace_blocks=2", "inner.steps=2", "inner.batch_size=4",
     "gauntlet.eval_batches=1", "checkpoints.every_windows=2", "peers.primary=4", "peers.reserve=2",
+    *DEVNET_ENDPOINT_OVERRIDES,
 ]
 NET_STORAGE = StorageConfig(connect_timeout_s=2.0, read_timeout_s=20.0, max_attempts=3,
                             backoff_base_s=0.05, backoff_max_s=0.2)
@@ -42,6 +45,7 @@ class TestNetwork:
 
     async def node(self, name: str) -> Node:
         chain = self.chain.chain(name)
+        chain.endpoints = self.hp.endpoints.allowance()  # what open_node gives a node: the network's allowance
         await chain.connect()
         bucket_name = f"b-{name}"
         self.s3.ensure_bucket(bucket_name)
