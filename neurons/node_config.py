@@ -127,6 +127,11 @@ class NodeConfig(HParamsChoice):
         "non-public address (your own MinIO, split-horizon DNS); peers still apply the network's endpoint "
         "policy to what you commit"))
 
+    @field_validator("data", "state_dir")
+    @classmethod
+    def _home(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser()  # `~/…` from an env file (systemd, PM2) means $HOME
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
