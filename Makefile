@@ -11,23 +11,30 @@ DATA   ?= data/tiny
 
 .PHONY: demo test lint venv clean
 
+PIP_QUIET = -q --disable-pip-version-check --no-input
+
+# Each step says what it does before it starts (pip is quiet, so the install would otherwise be a silent minute).
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Crucible needs Python >= 3.11"'
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --constraint $(CONSTRAINTS) -e '.[dev]'
-	touch $@
+	@echo "==> installing Crucible and its dependencies into $(VENV) (CPU torch; a minute or two, quietly)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install $(PIP_QUIET) --upgrade pip
+	@$(PIP) install $(PIP_QUIET) --constraint $(CONSTRAINTS) -e '.[dev]'
+	@touch $@
+	@echo "==> installed: $(VENV)/bin/crucible"
 
 venv: $(VENV)/.installed
 
 $(DATA)/index.json: | $(VENV)/.installed
-	$(VENV)/bin/crucible data prepare --preset tiny --out $(DATA)
+	@echo "==> preparing the offline dataset in $(DATA) (stdlib docs -> BPE tokenizer -> token pages)"
+	@$(VENV)/bin/crucible data prepare --preset tiny --out $(DATA)
 
 # The devnet demo: chain, S3, 3 honest miners, 2 adversaries and a validator, 12 windows.
 demo: $(VENV)/.installed $(DATA)/index.json
-	$(VENV)/bin/crucible devnet run --miners 3 --validators 1 --windows 12 \
+	@echo "==> starting the network: chain, S3, 1 validator, 3 honest miners, 2 adversaries (noise, copycat), 12 windows"
+	@$(VENV)/bin/crucible devnet run --miners 3 --validators 1 --windows 12 \
 	  --adversary noise --adversary copycat --state .devnet --data $(DATA) --fresh
-	@echo "report: .devnet/report/report.json (plots: .devnet/report/*.png)"
+	@echo "==> report: .devnet/report/report.json (plots: .devnet/report/*.png)"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
