@@ -190,7 +190,7 @@ def _bucket_setting(bucket: BucketSettings, pair: str, exc: ValidationError) -> 
     path = f"bucket.{name}"
     value = getattr(bucket, name)
     got = "" if value is None or isinstance(value, SecretStr) else f" (got {value!r})"
-    message = first["msg"].removeprefix("Value error, ")
+    message = first["msg"].removeprefix("Value error, ").removeprefix(f"{first['loc'][0]} " if first["loc"] else "")
     return f"{NODE_FLAGS.spellings(path)[0]} (${NODE_FLAGS.env_var(path)}): {message}{got}"
 
 
@@ -211,7 +211,7 @@ def bucket_credentials(bucket: BucketSettings, endpoints: EndpointAllowance | No
     problem = None if allowance is None or bucket.endpoint is None else endpoint_problem(bucket.endpoint, allowance)
     if problem is not None:
         raise ValueError(f"{NODE_FLAGS.spellings('bucket.endpoint')[0]} (${NODE_FLAGS.env_var('bucket.endpoint')}): "
-                         f"{problem}; peers refuse it under this network's endpoint policy (a private endpoint "
+                         f"{problem} (got {bucket.endpoint!r}); peers refuse it under this network's endpoint policy (a private endpoint "
                          f"for this node's own use: {NODE_FLAGS.spellings('bucket_allow_private')[0]})")
     common = dict(endpoint_url=bucket.endpoint, region=bucket.region, bucket=bucket.name,
                   endpoint_allowance=allowance)

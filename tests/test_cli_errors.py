@@ -19,7 +19,7 @@ from tests.plugins.chain import FAST_SUBNET
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"CRUCIBLE_BUCKET_NAME": "bucket", "CRUCIBLE_BUCKET_READ_KEY": "r" * 20, "CRUCIBLE_BUCKET_READ_SECRET": "s" * 20,
         "CRUCIBLE_BUCKET_WRITE_KEY": "w" * 20, "CRUCIBLE_BUCKET_WRITE_SECRET": "t" * 20,
-        "CRUCIBLE_BUCKET_ENDPOINT": "http://127.0.0.1:9"}
+        "CRUCIBLE_BUCKET_ENDPOINT": "https://0123456789abcdef.r2.cloudflarestorage.com"}
 
 
 def closed_port() -> int:
@@ -59,7 +59,9 @@ def test_every_bad_input_is_one_line_on_stderr_naming_what_is_wrong(chain_factor
         (["miner", "--netuid", "1"], {}, ("--preset", "required on network finney")),
         (["validator", "--network", "test", "--netuid", "1", "--preset", "tiny"], {}, ("--data", "required")),
         (["miner", *local, "--log-level", "chatty"], {}, ("--log-level", "'chatty'", "DEBUG")),
-        (["miner", *local, "--bucket.endpoint", "foo"], KEYS, ("--bucket.endpoint", "'foo'", "http(s) URL")),
+        (["miner", *local, "--bucket.endpoint", "foo"], KEYS, ("--bucket.endpoint", "'foo'", "not a URL")),
+        (["miner", *local, "--bucket.endpoint", "http://127.0.0.1:9000"], KEYS,
+         ("--bucket.endpoint", "'http://127.0.0.1:9000'", "--bucket.allow-private")),
         (["miner", *local, "--bucket.name", "Bad_Name"], KEYS, ("--bucket.name", "'Bad_Name'", "3-63 chars")),
         (["miner", *local], {**KEYS, "CRUCIBLE_BUCKET_WRITE_KEY": "short"},
          ("--bucket.write-key", "$CRUCIBLE_BUCKET_WRITE_KEY", "16 characters")),
