@@ -1,15 +1,15 @@
 """Gauntlet stage 1: the cheap checks every miner's shard goes through before any evaluation.
 
-* Timeliness is decided when a shard is fetched (`protocol.gather.upload_timeliness`); a late or
-  early shard reaches this module only as a reason.
+* Timeliness is the validator's own observation (`transport.watch`); a late or changed shard
+  reaches this module only as a reason.
 * Sync: each shard carries a debug sample of the miner's parameters at positions drawn from the
   window's seed (`protocol.sample`), so a lazy miner cannot track a fixed handful of scalars (the
   anchor compares two fixed values per tensor). The validator compares them with its own values:
   x = median|θ_val − θ_miner| / (its own recent per-window change of the same values) is "how many
   windows behind" the miner is; sync = max(0, 1 − min(x, max)/max)^exponent.
 * Copies: two honest miners' top-k index sets overlap about as much as random sets (≈ the top-k
-  density, 1.6 %); a re-uploaded shard overlaps almost fully. The LATER uploader of a pair with a
-  large overlap is named the copier and its positive score is halved or zeroed.
+  density, 1.6 %); a re-uploaded shard overlaps almost fully. Of a pair with a large overlap, the
+  one the validator saw LATER is named the copier and its positive score is halved or zeroed.
 
 Shard format rejections come from the wire module (a `RejectReason` str enum); they are carried as
 plain strings in `FilterResult.reject_reason`. Everything here is pure: tensors and floats in,
@@ -152,20 +152,22 @@ def overlap_matrix(index_sets: Mapping[int, IndexSet]) -> tuple[list[int], torch
 
 
 def copy_verdicts(
-    index_sets: Mapping[int, IndexSet], upload_times: Mapping[int, Time], hp: GauntletHParams
+    index_sets: Mapping[int, IndexSet], first_seen: Mapping[int, Time], hp: GauntletHParams
 ) -> dict[int, CopyVerdict]:
-    """Name the later uploader of every heavily overlapping pair as the copier.
+    """Name the later of every heavily overlapping pair as the copier.
 
-    "Later" is by upload time, ties broken by the larger uid, so the verdict is deterministic.
+    "Later" is by `first_seen` (when the validator itself first saw the shard: a poll round or a
+    time of its own clock, never the miner's). Two shards first seen at the same time cannot be
+    ordered, and then neither is named the copier: punishing the original is worse than missing a
+    copier, whose update still fails the assigned-vs-random test on its own data.
     Overlap ≥ copy_zero_overlap zeroes the copier's positive score, ≥ copy_halve_overlap halves it.
     """
-    missing = set(index_sets) - set(upload_times)
+    missing = set(index_sets) - set(first_seen)
     if missing:
-        raise ValueError(f"upload times missing for uids {sorted(missing)}")
+        raise ValueError(f"first-seen times missing for uids {sorted(missing)}")
     uids, overlap = overlap_matrix(index_sets)
-    t = torch.tensor([to_posix(upload_times[u]) for u in uids], dtype=torch.float64)
-    u = torch.tensor(uids, dtype=torch.float64)
-    later = (t[:, None] > t[None, :]) | ((t[:, None] == t[None, :]) & (u[:, None] > u[None, :]))
+    t = torch.tensor([to_posix(first_seen[u]) for u in uids], dtype=torch.float64)
+    later = t[:, None] > t[None, :]
     best, source = (overlap * later).max(dim=1) if uids else (torch.zeros(0), torch.zeros(0))
     verdicts: dict[int, CopyVerdict] = {}
     for i, uid in enumerate(uids):

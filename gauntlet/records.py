@@ -48,8 +48,10 @@ class FilterResult(_Record):
     uid: int = Field(ge=0, description="Miner uid.")
     hotkey: str = Field(description="Miner hotkey at scoring time.")
     present: bool = Field(description="A shard for this window was found in the miner's bucket.")
-    upload_time: float | None = Field(None, description="Object upload time, POSIX seconds, if present.")
-    timely: bool = Field(False, description="Uploaded within [window start, deadline].")
+    first_seen: int | None = Field(
+        None, description="Validator poll round in which this shard's content hash was first seen (its own clock)."
+    )
+    timely: bool = Field(False, description="Seen by the validator by the deadline, and unchanged since.")
     reject_reason: str | None = Field(
         None, description="Why the shard was rejected (wire/format), if it was."
     )
@@ -104,8 +106,8 @@ class WindowEntry(_Record):
     window: int = Field(description="Window scored.")
     hotkey: str = Field(description="Hotkey the uid had in that window.")
     present: bool = Field(False, description="A shard was found.")
-    timely: bool = Field(False, description="The shard was uploaded inside the window.")
-    upload_time: float | None = Field(None, description="Upload time, POSIX seconds.")
+    timely: bool = Field(False, description="Seen by the validator by the deadline, and unchanged since.")
+    first_seen: int | None = Field(None, description="Validator poll round the shard was first seen in.")
     reject_reason: str | None = Field(None, description="Wire/format rejection reason.")
     steps_behind: float | None = Field(None, description="Sync: steps behind the validator.")
     sync: float | None = Field(None, description="Sync score used this window.")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gauntlet.records import UidState, WindowEntry
 from protocol.atomic import atomic_write
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: first_seen (validator poll round) replaces upload_time
 
 
 class StateError(ValueError):
@@ -124,7 +124,7 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
     if not e.present:
         lines.append("  shard:      missing — nothing uploaded for this window")
     else:
-        when = f"uploaded at {e.upload_time:.3f}" if e.upload_time is not None else "upload time unknown"
+        when = f"first seen in poll round {e.first_seen}" if e.first_seen is not None else "not seen in time"
         lines.append(f"  shard:      {when} — {'on time' if e.timely else 'LATE (outside the window)'}")
         if e.reject_reason is not None:
             lines.append(f"  format:     REJECTED: {e.reject_reason}")

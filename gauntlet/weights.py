@@ -166,7 +166,7 @@ def score_window(
         )
         if f is not None and f.hotkey == us.hotkey:
             e.present, e.timely = f.present, f.timely
-            e.upload_time, e.reject_reason = f.upload_time, f.reject_reason
+            e.first_seen, e.reject_reason = f.first_seen, f.reject_reason
         if f is None or f.hotkey != us.hotkey or not f.eligible:
             why = _absence(e)
             score = slash(us.score, hp.missing_penalty)

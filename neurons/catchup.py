@@ -2,10 +2,10 @@
 
 A node starts from its own saved state if it has one, else from the latest checkpoint a validator
 published, else from the network's deterministic θ_0. It then replays every window since, in
-order, exactly as live nodes stepped: with the validator's `AggregateRecord` for the window when
-there is one (the exact peers used; their content hashes are not compared yet), else with the window's peer list,
-and no step for a window nobody had a peer list for (live nodes did not step either). Afterwards the
-node is in sync for the next window, not one behind.
+order, exactly as live nodes stepped: with the window's `AggregateRecord` (the exact shards, checked
+by content hash, from the publishing validator's mirror first) and no step for a window that had no
+record in time (live nodes did not step either). Afterwards the node is in sync for the next
+window, not one behind.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import logging
 import tempfile
 from pathlib import Path
 
-from neurons.node import Directory, Node, WindowContext
+from neurons.node import Directory, Node
 from protocol.model import CheckpointError, load_checkpoint
-from protocol.peers import AggregateRecord, PeerListError
 from protocol.storage_keys import (
     CHECKPOINT_CONFIG_FILE,
     CHECKPOINT_MODEL_FILE,
     KeyKind,
-    aggregate_key,
     checkpoint_key,
     parse_key,
 )
@@ -64,34 +62,18 @@ async def load_latest_checkpoint(node: Node, before_window: int, directory: Dire
     return await first_from_validators(graph, credentials, node.pool, newest, "checkpoints")
 
 
-async def find_aggregate_record(node: Node, ctx: WindowContext) -> AggregateRecord | None:
-    """The aggregate record of the highest-stake validator that published a valid one for the window."""
-
-    async def read(uid: int, hotkey: str, bucket: Bucket) -> AggregateRecord:
-        data = await asyncio.to_thread(bucket.get, aggregate_key(ctx.window), MAX_RECORD_BYTES)
-        return AggregateRecord.parse(data, netuid=node.netuid, window=ctx.window, validator=hotkey)
-
-    return await first_from_validators(ctx.require_closed(), ctx.credentials, node.pool, read,
-                                       f"aggregate record {ctx.window}", (PeerListError,))
-
-
 async def replay_window(node: Node, window: int, directory: Directory | None = None) -> str:
-    """Apply one past window's aggregated update to the model; returns what was done."""
+    """Apply one past window's update, exactly as its aggregate record names it; returns what was done."""
     ctx = await node.window(window, directory)
-    record = await find_aggregate_record(node, ctx)
-    if record is not None:
-        result = await node.gather_window(ctx, record.peers, target=len(record.peers))
-        if result.used != record.peers:
-            return f"window {window}: shards of {sorted(set(record.peers) - set(result.used))} unavailable; not replayed"
-        node.apply(result)
-        return f"window {window}: replayed the aggregate of {len(result.used)} peers"
-    peers = await node.find_peer_list(ctx)
-    if peers is None:
-        return f"window {window}: no peer list was published; nothing to replay"
-    result = await node.gather_window(ctx, peers.candidates)
-    if not node.apply(result):
-        return f"window {window}: no valid shard among the peers; nothing to replay"
-    return f"window {window}: replayed {len(result.used)} peers from the peer list"
+    found = await node.find_record(ctx)
+    if found is None:
+        return f"window {window}: no aggregate record was published in time; nothing to replay"
+    result = await node.gather_record(ctx, found)
+    if result.used != found.record.peers:
+        missing = sorted(set(found.record.peers) - set(result.used))
+        return f"window {window}: shards of {missing} unavailable or changed ({result.skipped}); not replayed"
+    node.apply(result)
+    return f"window {window}: replayed the record of {len(result.used)} peers"
 
 
 async def catch_up(node: Node, model_window: int | None, target_window: int) -> int:

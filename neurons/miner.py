@@ -95,16 +95,18 @@ class Miner:
         if train:
             await self._train_and_publish(ctx, report)
         ctx = await self.node.close_window(ctx)
-        peers = await self.node.find_peer_list(ctx)
-        if peers is None:
-            report.note += "no validator published a peer list for this window; model unchanged"
+        found = await self.node.find_record(ctx)
+        if found is None:
+            report.note += "no validator published an aggregate record for this window in time; model unchanged"
         else:
-            result = await self.node.gather_window(ctx, peers.candidates)
+            result = await self.node.gather_record(ctx, found)
             report.skipped = result.skipped
-            report.peers_used = result.used
-            report.stepped = self.apply_aggregate(result)
-            if not report.stepped:
-                report.note += f"no valid shard among {len(peers.candidates)} peers; model unchanged"
+            if result.used != found.record.peers:
+                report.note += f"could not reproduce the window's record ({len(result.skipped)} shards unusable); " \
+                               "model unchanged"
+            else:
+                report.peers_used = result.used
+                report.stepped = self.apply_aggregate(result)
         self.model_window = window + 1
         if self.dist.active:
             broadcast_work(self.dist, {"op": "sync"})

@@ -29,9 +29,9 @@ from protocol.data import PageStore
 from protocol.gather import Fetched, GatherResult, gather
 from protocol.hparams import HParams
 from protocol.model import param_shapes
-from protocol.peers import PeerList, PeerListError, read_peer_list
+from protocol.peers import AggregateRecord, PeerList, PeerListError, read_peer_list
 from protocol.storage_config import BucketConfig
-from protocol.storage_keys import peers_key
+from protocol.storage_keys import aggregate_key, peers_key
 from protocol.windows import WindowBounds, window_bounds, window_of
 from protocol.wire import ShardRules
 from transport.bucket import Bucket
@@ -76,6 +76,15 @@ class WindowContext:
         blocks = max(1, self.bounds.deadline_block - self.bounds.start_block)
         per_block = (self.deadline_time - self.start_time).total_seconds() / blocks
         return (self.bounds.end_block - self.bounds.start_block) * max(per_block, 1e-3)
+
+
+@dataclass(frozen=True)
+class FoundRecord:
+    """A window's signed aggregate record and where its publisher mirrors the shards it names."""
+
+    record: AggregateRecord
+    mirror: BucketConfig  # the publishing validator's bucket (read credentials)
+    validator_uid: int
 
 
 class Node:
@@ -173,25 +182,76 @@ class Node:
         return await first_from_validators(graph, ctx.credentials, self.pool, read,
                                            f"peer list for window {ctx.window}", (PeerListError,))
 
+    async def find_record(self, ctx: WindowContext) -> FoundRecord | None:
+        """The aggregate record of the highest-stake validator that published a valid one in time.
+
+        In time: seen before the record deadline block (`fetch.record_grace_blocks` after the upload
+        deadline), or listed by the validator's bucket no later than that block's chain timestamp. A
+        live node polls until that block; a node replaying the past looks once.
+        """
+        graph = ctx.require_closed()
+        key = aggregate_key(ctx.window)
+        record_deadline = ctx.bounds.deadline_block + self.hp.fetch.record_grace_blocks
+        cutoff: list[datetime] = []
+
+        async def read(uid: int, hotkey: str, bucket: Bucket) -> FoundRecord | None:
+            if cutoff:
+                info = await asyncio.to_thread(bucket.stat, key)
+                if info.last_modified > cutoff[0]:
+                    return None
+            data = await asyncio.to_thread(bucket.get, key, MAX_PEER_LIST_BYTES)
+            record = AggregateRecord.parse(data, netuid=self.netuid, window=ctx.window, validator=hotkey)
+            return FoundRecord(record, ctx.credentials[hotkey], uid)
+
+        while True:
+            reached = await self.reached(record_deadline)
+            if reached:
+                cutoff.append(await self.chain.block_timestamp(record_deadline))
+            found = await first_from_validators(graph, ctx.credentials, self.pool, read,
+                                                f"aggregate record {ctx.window}", (PeerListError,))
+            if found is not None or reached:
+                return found
+
+    async def reached(self, block: int, poll_s: float = 0.25) -> bool:
+        """Whether the chain is at `block`, waiting up to `poll_s` for it."""
+        try:
+            await self.chain.wait_for_block(block, timeout=poll_s)
+            return True
+        except TimeoutError:
+            return False
+
     # --- shards and the outer step --------------------------------------------------------------------
 
-    def shard_source(self, ctx: WindowContext) -> ShardSource:
-        """Where this window's shards are read from, and what they must look like."""
+    def shard_source(self, ctx: WindowContext, pinned: Mapping[str, str] | None = None,
+                     mirror: BucketConfig | None = None) -> ShardSource:
+        """Where this window's shards are read from, what they must look like, and by when."""
         ctx.require_closed()
+        window_s = ctx.seconds or self.hp.windows.blocks_per_window * self.hp.windows.expected_block_time_s
         return ShardSource(self.pool, ctx.credentials, self.netuid, ctx.window, self.shard_rules,
-                           ctx.start_time, ctx.deadline_time)
+                           self.hp.fetch.object_seconds, self.hp.fetch.window_fraction * window_s, pinned, mirror)
 
-    async def fetch(self, ctx: WindowContext, hotkeys: list[str]) -> dict[str, Fetched]:
+    async def fetch(self, ctx: WindowContext, hotkeys: list[str], pinned: Mapping[str, str] | None = None
+                    ) -> dict[str, Fetched]:
         """Download and verify these hotkeys' shards for the window (in parallel threads)."""
-        return await asyncio.to_thread(self.shard_source(ctx).fetch, hotkeys)
+        return await asyncio.to_thread(self.shard_source(ctx, pinned).fetch, hotkeys)
 
-    async def gather_window(self, ctx: WindowContext, candidates: list[str], target: int | None = None,
-                            prefetched: dict[str, Fetched] | None = None) -> GatherResult:
-        """Aggregate the window's peers (after its deadline); the model is not touched."""
-        return await asyncio.to_thread(
-            gather, ctx.window, candidates, target or self.hp.peers.primary, self.shard_source(ctx), self.device,
-            prefetched,
-        )
+    async def gather_candidates(self, ctx: WindowContext, candidates: list[str], pinned: Mapping[str, str],
+                                ceiling: float) -> GatherResult:
+        """A validator's choice for the window: the first valid pinned shards of the peer list, clipped."""
+        return await asyncio.to_thread(gather, ctx.window, candidates, self.hp.peers.primary,
+                                       self.shard_source(ctx, pinned), self.device, None, None, ceiling)
+
+    async def gather_record(self, ctx: WindowContext, found: FoundRecord,
+                            prefetched: Mapping[str, Fetched] | None = None) -> GatherResult:
+        """The window's update exactly as its record names it (shards by hash, mirror first, its clip norm).
+
+        `result.used != record.peers` means this node could not reproduce the window's update.
+        """
+        record = found.record
+        source = self.shard_source(ctx, record.pinned, found.mirror)
+        pinned = {h: f for h, f in (prefetched or {}).items() if f.ok and record.pinned.get(h) == f.shard.header.content_hash}
+        return await asyncio.to_thread(gather, ctx.window, record.peers, len(record.peers), source, self.device,
+                                       pinned, record.clip_norm)
 
     def apply(self, result: GatherResult) -> bool:
         """θ ← θ − α·aggregate; False (model unchanged) when nothing valid was gathered."""

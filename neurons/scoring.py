@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from gauntlet.evaluate import Evaluator, UpdateError, scale_update
-from gauntlet.filters import copy_verdicts, sync_score, to_posix
+from gauntlet.filters import copy_verdicts, sync_score
 from gauntlet.records import EvalResult, FilterResult
 from neurons.node import WindowContext
 from protocol.codec import decode
@@ -82,11 +82,15 @@ class Scorer:
         self,
         miners: Mapping[int, str],
         fetched: Mapping[str, Fetched],
+        first_seen: Mapping[str, int],
         own_sample: Mapping[str, torch.Tensor],
         positions: Mapping[str, torch.Tensor],
         reference_change: float | None,
     ) -> dict[int, FilterResult]:
-        """Gauntlet stage 1 for every miner uid (uid → hotkey in `miners`)."""
+        """Gauntlet stage 1 for every miner uid (uid → hotkey in `miners`).
+
+        `first_seen` is the poll round in which the validator first saw each hotkey's shard (copy order).
+        """
         hp = self.hp.gauntlet
         results: dict[int, FilterResult] = {}
         for uid, hotkey in miners.items():
@@ -94,7 +98,7 @@ class Scorer:
             present = got.reason not in NOT_PRESENT
             result = FilterResult(
                 uid=uid, hotkey=hotkey, present=present,
-                upload_time=to_posix(got.upload_time) if got.upload_time else None,
+                first_seen=first_seen.get(hotkey),
                 timely=present and got.reason not in NOT_TIMELY,
                 reject_reason=got.reason if present and got.reason not in NOT_TIMELY else None,
             )
@@ -108,7 +112,7 @@ class Scorer:
                 uid: {name: enc.positions().reshape(-1) for name, enc in fetched[miners[uid]].shard.tensors.items()}
                 for uid in eligible
             }
-            times = {uid: results[uid].upload_time or 0.0 for uid in eligible}
+            times = {uid: results[uid].first_seen or 0 for uid in eligible}
             for uid, verdict in copy_verdicts(index_sets, times, hp).items():
                 results[uid].copy_verdict = verdict
         return results

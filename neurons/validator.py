@@ -29,14 +29,14 @@ from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import Node, WindowContext
 from neurons.node_files import SCORES_FILE, SECRET_FILE
+from neurons.publisher import Publisher
 from neurons.scoring import Scorer
 from protocol.model import save_checkpoint
-from protocol.peers import AggregateRecord, make_peer_list
+from protocol.peers import make_peer_list
 from protocol.sample import debug_positions, gather_sample
 from protocol.storage_keys import (
     CHECKPOINT_CONFIG_FILE,
     CHECKPOINT_MODEL_FILE,
-    aggregate_key,
     checkpoint_key,
     peers_key,
 )
@@ -81,6 +81,7 @@ class Validator:
         self.state: ScoringState = load_state(self.state_dir / SCORES_FILE)
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
         self.scorer = Scorer(node.model, node.store, self.hp, self.secret)
+        self.publisher = Publisher(node)
         self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None
 
@@ -91,12 +92,15 @@ class Validator:
         ctx = await node.window(window)
         graph = ctx.require_closed()
         miners = {uid: hk for uid, hk in enumerate(graph.hotkeys) if hk != node.hotkey}
-        fetched = await node.fetch(ctx, list(miners.values()))
+        pub = await self.publisher.publication(ctx, list(miners.values()))
+        fetched = dict(pub.fetched)
+        fetched.update(await node.fetch(ctx, [hk for hk in miners.values() if hk not in fetched], pub.pinned))
 
         params = dict(node.model.named_parameters())
         positions = debug_positions(ctx.seed, self.numels, hp.shard.debug_sample_size)
         own = gather_sample(params, positions)
-        filters = self.scorer.filter_window(miners, fetched, own, positions, self.state.reference_change())
+        filters = self.scorer.filter_window(miners, fetched, pub.first_seen, own, positions,
+                                            self.state.reference_change())
         eval_started = time.perf_counter()
         budget = hp.gauntlet.eval_time_fraction * self.window_seconds(ctx)
         last_evaluated = {uid: us.last_evaluated for uid, us in self.state.uids.items() if us.hotkey == miners.get(uid)}
@@ -112,17 +116,16 @@ class Validator:
         await self._put(peers_key(target), make_peer_list(self.keypair, node.netuid, target, primary, reserve))
         report.weights_set = await self.set_weights(window, *outcome.as_lists(), report)
 
-        peers = await node.find_peer_list(ctx)
-        if peers is not None:
-            result = await node.gather_window(ctx, peers.candidates, prefetched=fetched)
-            report.stepped = node.apply(result)
-            report.peers_used = result.used
-            if result.used:
-                hashes = [fetched[h].shard.header.content_hash if h in fetched and fetched[h].shard else ""
-                          for h in result.used]
-                record = AggregateRecord(netuid=node.netuid, window=window, validator=node.hotkey,
-                                         peers=result.used, content_hashes=hashes)
-                await self._put(aggregate_key(window), record.signed(self.keypair))
+        found = await node.find_record(ctx)  # the window's update: the highest-stake validator's record
+        if found is None:
+            report.note += "no aggregate record in time; model unchanged. "
+        else:
+            result = await node.gather_record(ctx, found, prefetched=fetched)
+            if result.used == found.record.peers:
+                report.stepped = node.apply(result)
+                report.peers_used = result.used
+            else:
+                report.note += f"could not reproduce the record (skipped {result.skipped}); model unchanged. "
         self.state.record_step_change(step_change(gather_sample(params, positions), own), StateConfig())
         self.model_window = window + 1
         if (window + 1) % hp.checkpoints.every_windows == 0:
@@ -195,14 +198,19 @@ class Validator:
         return current
 
     async def run(self, windows: int | None = None) -> None:
+        """Score window after window; the publication of each window's record runs alongside, on time."""
         window = await self.start()
-        done = 0
-        while windows is None or done < windows:
-            report = await self.step(window)
-            log.info("window %d: scored %d, evaluated %d in %.1fs, weights %s, stepped with %d peers %s",
-                     window, report.scored, report.evaluated, report.eval_seconds,
-                     "set" if report.weights_set else "NOT set", len(report.peers_used), report.note)
-            if self.metrics is not None:
-                self.metrics.observe_validator(report, self.state, self.node.buckets())
-            done += 1
-            window += 1
+        publishing = asyncio.create_task(self.publisher.run(window))
+        try:
+            done = 0
+            while windows is None or done < windows:
+                report = await self.step(window)
+                log.info("window %d: scored %d, evaluated %d in %.1fs, weights %s, stepped with %d peers %s",
+                         window, report.scored, report.evaluated, report.eval_seconds,
+                         "set" if report.weights_set else "NOT set", len(report.peers_used), report.note)
+                if self.metrics is not None:
+                    self.metrics.observe_validator(report, self.state, self.node.buckets())
+                done += 1
+                window += 1
+        finally:
+            publishing.cancel()

@@ -1,8 +1,14 @@
 """Aggregation of peers' SparseLoCo updates and the outer step: the consensus-critical arithmetic.
 
 After a window's deadline every honest node (miners and validators alike) decodes the gathered
-peers' updates, clips each to the median of the peers' global L2 norms, averages them (the SparseLoCo
-mean) and applies plain outer SGD θ ← θ − α·mean. All of them must land on the bit-identical θ, so:
+peers' updates, clips each to the window's clip norm, averages them (the SparseLoCo mean) and applies
+plain outer SGD θ ← θ − α·mean. The clip norm is the LOWER median of the peers' global L2 norms,
+capped by a ceiling: with up to half of the peers hostile the lower median is still an honest
+peer's norm (the plain median of two would average in the attacker's), and the ceiling
+(`outer.clip_growth` × the previous window's clip norm, and `outer.max_update_norm`) clips a window
+whose only shard is an attacker's. The validator chooses it and writes it in the window's signed
+aggregate record; every node applies the record's value, so all of them use the same number.
+All of them must land on the bit-identical θ, so:
 
 - peers are always visited in sorted order of their id (the hotkey), whatever order they arrived in;
 - norms come from the encoded form (integer code counts × float32 table entries, summed with
@@ -39,15 +45,27 @@ def dense_norm(update: Update) -> float:
     return math.sqrt(math.fsum(float(t.to(torch.float64).square().sum()) for t in update.values()))
 
 
-def clip_factors(norms: Mapping[str, float]) -> dict[str, float]:
-    """Per-peer scale min(1, median / norm): no peer weighs more than the median peer."""
+def robust_clip_norm(norms: Mapping[Any, float], ceiling: float = math.inf) -> float:
+    """min(lower median of the peers' norms, ceiling): set by honest peers while they are at least half."""
+    values = [norms[peer] for peer in sorted(norms)]
+    if not values:
+        raise ValueError("a clip norm needs at least one peer")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not ceiling > 0:
+        raise ValueError("peer norms must be finite and non-negative, the ceiling positive")
+    return min(statistics.median_low(values), ceiling)
+
+
+def clip_factors(norms: Mapping[Any, float], clip_norm: float | None = None) -> dict[Any, float]:
+    """Per-peer scale min(1, clip_norm / norm), clip_norm defaulting to `robust_clip_norm(norms)`."""
     if not norms:
         return {}
-    values = [norms[peer] for peer in sorted(norms)]
-    if not all(math.isfinite(v) and v >= 0 for v in values):
+    if clip_norm is None:
+        clip_norm = robust_clip_norm(norms)
+    if not all(math.isfinite(v) and v >= 0 for v in norms.values()):
         raise ValueError("peer norms must be finite and non-negative")
-    median = statistics.median(values)
-    return {peer: (median / n if n > median else 1.0) for peer, n in norms.items()}
+    if not (math.isfinite(clip_norm) and clip_norm >= 0):
+        raise ValueError(f"clip norm must be finite and non-negative, got {clip_norm}")
+    return {peer: (clip_norm / n if n > clip_norm else 1.0) for peer, n in norms.items()}
 
 
 def _check_peers(names_by_peer: Mapping[str, list[str]]) -> list[str]:
@@ -62,24 +80,27 @@ def _check_peers(names_by_peer: Mapping[str, list[str]]) -> list[str]:
 
 
 def _plan(
-    by_peer: Mapping[str, Mapping[str, Any]], norms: Mapping[str, float] | None, norm_of: Callable[[Any], float]
+    by_peer: Mapping[str, Mapping[str, Any]], norms: Mapping[str, float] | None, norm_of: Callable[[Any], float],
+    clip_norm: float | None,
 ) -> tuple[list[str], list[str], dict[str, float]]:
     """Tensor names (the same for every peer), peers in sorted order and each peer's clip factor."""
     names = _check_peers({peer: sorted(tensors) for peer, tensors in by_peer.items()})
     peers = sorted(by_peer)
     if norms is None:
         norms = {peer: norm_of(by_peer[peer]) for peer in peers}
-    return names, peers, clip_factors({peer: norms[peer] for peer in peers})
+    return names, peers, clip_factors({peer: norms[peer] for peer in peers}, clip_norm)
 
 
 @torch.no_grad()
-def aggregate(updates: Mapping[str, Update], norms: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+def aggregate(
+    updates: Mapping[str, Update], norms: Mapping[str, float] | None = None, clip_norm: float | None = None
+) -> dict[str, torch.Tensor]:
     """Median-norm-clipped mean of dense updates, keyed by peer id; float32, on the first peer's device.
 
     Pass `norms` (e.g. from `update_norm`) for a result that is identical across devices; by default
     they are computed from the dense tensors.
     """
-    names, peers, factors = _plan(updates, norms, dense_norm)
+    names, peers, factors = _plan(updates, norms, dense_norm, clip_norm)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         first = updates[peers[0]][name]
@@ -98,12 +119,15 @@ def aggregate_encoded(
     shards: Mapping[str, Mapping[str, EncodedTensor]],
     device: torch.device | str = "cpu",
     norms: Mapping[str, float] | None = None,
+    clip_norm: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Median-norm-clipped mean of encoded updates keyed by peer id, as dense float32 on `device`.
+    """Clipped mean of encoded updates keyed by peer id, as dense float32 on `device`.
+
+    Each peer is scaled by min(1, clip_norm / its norm); clip_norm defaults to the lower median.
 
     Indices must be unique within each chunk (read_shard guarantees it for downloaded shards).
     """
-    names, peers, factors = _plan(shards, norms, update_norm)
+    names, peers, factors = _plan(shards, norms, update_norm, clip_norm)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         layout = shards[peers[0]][name].layout

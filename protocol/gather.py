@@ -10,15 +10,15 @@ hotkey inside). How shards are downloaded is not this module's business: a `Shar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
 import torch
 
-from protocol.codec_aggregate import aggregate_encoded
+from protocol.codec_aggregate import aggregate_encoded, robust_clip_norm, update_norm
 from protocol.wire import Shard
 
 
@@ -28,28 +28,16 @@ class FetchOutcome(StrEnum):
     MISSING = "missing"  # no object under the window's key
     NO_CREDENTIALS = "no_credentials"  # no valid bucket commitment on chain
     UNREACHABLE = "unreachable"  # the bucket did not answer usefully
-    LATE = "late"  # uploaded after the window's deadline
-    EARLY = "early"  # uploaded before the window started
+    LATE = "late"  # there now, but not seen by the deadline (validator's own observation)
+    CHANGED = "changed"  # the bytes differ from the content hash pinned at the deadline or in the record
+    TIMEOUT = "timeout"  # not delivered within its object or window download deadline
 
 
-NOT_PRESENT = frozenset({FetchOutcome.MISSING, FetchOutcome.NO_CREDENTIALS, FetchOutcome.UNREACHABLE})
-NOT_TIMELY = frozenset({FetchOutcome.LATE, FetchOutcome.EARLY})
+NOT_PRESENT = frozenset(
+    {FetchOutcome.MISSING, FetchOutcome.NO_CREDENTIALS, FetchOutcome.UNREACHABLE, FetchOutcome.TIMEOUT}
+)
+NOT_TIMELY = frozenset({FetchOutcome.LATE, FetchOutcome.CHANGED})
 
-
-def upload_timeliness(
-    upload_time: datetime, window_start: datetime | None, deadline: datetime | None
-) -> tuple[FetchOutcome, str] | None:
-    """None if an upload at `upload_time` counts for its window, else (LATE or EARLY, why).
-
-    On time means window start ≤ upload_time ≤ deadline, both bounds from chain block timestamps
-    (None: that bound is not known yet and not checked). The start is compared at whole seconds,
-    since some listings report upload times at second resolution.
-    """
-    if deadline is not None and upload_time > deadline:
-        return FetchOutcome.LATE, f"uploaded {upload_time.isoformat()} after {deadline.isoformat()}"
-    if window_start is not None and upload_time < window_start.replace(microsecond=0):
-        return FetchOutcome.EARLY, f"uploaded {upload_time.isoformat()} before the window"
-    return None
 
 
 @dataclass
@@ -60,8 +48,8 @@ class Fetched:
     shard: Shard | None = None
     reason: str | None = None  # a FetchOutcome or a wire.RejectReason value
     detail: str = ""
-    upload_time: datetime | None = None
     size: int = 0
+    raw: bytes | None = field(default=None, repr=False)  # the verified bytes (a validator mirrors them)
 
     @property
     def ok(self) -> bool:
@@ -74,6 +62,9 @@ class GatherResult:
     used: list[str] = field(default_factory=list)  # hotkeys aggregated, sorted
     skipped: dict[str, str] = field(default_factory=dict)  # hotkey -> reason
     aggregated: dict[str, torch.Tensor] | None = None
+    clip_norm: float | None = None  # the clip norm the aggregate used (goes in the aggregate record)
+    content_hashes: list[str] = field(default_factory=list)  # of `used`, same order
+    fetched: dict[str, Fetched] = field(default_factory=dict, repr=False)  # every outcome looked at
 
     @property
     def ok(self) -> bool:
@@ -93,11 +84,14 @@ def gather(
     source: ShardSource,
     device: torch.device | str = "cpu",
     prefetched: Mapping[str, Fetched] | None = None,
+    clip_norm: float | None = None,
+    ceiling: float = math.inf,
 ) -> GatherResult:
     """Aggregate the first `target` valid shards among `candidates`, in order.
 
     Primaries are fetched first; each shortfall is filled from the next candidates, so reserves are
     downloaded only when needed. `prefetched` (a validator's stage-1 downloads) avoids fetching twice.
+    The clip norm is `clip_norm` when given (a signed record's), else `robust_clip_norm(norms, ceiling)`.
     """
     result = GatherResult(window)
     have: dict[str, Fetched] = dict(prefetched or {})
@@ -114,9 +108,13 @@ def gather(
                 valid.append(hotkey)
             else:
                 result.skipped[hotkey] = got.reason or "invalid"
+    result.fetched = have
     if not valid:
         return result
     result.used = sorted(valid)
     shards = {h: have[h].shard.tensors for h in result.used}  # type: ignore[union-attr]
-    result.aggregated = aggregate_encoded(shards, device=device)
+    result.content_hashes = [have[h].shard.header.content_hash for h in result.used]  # type: ignore[union-attr]
+    norms = {h: update_norm(tensors) for h, tensors in shards.items()}
+    result.clip_norm = clip_norm if clip_norm is not None else robust_clip_norm(norms, ceiling)
+    result.aggregated = aggregate_encoded(shards, device=device, norms=norms, clip_norm=result.clip_norm)
     return result

@@ -83,6 +83,13 @@ class InnerOptimHParams(_Section):
 
 class OuterOptimHParams(_Section):
     lr: float = Field(1.0, gt=0, description="Outer SGD step size α applied to the aggregated update (anchor 1.0).")
+    clip_growth: float = Field(
+        2.0, gt=1, le=1e3,
+        description="A window's clip norm is at most this many times the previous window's (the robust ceiling).",
+    )
+    max_update_norm: float = Field(
+        1e4, gt=0, le=1e12, description="Absolute ceiling on any peer's update norm after clipping (L2, all tensors).",
+    )
 
 
 class SparseLoCoHParams(_Section):
@@ -156,6 +163,23 @@ class PeerHParams(_Section):
     )
 
 
+class FetchHParams(_Section):
+    object_seconds: float = Field(
+        60.0, gt=0, le=3600,
+        description="Deadline for one object from a peer (request, headers and body together), seconds.",
+    )
+    window_fraction: float = Field(
+        0.25, gt=0, le=1, description="Share of a window a node waits for one window's downloads, all peers together.",
+    )
+    poll_seconds: float = Field(
+        10.0, gt=0, le=600, description="How often a validator looks at every miner's shard during the upload phase.",
+    )
+    record_grace_blocks: int = Field(
+        3, ge=1, le=100,
+        description="Blocks after the upload deadline by which the aggregate record must be published to count.",
+    )
+
+
 class CheckpointHParams(_Section):
     every_windows: int = Field(10, ge=1, description="A validator publishes a checkpoint every K windows.")
     retention_windows: int = Field(50, ge=2, description="Bucket objects older than this many windows are deleted.")
@@ -206,6 +230,7 @@ class HParams(_Section):
     shard: ShardHParams = Field(default_factory=ShardHParams, description="Shard contents beyond the update.")
     gauntlet: GauntletHParams = Field(default_factory=GauntletHParams, description="Validator scoring.")
     peers: PeerHParams = Field(default_factory=PeerHParams, description="Peer selection.")
+    fetch: FetchHParams = Field(default_factory=FetchHParams, description="Download deadlines and upload observation.")
     checkpoints: CheckpointHParams = Field(default_factory=CheckpointHParams, description="Checkpoints.")
     data: DataHParams = Field(default_factory=DataHParams, description="Data and assignment.")
     endpoints: EndpointHParams = Field(default_factory=EndpointHParams, description="Accepted bucket endpoints.")
@@ -247,6 +272,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         windows=dict(blocks_per_window=10, upload_grace_blocks=1, expected_block_time_s=1.0),
         inner=dict(steps=8, batch_size=8, lr=1e-3, weight_decay=0.1),
         shard=dict(debug_sample_size=128),
+        fetch=dict(object_seconds=4.0, poll_seconds=1.0, record_grace_blocks=3),
         gauntlet=dict(eval_miners_per_window=64, eval_batches=2),
         peers=dict(primary=8, reserve=4),
         checkpoints=dict(every_windows=5, retention_windows=20),

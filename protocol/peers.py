@@ -6,10 +6,12 @@ validators read the list of the highest-stake validator that published one and g
 the primaries, filling gaps left by missing or invalid primaries from the reserve in order, so every
 honest node picks the same set and computes the same θ.
 
-After aggregating, the validator also publishes an `AggregateRecord` under `aggregate_key(window)`:
-the hotkeys and content hashes of the shards it actually used. It defines that window's aggregated
-update exactly and cheaply (a dense copy would be a model's size per window): a node catching up
-from a checkpoint re-downloads those shards, checks the hashes and replays the same outer step.
+Right after a window's upload deadline the validator publishes an `AggregateRecord` under
+`aggregate_key(window)`: the hotkeys and content hashes of the shards that window aggregates and the
+clip norm, with a copy of each of those shards in its own bucket (`mirror_key`). The record is the
+window's update, exactly and cheaply (a dense copy would be a model's size per window): every node —
+live miners, the validators, a node catching up — applies what the record names and checks every
+shard's hash, so a miner whose server shows different nodes different bytes cannot split them.
 
 Like every download, both are untrusted bytes: size-capped, schema-validated and signature-checked
 before use.
@@ -22,7 +24,7 @@ import json
 from typing import ClassVar, Literal
 
 from bittensor.sp_core import Keypair, ss58_decode, verify
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PEER_LIST_VERSION = 1
 MAX_PEER_LIST_BYTES = 256 * 1024
@@ -115,6 +117,25 @@ class AggregateRecord(_SignedDoc):
 
     peers: list[str] = Field(max_length=1024, description="Hotkeys whose shards were aggregated, sorted.")
     content_hashes: list[str] = Field(max_length=1024, description="Each used shard's content hash, same order.")
+    clip_norm: float = Field(ge=0, allow_inf_nan=False, description="Clip norm every node uses for this window.")
+
+    @field_validator("content_hashes")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        if not all(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in value):
+            raise ValueError("content hashes must be 64 lowercase hex characters")
+        return value
+
+    @model_validator(mode="after")
+    def _aligned(self) -> AggregateRecord:
+        if len(self.content_hashes) != len(self.peers):
+            raise ValueError(f"{len(self.peers)} peers but {len(self.content_hashes)} content hashes")
+        return self
+
+    @property
+    def pinned(self) -> dict[str, str]:
+        """hotkey → content hash of every shard the window aggregates."""
+        return dict(zip(self.peers, self.content_hashes, strict=True))
 
     @field_validator("peers")
     @classmethod

@@ -24,10 +24,11 @@ class KeyKind(StrEnum):
     PEERS = "peers"
     AGGREGATE = "aggregates"
     CHECKPOINT = "checkpoints"
+    MIRROR = "mirror"
     DATASET = "dataset"
 
 
-WINDOWED_KINDS = (KeyKind.GRADIENT, KeyKind.PEERS, KeyKind.AGGREGATE, KeyKind.CHECKPOINT)
+WINDOWED_KINDS = (KeyKind.GRADIENT, KeyKind.PEERS, KeyKind.AGGREGATE, KeyKind.CHECKPOINT, KeyKind.MIRROR)
 
 SHARD_SUFFIX = ".safetensors"
 CHECKPOINT_MODEL_FILE = "model.safetensors"
@@ -70,6 +71,11 @@ def gradient_prefix(window: int) -> str:
 def gradient_key(window: int, hotkey: str) -> str:
     """Where `hotkey` uploads its shard for `window`."""
     return f"{gradient_prefix(window)}{_hotkey(hotkey)}{SHARD_SUFFIX}"
+
+
+def mirror_key(window: int, hotkey: str) -> str:
+    """A validator's copy of `hotkey`'s shard for `window`, as named (by content hash) in its aggregate record."""
+    return f"{KeyKind.MIRROR}/{_window(window)}/{_hotkey(hotkey)}{SHARD_SUFFIX}"
 
 
 def peers_key(window: int) -> str:
@@ -127,11 +133,12 @@ def parse_key(key: str) -> ParsedKey | None:
         win, _, leaf = rest.partition("/")
         if not _WINDOW_RE.fullmatch(win):
             return None
-        if kind is KeyKind.GRADIENT:
+        if kind in (KeyKind.GRADIENT, KeyKind.MIRROR):
             if not leaf.endswith(SHARD_SUFFIX):
                 return None
             hotkey = leaf[: -len(SHARD_SUFFIX)]
-            return ParsedKey(kind, int(win), hotkey=hotkey) if gradient_key(int(win), hotkey) == key else None
+            make = gradient_key if kind is KeyKind.GRADIENT else mirror_key
+            return ParsedKey(kind, int(win), hotkey=hotkey) if make(int(win), hotkey) == key else None
         return ParsedKey(kind, int(win), name=leaf) if checkpoint_key(int(win), leaf) == key else None
     except InvalidKey:
         return None

@@ -356,9 +356,31 @@ def _check_entries(table: dict[str, Any], body_len: int, expected: ShardExpectat
     return {name: (start, end) for start, end, name in spans}
 
 
-def _read(raw: bytes | bytearray | memoryview, expected: ShardExpectation) -> Shard:
-    data = memoryview(raw).cast("B")
-    table, meta, body_start = _parse_table(data, expected)
+def header_prefix_bytes(expected: ShardExpectation) -> int:
+    """How many leading bytes of a shard always hold its whole signed header (for `read_header`)."""
+    return 8 + expected.rules.header_cap
+
+
+def read_header(prefix: bytes | bytearray | memoryview, expected: ShardExpectation) -> ShardHeader | Rejection:
+    """The signed header from a shard's first bytes: identity checked, signature of its content hash verified.
+
+    A valid header commits its hotkey to one content hash for (netuid, window) without the body:
+    whoever reads it knows which bytes the miner stands behind, before downloading them.
+    """
+    try:
+        data = memoryview(prefix).cast("B")
+        _table, meta, _start = _parse_table(data, expected)
+        header = _identity(meta, expected)
+        if not _signed(bytes.fromhex(header.content_hash), header):
+            raise _Reject(RejectReason.BAD_SIGNATURE, f"signature does not verify for {header.hotkey}")
+        return header
+    except _Reject as rej:
+        return rej.rejection
+    except Exception as exc:  # a malformed prefix must give a reason, never an exception
+        return Rejection(RejectReason.MALFORMED, f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _identity(meta: dict[str, str], expected: ShardExpectation) -> ShardHeader:
     try:
         header = ShardHeader.model_validate_json(meta[META_KEY])
     except ValidationError as exc:
@@ -373,6 +395,20 @@ def _read(raw: bytes | bytearray | memoryview, expected: ShardExpectation) -> Sh
     ):
         if got != want:
             raise _Reject(reason, f"header says {got}, expected {want}")
+    return header
+
+
+def _signed(digest: bytes, header: ShardHeader) -> bool:
+    try:
+        return bool(verify(_SIGN_PREFIX + digest, bytes.fromhex(header.signature), header.hotkey))
+    except ValueError:
+        return False
+
+
+def _read(raw: bytes | bytearray | memoryview, expected: ShardExpectation) -> Shard:
+    data = memoryview(raw).cast("B")
+    table, meta, body_start = _parse_table(data, expected)
+    header = _identity(meta, expected)
     offsets = _check_entries(table, len(data) - body_start, expected)
 
     body = data[body_start:]
@@ -382,11 +418,7 @@ def _read(raw: bytes | bytearray | memoryview, expected: ShardExpectation) -> Sh
     ])
     if not hmac.compare_digest(digest.hex(), header.content_hash):
         raise _Reject(RejectReason.HASH_MISMATCH, "content hash does not match the tensors and header")
-    try:
-        signed = verify(_SIGN_PREFIX + digest, bytes.fromhex(header.signature), header.hotkey)
-    except ValueError:
-        signed = False
-    if not signed:
+    if not _signed(digest, header):
         raise _Reject(RejectReason.BAD_SIGNATURE, f"signature does not verify for {header.hotkey}")
 
     loaded = st_load(bytes(data) if not isinstance(raw, bytes) else raw)

@@ -15,6 +15,7 @@ from protocol.codec_aggregate import (
     apply_outer_step,
     clip_factors,
     dense_norm,
+    robust_clip_norm,
     update_norm,
 )
 from protocol.hparams import SparseLoCoHParams
@@ -48,11 +49,12 @@ def test_update_norm_matches_the_dense_norm():
         assert math.isclose(update_norm(encoded), dense_norm(dense), rel_tol=1e-12)
 
 
-def test_clip_factors_cap_every_peer_at_the_median_norm():
+def test_clip_factors_cap_every_peer_at_the_lower_median_norm():
     factors = clip_factors({"a": 1.0, "b": 2.0, "c": 3.0, "d": 100.0})
-    assert factors["a"] == 1.0 and factors["b"] == 1.0
-    assert math.isclose(factors["c"] * 3.0, 2.5) and math.isclose(factors["d"] * 100.0, 2.5)
+    assert factors["a"] == 1.0 and factors["b"] == 1.0  # the lower median of four is the 2nd smallest
+    assert math.isclose(factors["c"] * 3.0, 2.0) and math.isclose(factors["d"] * 100.0, 2.0)
     assert clip_factors({"solo": 7.0}) == {"solo": 1.0}
+    assert clip_factors({"solo": 7.0}, clip_norm=3.5) == {"solo": 0.5}  # a single shard is clipped too
     assert clip_factors({"z": 0.0, "y": 0.0}) == {"z": 1.0, "y": 1.0}
     with pytest.raises(ValueError):
         clip_factors({"a": float("nan")})
@@ -62,7 +64,7 @@ def test_aggregate_is_the_mean_of_median_clipped_updates():
     peers = make_peers(5)
     dense = {p: {n: decode(e) for n, e in enc.items()} for p, enc in peers.items()}
     norms = {p: dense_norm(u) for p, u in dense.items()}
-    median = sorted(norms.values())[2]
+    median = sorted(norms.values())[2]  # five peers: the lower median is the middle one
     out = aggregate(dense)
     for name, shape in SHAPES.items():
         want = sum(dense[p][name].double() * min(1.0, median / norms[p]) for p in dense) / len(dense)
@@ -132,3 +134,27 @@ def test_cuda_and_cpu_nodes_compute_the_same_theta():
     for name in SHAPES:
         assert torch.equal(gpu[name].cpu(), cpu[name])
         assert torch.equal(theta_gpu[name].cpu(), theta[name])
+
+
+def test_attackers_at_half_the_peers_cannot_set_the_clip_norm():
+    """Two huge-norm shards (scales near the float32 limit) among four: the aggregate stays honest-sized."""
+    honest = make_peers(2, seed=3)
+    attackers = {}
+    for i, (name, enc) in enumerate(make_peers(2, seed=4).items()):
+        attackers[f"zz-attacker-{i}-{name}"] = {
+            n: type(e)(e.idx, e.codes, torch.full_like(e.lookup, 3.4e38) * torch.tensor([-1.0, -0.5, 0.5, 1.0]), e.layout)
+            for n, e in enc.items()
+        }
+    shards = {**honest, **attackers}
+    norms = {p: update_norm(enc) for p, enc in shards.items()}
+    clip = robust_clip_norm(norms)
+    assert clip == max(norms[p] for p in honest)  # the lower median of 4 is the larger honest norm
+    out = aggregate_encoded(shards, norms=norms, clip_norm=clip)
+    total = math.sqrt(sum(float(t.double().square().sum()) for t in out.values()))
+    assert math.isfinite(total) and total <= clip * (1 + 1e-6)
+    # one attacker alone: the ceiling (growth over the last clip norm) still bounds it
+    solo = {"zz": attackers[next(iter(attackers))]}
+    capped = robust_clip_norm({"zz": update_norm(solo["zz"])}, ceiling=2 * clip)
+    assert capped == 2 * clip
+    with pytest.raises(ValueError):
+        robust_clip_norm({})

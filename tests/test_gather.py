@@ -1,32 +1,15 @@
-"""Timeliness of an upload, and `gather`'s choice of peers from a shard source."""
+"""`gather`'s choice of peers from a shard source, and the clip norm it records."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import torch
 
 from protocol.codec import Compressor
-from protocol.gather import Fetched, FetchOutcome, gather, upload_timeliness
+from protocol.gather import Fetched, FetchOutcome, gather
 from protocol.hparams import SparseLoCoHParams
 from protocol.wire import Shard
-
-START = datetime(2026, 1, 1, 12, 0, 0, 500_000, tzinfo=UTC)
-DEADLINE = START + timedelta(seconds=10)
-
-
-def test_upload_timeliness_bounds():
-    assert upload_timeliness(START, START, DEADLINE) is None
-    assert upload_timeliness(DEADLINE, START, DEADLINE) is None  # inclusive at both ends
-    late = upload_timeliness(DEADLINE + timedelta(milliseconds=1), START, DEADLINE)
-    assert late is not None and late[0] == FetchOutcome.LATE and "after" in late[1]
-    # the start is compared at whole seconds: listings may report second-resolution times
-    assert upload_timeliness(START.replace(microsecond=0), START, DEADLINE) is None
-    early = upload_timeliness(START - timedelta(seconds=1), START, DEADLINE)
-    assert early is not None and early[0] == FetchOutcome.EARLY
-    # an unknown bound is not checked
-    assert upload_timeliness(DEADLINE + timedelta(days=1), START, None) is None
-    assert upload_timeliness(START - timedelta(days=1), None, DEADLINE) is None
 
 
 class _Source:
@@ -43,7 +26,8 @@ class _Source:
 def _shard(seed: int) -> Shard:
     gen = torch.Generator().manual_seed(seed)
     tensors = Compressor(SparseLoCoHParams()).encode_all({"w": torch.randn(64, 64, generator=gen)})
-    return Shard(header=None, tensors=tensors, debug_values=torch.zeros(1), debug_positions=None, size=0)
+    header = SimpleNamespace(content_hash=f"{seed:064x}")
+    return Shard(header=header, tensors=tensors, debug_values=torch.zeros(1), debug_positions=None, size=0)
 
 
 def test_gather_takes_the_first_valid_in_order_and_fills_from_reserves():
@@ -61,3 +45,13 @@ def test_gather_takes_the_first_valid_in_order_and_fills_from_reserves():
 def test_gather_with_nothing_valid_leaves_no_aggregate():
     result = gather(3, ["x", "y"], target=2, source=_Source({}))
     assert result.aggregated is None and not result.ok and set(result.skipped) == {"x", "y"}
+
+
+def test_gather_records_hashes_and_a_robust_clip_norm():
+    good = {h: Fetched(h, shard=_shard(i + 1)) for i, h in enumerate(["a", "b", "c"])}
+    result = gather(1, ["a", "b", "c"], target=3, source=_Source(good))
+    assert result.content_hashes == [f"{i:064x}" for i in (1, 2, 3)]
+    capped = gather(1, ["a", "b", "c"], target=3, source=_Source(good), ceiling=1e-3)
+    assert capped.clip_norm == 1e-3  # the ceiling wins over the lower median
+    fixed = gather(1, ["a", "b", "c"], target=3, source=_Source(good), clip_norm=0.5)
+    assert fixed.clip_norm == 0.5  # a record's clip norm is used as it is

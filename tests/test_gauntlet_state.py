@@ -29,7 +29,7 @@ def run_window(state: ScoringState, w: int, config: StateConfig | None = None):
     """uid 0 good, uid 1 worse, uid 2 late, uid 3 a copy of uid 0 with poor sync; uid 4 unknown."""
 
     def f(uid: int, **kw) -> FilterResult:
-        base = dict(uid=uid, hotkey=HOTKEYS[uid], present=True, upload_time=100.0 + uid, timely=True)
+        base = dict(uid=uid, hotkey=HOTKEYS[uid], present=True, first_seen=100 + uid, timely=True)
         return FilterResult(**(base | kw))
 
     filters = {
@@ -39,7 +39,7 @@ def run_window(state: ScoringState, w: int, config: StateConfig | None = None):
             copy_verdict=CopyVerdict(overlap=0.017, copied_from=None, factor=1.0),
         ),
         1: f(1, sync=SyncResult(steps_behind=1.0, sync=0.57, penalised=False)),
-        2: f(2, timely=False, upload_time=999.0),
+        2: f(2, timely=False, first_seen=999),
         3: f(
             3,
             sync=SyncResult(steps_behind=math.inf, sync=0.0, penalised=True, reason="non-finite"),

@@ -24,7 +24,7 @@ PEERS = PeerHParams(primary=2, reserve=1)
 def ok(uid: int, hotkey: str | None = None, *, sync: float = 1.0, steps: float = 0.0, **kw) -> FilterResult:
     s = SyncResult(steps_behind=steps, sync=sync, penalised=steps > HP.sync_penalty_steps)
     return FilterResult(
-        uid=uid, hotkey=hotkey or f"hk{uid}", present=True, upload_time=10.0, timely=True, sync=s, **kw
+        uid=uid, hotkey=hotkey or f"hk{uid}", present=True, first_seen=10, timely=True, sync=s, **kw
     )
 
 
@@ -142,10 +142,10 @@ def test_missing_late_or_rejected_shard_is_penalised(kind):
     state = strong_state([0, 1], score=2.0)
     bad = {
         "missing": {},
-        "late": {0: FilterResult(uid=0, hotkey="hk0", present=True, upload_time=99.0, timely=False)},
+        "late": {0: FilterResult(uid=0, hotkey="hk0", present=True, first_seen=99, timely=False)},
         "rejected": {
             0: FilterResult(
-                uid=0, hotkey="hk0", present=True, upload_time=9.0, timely=True, reject_reason="bad_signature"
+                uid=0, hotkey="hk0", present=True, first_seen=9, timely=True, reject_reason="bad_signature"
             )
         },
     }[kind]
@@ -201,7 +201,7 @@ def test_evaluation_updates_rating_and_binary_average():
 
 def test_evaluated_uid_must_have_passed_stage_one():
     state = ScoringState()
-    late = FilterResult(uid=0, hotkey="hk0", present=True, upload_time=99.0, timely=False)
+    late = FilterResult(uid=0, hotkey="hk0", present=True, first_seen=99, timely=False)
     with pytest.raises(ValueError):
         score_window(state, 0, {0: "hk0"}, {0: late}, {0: evaluation(0.1)}, HP, PEERS)
 

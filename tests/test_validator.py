@@ -32,9 +32,11 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
         await validator.publish_initial_peer_list(w)
     await vnode.wait_for_block(window_bounds(first, net.hp.windows).start_block)
 
+    publishing = asyncio.create_task(validator.publisher.run(first))  # as Validator.run does
     results = await asyncio.gather(
         _loop(validator, first, WINDOWS), *[_loop(m, first, WINDOWS) for m in [*honest, noise]]
     )
+    publishing.cancel()
     reports = results[0]
     assert all(r.weights_set for r in reports), [r.note for r in reports]
     details = [(m.kind, [(r.window, r.uploaded, r.note) for r in rs]) for m, rs in zip([*honest, noise], results[1:], strict=True)]

@@ -17,6 +17,8 @@ Modules:
 - `chain.py`: `Chain`, `sdk_client`: blocks, timestamps, metagraph, commitments, weights through the
   bittensor SDK.
 - `chain_config.py`: `ChainConfig`: network, netuid and wallet; imports no SDK (fast `--help`).
-- `fetch.py`: `ShardSource`, `BucketPool`, `first_from_validators`: peers' shards and what
-  validators publish, downloaded and verified.
+- `fetch.py`: `ShardSource`, `BucketPool`, `first_from_validators`: peers' shards (one GET each, by
+  a deadline, pinned to a content hash, mirror first) and what validators publish.
+- `watch.py`: `UploadWatcher`, `Sighting`: a validator's own look at every miner's signed shard
+  header during the upload phase: what was on time, and who was first.
 """

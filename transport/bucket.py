@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -31,6 +32,7 @@ from transport.bucket_config import StorageConfig
 from transport.bucket_errors import (
     AccessDenied,
     BucketNotFound,
+    DeadlineExceeded,
     ObjectChanged,
     ObjectNotFound,
     ObjectTooLarge,
@@ -49,6 +51,7 @@ __all__ = [
     "BucketConfig",
     "BucketCredentials",
     "BucketNotFound",
+    "DeadlineExceeded",
     "ObjectChanged",
     "ObjectInfo",
     "ObjectNotFound",
@@ -108,7 +111,7 @@ class Bucket:
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
-    def request(self, operation: str, key: str | None, fn: Callable[[], T]) -> T:
+    def request(self, operation: str, key: str | None, fn: Callable[[], T], deadline: float | None = None) -> T:
         def attempt() -> T:
             self.stats.request(operation)
             return fn()
@@ -122,6 +125,7 @@ class Bucket:
             key=key,
             redact=self._redact,
             on_retry=lambda n, e: self.stats.add(retries=1),
+            deadline=deadline,
         )
 
     def _not_found(self, err: ObjectNotFound) -> StorageError:
@@ -195,6 +199,36 @@ class Bucket:
 
         self._download(info, max_bytes, write, progress)
         return bytes(buf)
+
+    def fetch(self, key: str, max_bytes: int, deadline: float, first_bytes: int | None = None) -> bytes:
+        """An untrusted peer's object in ONE GET (no listing, no HEAD), read by `deadline` or not at all.
+
+        `deadline` is a `time.monotonic()` instant covering every attempt, the headers and the whole
+        body (DeadlineExceeded otherwise); `max_bytes` caps the body whatever Content-Length says;
+        `first_bytes` asks for a prefix only (a Range request; a server ignoring Range is capped the same).
+        """
+        where = f"GetObject s3://{self.name}/{key}"
+        limit = max_bytes if first_bytes is None else min(max_bytes, first_bytes)
+        kw: dict[str, Any] = {"Bucket": self.name, "Key": key}
+        if first_bytes is not None:
+            kw["Range"] = f"bytes=0-{first_bytes - 1}"
+
+        def once() -> bytes:
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{where}: deadline passed before the request", bucket=self.name, key=key)
+            r = self.client.get_object(**kw)
+            buf = bytearray()
+            if first_bytes is None:
+                got = read_capped(r["Body"], lambda off, chunk: buf.extend(chunk),
+                                  expected=int(r.get("ContentLength", -1)), limit=max_bytes, where=where,
+                                  deadline=deadline)
+            else:
+                got = _read_prefix(r["Body"], buf, limit, where, deadline)
+            self.stats.add(bytes_downloaded=got)
+            return bytes(buf)
+
+        with self.stats.timed("download_seconds"):
+            return self.request("GetObject", key, once, deadline=deadline)
 
     def get_file(self, key: str, path: str | Path, max_bytes: int, progress: Progress | None = None) -> int:
         """Download to `path` atomically (temp file, then rename); returns the size."""
@@ -369,6 +403,23 @@ class Bucket:
         self.request("GetObject", info.key, once)
         if progress:
             progress(info.size, info.size)
+
+
+def _read_prefix(body: Any, buf: bytearray, limit: int, where: str, deadline: float) -> int:
+    """Read at most `limit` bytes of `body` into `buf` by `deadline`; the rest is not read."""
+    raw = getattr(body, "_raw_stream", body)
+    read = raw.read1 if hasattr(raw, "read1") else body.read
+    try:
+        while len(buf) < limit:
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{where}: deadline passed after {len(buf)} bytes")
+            chunk = read(limit - len(buf))
+            if not chunk:
+                break
+            buf.extend(chunk[: limit - len(buf)])
+        return len(buf)
+    finally:
+        body.close()
 
 
 def _pread(f: BinaryIO, n: int, off: int) -> bytes:

@@ -72,6 +72,10 @@ class StorageUnavailable(StorageError):
         self.attempts = attempts
 
 
+class DeadlineExceeded(StorageError):
+    """An object (or a window's downloads) took longer than its deadline; the peer loses the window."""
+
+
 class TransientError(Exception):
     """Raised by our own checks (e.g. a body shorter than its Content-Length) to ask for a retry."""
 
@@ -180,10 +184,12 @@ def call_with_retry(
     redact: Callable[[str], str] = lambda s: s,
     on_retry: Callable[[int, BaseException], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    deadline: float | None = None,
 ) -> T:
     """Run `fn` until it succeeds, a final error occurs, or `policy.max_attempts` is spent.
 
-    Typed `StorageError`s raised by `fn` itself (e.g. ObjectTooLarge) pass straight through.
+    Typed `StorageError`s raised by `fn` itself (e.g. ObjectTooLarge) pass straight through. With a
+    `deadline` (time.monotonic()), no attempt starts and no back-off sleeps past it: DeadlineExceeded.
     """
     for attempt in range(1, policy.max_attempts + 1):
         try:
@@ -204,6 +210,9 @@ def call_with_retry(
                     key=key,
                 ) from None
             wait = policy.delay(attempt)
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                raise DeadlineExceeded(f"{where}: deadline passed after {attempt} attempts; last error: {reason}",
+                                       bucket=bucket, key=key) from None
             log.warning(
                 "%s: attempt %d/%d failed (%s); retrying in %.2fs",
                 where,

@@ -13,6 +13,7 @@ Content-Length claims.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
@@ -20,7 +21,14 @@ from typing import Any, Protocol, TypeVar
 from botocore.exceptions import ClientError
 
 from transport.bucket_config import StorageConfig
-from transport.bucket_errors import ObjectChanged, ObjectTooLarge, StorageError, TransientError, error_code
+from transport.bucket_errors import (
+    DeadlineExceeded,
+    ObjectChanged,
+    ObjectTooLarge,
+    StorageError,
+    TransientError,
+    error_code,
+)
 from transport.bucket_stats import ObjectInfo, StorageStats
 
 T = TypeVar("T")
@@ -44,11 +52,16 @@ Sink = Callable[[int, Any], None]  # (offset, chunk) -> stores the chunk at that
 CHUNK = 1 << 20
 
 
-def read_capped(body: Any, sink: Sink, *, expected: int, limit: int, where: str) -> int:
+def read_capped(
+    body: Any, sink: Sink, *, expected: int, limit: int, where: str, deadline: float | None = None
+) -> int:
     """Stream `body` into `sink`, refusing (ObjectTooLarge) past `limit` bytes; returns the byte count.
 
     `expected` is the declared Content-Length (-1 if unknown): refused up front when above the
-    limit, and a body shorter than declared is a transient error (retried).
+    limit, and a body shorter than declared is a transient error (retried). With a `deadline`
+    (time.monotonic()), the body is read with `read1` (whatever the socket has, never blocking for
+    a full chunk), so a server trickling bytes is cut off at the deadline (DeadlineExceeded) rather
+    than holding the thread; each read still waits at most the client's socket read timeout.
     """
     try:
         if expected > limit:
@@ -58,8 +71,12 @@ def read_capped(body: Any, sink: Sink, *, expected: int, limit: int, where: str)
                 limit=limit,
             )
         total = 0
+        raw = getattr(body, "_raw_stream", body)  # botocore's StreamingBody wraps a urllib3 response
+        read = raw.read1 if deadline is not None and hasattr(raw, "read1") else body.read
         while True:
-            chunk = body.read(min(CHUNK, limit - total + 1))
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{where}: deadline passed after {total} body bytes")
+            chunk = read(min(CHUNK, limit - total + 1))
             if not chunk:
                 break
             if total + len(chunk) > limit:

@@ -13,17 +13,17 @@ first object that parses; a broken object is logged and the next validator is as
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TypeVar
 
-from protocol.gather import Fetched, FetchOutcome, upload_timeliness
+from protocol.gather import Fetched, FetchOutcome
 from protocol.storage_config import BucketConfig
-from protocol.storage_keys import gradient_key
-from protocol.wire import Rejection, ShardExpectation, ShardRules, check_size, read_shard
-from transport.bucket import Bucket, ObjectNotFound, StorageError
+from protocol.storage_keys import gradient_key, mirror_key
+from protocol.wire import Rejection, ShardExpectation, ShardRules, read_shard
+from transport.bucket import Bucket, DeadlineExceeded, ObjectNotFound, StorageError
 from transport.bucket_config import StorageConfig
 from transport.chain import MetagraphSnapshot
 
@@ -49,40 +49,47 @@ class BucketPool:
 
 
 def fetch_shard(
-    bucket: Bucket, expected: ShardExpectation, window_start: datetime | None, deadline: datetime | None
+    bucket: Bucket, key: str, expected: ShardExpectation, deadline: float, pinned: str | None
 ) -> Fetched:
-    """Download and verify one shard; its size and upload time are checked before the body is read."""
+    """Download (one GET, capped, by `deadline`) and verify one shard.
+
+    `pinned` is the content hash this node already holds for the shard (seen at the deadline, or
+    named by the window's signed record): other bytes are refused as CHANGED, whatever they are.
+    """
     got = Fetched(expected.hotkey)
-    key = gradient_key(expected.window, expected.hotkey)
     try:
-        info = bucket.stat(key)
-        got.upload_time, got.size = info.last_modified, info.size
-        if (too_big := check_size(info.size, expected)) is not None:
-            got.reason, got.detail = too_big.reason.value, too_big.detail
-            return got
-        if (untimely := upload_timeliness(info.last_modified, window_start, deadline)) is not None:
-            got.reason, got.detail = untimely
-            return got
-        data = bucket.get(key, max_bytes=expected.max_bytes)
+        data = bucket.fetch(key, expected.max_bytes, deadline)
     except ObjectNotFound:
         got.reason, got.detail = FetchOutcome.MISSING, f"no {key}"
+        return got
+    except DeadlineExceeded as exc:
+        got.reason, got.detail = FetchOutcome.TIMEOUT, str(exc)
         return got
     except StorageError as exc:
         got.reason, got.detail = FetchOutcome.UNREACHABLE, str(exc)
         return got
+    got.size = len(data)
     result = read_shard(data, expected)
     if isinstance(result, Rejection):
         got.reason, got.detail = result.reason.value, result.detail
+    elif pinned is not None and result.header.content_hash != pinned:
+        got.reason = FetchOutcome.CHANGED
+        got.detail = f"content hash {result.header.content_hash[:16]}… is not the pinned {pinned[:16]}…"
     else:
-        got.shard = result
+        got.shard, got.raw = result, data
     return got
 
 
 @dataclass(frozen=True)
 class ShardSource:
-    """Where and how one window's shards are read: credentials, chain-time bounds, expectations.
+    """Where and how one window's shards are read, and which bytes count. Built once per window.
 
-    Built once per window (`neurons.node.WindowContext.shards`); `fetch` is blocking (threads).
+    `pinned` (hotkey → content hash) is what this node accepts: a validator's deadline snapshot, or
+    the hashes of the window's signed aggregate record. A shard whose hotkey is not pinned counts
+    as LATE (it was not there when it had to be) when `pinned` is given. `mirror` is the record
+    publisher's bucket, tried first for every shard it mirrored (`protocol.storage_keys.mirror_key`),
+    so a miner's server that answers some nodes differently cannot split the network.
+    `fetch` never takes longer than `window_seconds`, nor one object longer than `object_seconds`.
     """
 
     pool: BucketPool
@@ -90,26 +97,50 @@ class ShardSource:
     netuid: int
     window: int
     rules: ShardRules
-    window_start: datetime | None
-    deadline: datetime | None
+    object_seconds: float
+    window_seconds: float
+    pinned: Mapping[str, str] | None = None
+    mirror: BucketConfig | None = None
 
     def expectation(self, hotkey: str) -> ShardExpectation:
         return ShardExpectation(netuid=self.netuid, window=self.window, hotkey=hotkey, rules=self.rules)
 
     def fetch(self, hotkeys: list[str]) -> dict[str, Fetched]:
-        """These hotkeys' shards, downloaded and verified in parallel; never raises."""
+        """These hotkeys' shards, downloaded and verified in parallel by the window's deadline; never raises."""
         if not hotkeys:
             return {}
-        workers = max(1, min(self.pool.storage.max_concurrency, len(hotkeys)))
-        with ThreadPoolExecutor(max_workers=workers) as executor:
-            return dict(zip(hotkeys, executor.map(self._one, hotkeys), strict=True))
-
-    def _one(self, hotkey: str) -> Fetched:
-        config = self.credentials.get(hotkey)
-        if config is None:
-            return Fetched(hotkey, reason=FetchOutcome.NO_CREDENTIALS, detail="no valid bucket commitment on chain")
+        stop = time.monotonic() + self.window_seconds
+        executor = ThreadPoolExecutor(max_workers=max(1, min(self.pool.storage.max_concurrency, len(hotkeys))))
         try:
-            return fetch_shard(self.pool.get(config), self.expectation(hotkey), self.window_start, self.deadline)
+            futures = {h: executor.submit(self._one, h, stop) for h in hotkeys}
+            wait(futures.values(), timeout=self.window_seconds + 1.0)
+            out = {}
+            for hotkey, future in futures.items():
+                if future.done():
+                    out[hotkey] = future.result()
+                else:
+                    out[hotkey] = Fetched(hotkey, reason=FetchOutcome.TIMEOUT, detail="window download deadline passed")
+            return out
+        finally:  # threads still waiting on a hostile server end at their object deadline
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _one(self, hotkey: str, stop: float) -> Fetched:
+        try:
+            pinned = None if self.pinned is None else self.pinned.get(hotkey)
+            expected = self.expectation(hotkey)
+            if self.mirror is not None and pinned is not None:
+                deadline = min(stop, time.monotonic() + self.object_seconds)
+                got = fetch_shard(self.pool.get(self.mirror), mirror_key(self.window, hotkey), expected, deadline, pinned)
+                if got.ok:
+                    return got
+            config = self.credentials.get(hotkey)
+            if config is None:
+                return Fetched(hotkey, reason=FetchOutcome.NO_CREDENTIALS, detail="no valid bucket commitment on chain")
+            deadline = min(stop, time.monotonic() + self.object_seconds)
+            got = fetch_shard(self.pool.get(config), gradient_key(self.window, hotkey), expected, deadline, pinned)
+            if self.pinned is not None and pinned is None and got.ok:
+                return Fetched(hotkey, reason=FetchOutcome.LATE, detail="not seen by the deadline", size=got.size)
+            return got
         except Exception as exc:  # a peer must never stop the node
             log.warning("fetching %s failed unexpectedly: %s", hotkey, exc)
             return Fetched(hotkey, reason=FetchOutcome.UNREACHABLE, detail=f"{type(exc).__name__}: {exc}")

@@ -8,6 +8,7 @@ objects `crucible miner` / `crucible validator` build, minus argument parsing.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ NET_OVERRIDES = [
     "windows.blocks_per_window=20", "windows.upload_grace_blocks=2", "inner.steps=2", "inner.batch_size=4",
     "gauntlet.eval_batches=1", "checkpoints.every_windows=2", "peers.primary=4", "peers.reserve=2",
     *DEVNET_ENDPOINT_OVERRIDES,
+    "fetch.record_grace_blocks=8", "fetch.poll_seconds=0.5", "fetch.object_seconds=4",
 ]
 NET_STORAGE = StorageConfig(connect_timeout_s=2.0, read_timeout_s=20.0, max_attempts=3,
                             backoff_base_s=0.05, backoff_max_s=0.2)
@@ -42,12 +44,13 @@ class TestNetwork:
     hp: HParams
     store: PageStore
     nodes: list[Node] = field(default_factory=list)
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
 
     async def node(self, name: str) -> Node:
         chain = self.chain.chain(name)
         chain.endpoints = self.hp.endpoints.allowance()  # what open_node gives a node: the network's allowance
         await chain.connect()
-        bucket_name = f"b-{name}"
+        bucket_name = f"b-{self.tag}-{name}"  # fresh per network: no object of an earlier test is found
         self.s3.ensure_bucket(bucket_name)
         creds = self.s3.credentials(bucket_name)
         bucket = Bucket(creds.write_config(), NET_STORAGE)
@@ -55,6 +58,12 @@ class TestNetwork:
         await ensure_commitment(node, creds)
         self.nodes.append(node)
         return node
+
+    async def publish(self, validator, window: int):
+        """The validator's on-time duty for one window (its record), as `Validator.run` does alongside scoring."""
+        ctx = await validator.node.window(window)
+        miners = [hk for hk in ctx.graph.hotkeys if hk != validator.node.hotkey]
+        return await validator.publisher.publication(ctx, miners)
 
     async def close(self) -> None:
         for node in self.nodes:

@@ -1,0 +1,135 @@
+"""The validator's on-time duty: watch a window's uploads, then name the window's update at its deadline.
+
+Scoring a window may take most of the next one; naming the shards everybody aggregates must not.
+`Publisher` therefore runs apart from scoring (its own asyncio task, `run`), window after window:
+
+1. during the upload phase it polls every miner's shard header (`transport.watch.UploadWatcher`):
+   the content hash each hotkey stands behind, and the poll round it first appeared in;
+2. at the deadline block it takes one more look — that snapshot decides what was on time;
+3. it gathers the window's peer list candidates, pinned to the snapshot's hashes, clips them
+   robustly (the ceiling grows at most `outer.clip_growth`× per window from the last clip norm);
+4. it copies the chosen shards into its own bucket (`mirror_key`) and publishes the signed
+   `AggregateRecord` (hotkeys, content hashes, clip norm) before the record deadline.
+
+Every node — this validator included — then applies the window's record (`Node.find_record`,
+`Node.gather_record`). `Validator.step` reads the publication of its window from here, or, when it
+is used one window at a time (tests, a restart), makes it on the spot with a single deadline look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from neurons.node import Node, WindowContext
+from protocol.gather import Fetched, GatherResult
+from protocol.peers import AggregateRecord
+from protocol.storage_keys import aggregate_key, mirror_key
+from transport.bucket import StorageError
+from transport.watch import Sighting, UploadWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Publication:
+    """What the validator saw and named for one window."""
+
+    window: int
+    snapshot: dict[str, Sighting]  # hotkey → the content hash seen by the deadline, and when first
+    fetched: dict[str, Fetched] = field(default_factory=dict)  # shards downloaded to choose the peers
+    result: GatherResult | None = None  # the chosen shards (None: no peer list for the window)
+    published: bool = False  # the record reached the bucket
+
+    @property
+    def pinned(self) -> dict[str, str]:
+        return {hotkey: s.content_hash for hotkey, s in self.snapshot.items()}
+
+    @property
+    def first_seen(self) -> dict[str, int]:
+        return {hotkey: s.first_round for hotkey, s in self.snapshot.items()}
+
+
+class Publisher:
+    def __init__(self, node: Node):
+        self.node = node
+        self.hp = node.hp
+        self.keypair = node.chain.wallet.hotkey
+        self.last_clip_norm: float | None = None
+        self._done: dict[int, asyncio.Future[Publication]] = {}
+
+    def ceiling(self) -> float:
+        """The largest clip norm this window may use: `outer.clip_growth` × the last one, within the cap."""
+        cap = self.hp.outer.max_update_norm
+        return cap if self.last_clip_norm is None else min(cap, self.hp.outer.clip_growth * self.last_clip_norm)
+
+    def watcher(self, ctx: WindowContext, credentials: Mapping) -> UploadWatcher:
+        return UploadWatcher(self.node.pool, credentials, self.node.netuid, ctx.window, self.node.shard_rules,
+                             self.hp.fetch.object_seconds)
+
+    async def publication(self, ctx: WindowContext, miners: list[str]) -> Publication:
+        """This window's publication: the running task's, or one made now from a single deadline look."""
+        pending = self._done.pop(ctx.window, None)
+        if pending is not None:
+            return await pending
+        watcher = self.watcher(ctx, ctx.credentials)
+        await asyncio.to_thread(watcher.poll, miners)
+        return await self.publish(ctx, watcher.snapshot())
+
+    async def run(self, first_window: int) -> None:
+        """Watch and publish every window from `first_window` on, each at its own deadline (forever)."""
+        window = first_window
+        while True:
+            future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+            self._done[window] = future
+            for old in [w for w in self._done if w < window - 4]:
+                self._done.pop(old).cancel()
+            try:
+                future.set_result(await self._watch_and_publish(window))
+            except Exception as exc:  # one bad window must not end the duty for the next ones
+                log.warning("window %d: publication failed: %s", window, exc)
+                future.set_exception(exc)
+            window += 1
+
+    async def _watch_and_publish(self, window: int) -> Publication:
+        node = self.node
+        ctx = await node.open_window(window)
+        graph, credentials = directory = await node.directory()
+        miners = [hk for hk in graph.hotkeys if hk != node.hotkey]
+        watcher = self.watcher(ctx, credentials)
+        while not await node.reached(ctx.bounds.deadline_block, self.hp.fetch.poll_seconds):
+            await asyncio.to_thread(watcher.poll, miners)
+        ctx = await node.close_window(ctx, directory)
+        await asyncio.to_thread(watcher.poll, miners)  # the look at the deadline decides
+        return await self.publish(ctx, watcher.snapshot())
+
+    async def publish(self, ctx: WindowContext, snapshot: dict[str, Sighting]) -> Publication:
+        """Choose the window's shards from its peer list (pinned to the snapshot), mirror them, sign the record."""
+        node, window = self.node, ctx.window
+        pub = Publication(window, snapshot)
+        peers = await node.find_peer_list(ctx)
+        if peers is None:
+            log.warning("window %d: no peer list in time; no aggregate record", window)
+            return pub
+        result = await node.gather_candidates(ctx, peers.candidates, pub.pinned, self.ceiling())
+        pub.result, pub.fetched = result, result.fetched
+        if not result.used:
+            log.warning("window %d: no valid pinned shard among %d candidates; no aggregate record",
+                        window, len(peers.candidates))
+            return pub
+        try:
+            await asyncio.gather(*(asyncio.to_thread(node.bucket.put, mirror_key(window, h), result.fetched[h].raw)
+                                   for h in result.used))
+            record = AggregateRecord(netuid=node.netuid, window=window, validator=node.hotkey, peers=result.used,
+                                     content_hashes=result.content_hashes, clip_norm=result.clip_norm)
+            await asyncio.to_thread(node.bucket.put, aggregate_key(window), record.signed(self.keypair))
+        except StorageError as exc:
+            log.warning("window %d: could not publish the aggregate record: %s", window, exc)
+            return pub
+        if result.clip_norm is not None and math.isfinite(result.clip_norm) and result.clip_norm > 0:
+            self.last_clip_norm = result.clip_norm
+        pub.published = True
+        return pub
