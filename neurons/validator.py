@@ -31,12 +31,10 @@ from neurons.node import Node, WindowContext
 from neurons.node_files import SCORES_FILE, SECRET_FILE
 from neurons.publisher import Publisher
 from neurons.scoring import Scorer
-from protocol.model import save_checkpoint
+from protocol.model import checkpoint_files, save_checkpoint
 from protocol.peers import make_peer_list
 from protocol.sample import debug_positions, gather_sample
 from protocol.storage_keys import (
-    CHECKPOINT_CONFIG_FILE,
-    CHECKPOINT_MODEL_FILE,
     checkpoint_key,
     peers_key,
 )
@@ -168,8 +166,8 @@ class Validator:
     async def publish_checkpoint(self, window: int) -> None:
         """θ at the start of `window`, as a transformers-loadable folder in our bucket."""
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(self.node.model, tmp, self.hp)
-            for name in (CHECKPOINT_CONFIG_FILE, CHECKPOINT_MODEL_FILE, "crucible.json"):
+            save_checkpoint(self.node.model, tmp, self.hp, tokenizer=self.node.store.tokenizer_path)
+            for name in checkpoint_files(tmp):
                 try:
                     await asyncio.to_thread(self.node.bucket.put_file, checkpoint_key(window, name), Path(tmp) / name)
                 except StorageError as exc:
