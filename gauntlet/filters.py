@@ -22,9 +22,11 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+import numpy as np
 import torch
 
 from gauntlet.records import CopyVerdict, SyncResult
+from protocol.codec import EncodedTensor, unpack12
 from protocol.hparams import GauntletHParams
 
 Time = float | int | datetime
@@ -98,57 +100,152 @@ def sync_score(
     return SyncResult(steps_behind=x, sync=sync_curve(x, hp), penalised=x > hp.sync_penalty_steps)
 
 
-IndexSet = torch.Tensor | Mapping[str, torch.Tensor]
+IndexSet = torch.Tensor | Mapping[str, "torch.Tensor | EncodedTensor"]
+
+# Entries (miners × kept values) sorted together at once when encoded shards are compared chunk slab by
+# chunk slab: ~2**23 int32 keys (32 MiB, a few times that with the sort's temporaries), whatever the
+# number of miners, so stage 1's memory is bounded by the shards themselves plus this slab.
+SLAB_ENTRIES = 1 << 23
 
 
-def _per_param(indices: IndexSet) -> dict[str, torch.Tensor]:
-    """One miner's top-k positions per parameter (a flat tensor is one unnamed parameter), unique."""
+def _unique_positions(name: str, idx: torch.Tensor) -> torch.Tensor:
+    if idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"indices for {name!r} must be an integer tensor")
+    return torch.unique(idx.reshape(-1).to(torch.int64))
+
+
+def _per_param(indices: IndexSet) -> dict[str, torch.Tensor | EncodedTensor]:
+    """One miner's top-k positions per parameter (a flat tensor is one unnamed parameter).
+
+    Plain tensors are validated here (integer dtype); encoded tensors stay encoded and are unpacked
+    slab by slab only when compared.
+    """
     if isinstance(indices, torch.Tensor):
         indices = {"": indices}
-    out = {}
+    out: dict[str, torch.Tensor | EncodedTensor] = {}
     for name, idx in indices.items():
-        if idx.is_floating_point() or idx.is_complex():
-            raise ValueError(f"indices for {name!r} must be an integer tensor")
-        out[name] = torch.unique(idx.reshape(-1).to(torch.int64))
+        if isinstance(idx, EncodedTensor):
+            out[name] = idx
+        else:
+            if idx.is_floating_point() or idx.is_complex():
+                raise ValueError(f"indices for {name!r} must be an integer tensor")
+            out[name] = idx
     return out
+
+
+def _slab_indices(enc: EncodedTensor, c0: int, c1: int) -> torch.Tensor:
+    """In-chunk indices of chunks [c0, c1) as int64 [c1 − c0, k], unpacked from only their bytes."""
+    lay = enc.layout
+    first, n = c0 * lay.k, (c1 - c0) * lay.k
+    if first % 2:  # slabs start on an even value index; a 1-chunk odd-k layout is unpacked whole
+        return enc.indices()[c0:c1]
+    data = enc.idx[3 * (first // 2) : 3 * (first // 2) + 3 * ((n + 1) // 2)]
+    return unpack12(data.cpu(), n).reshape(c1 - c0, lay.k)
+
+
+def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) -> None:
+    """Add to common[a·m + b] the positions shared by miners a and b, from (key << bits | owner) codes.
+
+    Sorting puts the miners sharing a key next to each other (owners ascending); the pairs at
+    distance d are found only among the pairs at distance d − 1 (a sorted run holding i and i + d
+    holds i + d − 1), so the work is the sort plus the number of sharing pairs.
+    """
+    if keys.size < 2:
+        return
+    keys.sort()
+    pos = keys >> owner_bits
+    owner = (keys & ((1 << owner_bits) - 1)).astype(np.int64)
+    cand = np.flatnonzero(pos[:-1] == pos[1:])
+    d = 1
+    while cand.size:
+        a, b = owner[cand], owner[cand + d]
+        common += np.bincount(a * m + b, minlength=m * m)
+        d += 1
+        cand = cand[cand + d < pos.size]
+        cand = cand[pos[cand + d] == pos[cand]]
+
+
+def _encoded_slabs(held: list[tuple[int, EncodedTensor]], m: int, common: np.ndarray, sizes: np.ndarray) -> None:
+    """Pair counts of one parameter whose every holder sent an encoded tensor of the same layout.
+
+    Keys are chunk·chunk_size + in-chunk index, a bijection with the flat position, so the counts are
+    those of the positions; chunks are taken in slabs of about SLAB_ENTRIES entries over all miners.
+    """
+    lay = held[0][1].layout
+    owner_bits = max(1, (m - 1).bit_length())
+    per_chunk = max(1, lay.k * len(held))
+    span = max(1, SLAB_ENTRIES // per_chunk, 1)
+    span = min(span, max(1, ((1 << 31) - 1) // (lay.chunk_size << owner_bits)))  # key fits int32
+    if span > 1 and span % 2:
+        span -= 1
+    offsets = torch.arange(0, lay.chunk_size * span, lay.chunk_size, dtype=torch.int32)
+    for c0 in range(0, lay.n_chunks, span):
+        c1 = min(c0 + span, lay.n_chunks)
+        parts = []
+        for i, enc in held:
+            idx = _slab_indices(enc, c0, c1).to(torch.int32)
+            if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+                flat = torch.unique(idx + offsets[: c1 - c0, None])  # duplicates: count each position once
+            else:
+                flat = (idx + offsets[: c1 - c0, None]).reshape(-1)
+            sizes[i] += flat.numel()
+            parts.append((flat.numpy().astype(np.int64) << owner_bits) | i)
+        _pair_counts(np.concatenate(parts), owner_bits, m, common)
 
 
 def overlap_matrix(index_sets: Mapping[int, IndexSet]) -> tuple[list[int], torch.Tensor]:
     """Pairwise overlap |A ∩ B| / min(|A|, |B|) of the miners' top-k index sets (uids ascending).
 
     Index sets are 1-D tensors of global flat positions or {param name: positions} dicts (equal
-    positions in different parameters do not overlap). Per parameter, all miners' positions are
-    sorted together; the miners sharing a position then sit next to each other, and comparing the
-    sorted array with itself shifted by 1, 2, … (up to the largest group) yields every sharing pair.
-    Memory stays O(indices of one parameter) and time O(total indices × largest group).
+    positions in different parameters do not overlap); a dict's value may also be the parameter's
+    `EncodedTensor`, whose positions are then read chunk slab by chunk slab from the packed indices
+    (never a whole int64 position tensor per miner). Per parameter (or slab), all miners' positions
+    are sorted together; the miners sharing a position then sit next to each other, and every sharing
+    pair is read off the sorted run. Memory: one parameter's positions over all miners for plain
+    tensors, one slab of ~SLAB_ENTRIES for encoded ones; time: the sort plus the sharing pairs.
     """
     uids = sorted(index_sets)
     m = len(uids)
     sets = [_per_param(index_sets[u]) for u in uids]
-    sizes = torch.tensor([sum(len(v) for v in s.values()) for s in sets], dtype=torch.float64)
-    common = torch.zeros(m * m, dtype=torch.float64)
+    sizes = np.zeros(m, dtype=np.int64)
+    common = np.zeros(m * m, dtype=np.int64)
+    owner_bits = max(1, (m - 1).bit_length())
     for name in sorted({k for s in sets for k in s}):
-        held = [(i, s[name]) for i, s in enumerate(sets) if name in s and len(s[name])]
-        if len(held) < 2:
+        held = [(i, s[name]) for i, s in enumerate(sets) if name in s]
+        encoded = [e for _, e in held if isinstance(e, EncodedTensor)]
+        if len(encoded) == len(held) and len({e.layout for e in encoded}) == 1:
+            if len(held) < 2:
+                sizes[held[0][0]] += _unique_count(held[0][1])
+                continue
+            _encoded_slabs(held, m, common, sizes)
             continue
-        keys = torch.cat([idx for _, idx in held])
-        device = keys.device
-        owner = torch.repeat_interleave(
-            torch.tensor([i for i, _ in held], device=device),
-            torch.tensor([len(idx) for _, idx in held], device=device),
-        )
-        keys, order = torch.sort(keys, stable=True)
-        owner = owner[order]
-        group = int(torch.unique_consecutive(keys, return_counts=True)[1].max())
-        for d in range(1, group):
-            same = keys[:-d] == keys[d:]
-            a, b = owner[:-d][same], owner[d:][same]
-            common += torch.bincount(torch.cat([a * m + b, b * m + a]), minlength=m * m).to(
-                "cpu", torch.float64
-            )
-    overlap = common.reshape(m, m) / torch.minimum(sizes[:, None], sizes[None, :]).clamp_min(1.0)
+        plain = []
+        for i, idx in held:
+            pos = idx.positions().reshape(-1) if isinstance(idx, EncodedTensor) else idx
+            pos = _unique_positions(name, pos)
+            sizes[i] += pos.numel()
+            if pos.numel():
+                plain.append((i, pos))
+        if len(plain) < 2:
+            continue
+        top = max(int(p[-1]) for _, p in plain)
+        if top >= 1 << (62 - owner_bits):
+            raise ValueError(f"positions of {name!r} too large")
+        keys = np.concatenate([(p.cpu().numpy() << owner_bits) | i for i, p in plain])
+        _pair_counts(keys, owner_bits, m, common)
+    pairs = common.reshape(m, m)  # a < b in every counted pair (owners ascend within a run)
+    common_t = torch.from_numpy((pairs + pairs.T).astype(np.float64))
+    sizes_t = torch.from_numpy(sizes.astype(np.float64))
+    overlap = common_t / torch.minimum(sizes_t[:, None], sizes_t[None, :]).clamp_min(1.0)
     overlap.fill_diagonal_(0.0)
     return uids, overlap
+
+
+def _unique_count(enc: EncodedTensor) -> int:
+    idx = enc.indices()
+    if idx.shape[1] < 2 or bool((idx[:, 1:] > idx[:, :-1]).all()):
+        return enc.layout.n_values
+    return int(torch.unique(enc.positions().reshape(-1)).numel())
 
 
 def copy_verdicts(

@@ -108,10 +108,9 @@ class Scorer:
             results[uid] = result
         eligible = {uid for uid, r in results.items() if r.eligible}
         if len(eligible) > 1:
-            index_sets = {
-                uid: {name: enc.positions().reshape(-1) for name, enc in fetched[miners[uid]].shard.tensors.items()}
-                for uid in eligible
-            }
+            # The encoded tensors themselves: copy detection reads their packed indices slab by slab,
+            # so no miner's positions are ever held as a whole int64 tensor (bounded stage-1 memory).
+            index_sets = {uid: dict(fetched[miners[uid]].shard.tensors) for uid in eligible}
             times = {uid: results[uid].first_seen or 0 for uid in eligible}
             for uid, verdict in copy_verdicts(index_sets, times, hp).items():
                 results[uid].copy_verdict = verdict

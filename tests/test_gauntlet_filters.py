@@ -176,3 +176,78 @@ def test_copy_verdicts_edge_cases():
         copy_verdicts({1: torch.arange(3), 2: torch.arange(3)}, {1: 0.0}, HP)
     with pytest.raises(ValueError):
         copy_verdicts({1: torch.rand(3), 2: torch.arange(3)}, {1: 0.0, 2: 1.0}, HP)
+
+
+# --- streamed overlap on encoded shards (issue 19) ---------------------------------------------
+
+
+def _reference_overlap_matrix(index_sets):
+    """The pre-issue-19 implementation (all positions as int64 at once), kept as the reference."""
+    uids = sorted(index_sets)
+    m = len(uids)
+    sets = []
+    for u in uids:
+        ix = index_sets[u]
+        ix = {"": ix} if isinstance(ix, torch.Tensor) else ix
+        sets.append({k: torch.unique(v.reshape(-1).to(torch.int64)) for k, v in ix.items()})
+    sizes = torch.tensor([sum(len(v) for v in s.values()) for s in sets], dtype=torch.float64)
+    common = torch.zeros(m * m, dtype=torch.float64)
+    for name in sorted({k for s in sets for k in s}):
+        held = [(i, s[name]) for i, s in enumerate(sets) if name in s and len(s[name])]
+        if len(held) < 2:
+            continue
+        keys = torch.cat([idx for _, idx in held])
+        owner = torch.repeat_interleave(torch.tensor([i for i, _ in held]), torch.tensor([len(x) for _, x in held]))
+        keys, order = torch.sort(keys, stable=True)
+        owner = owner[order]
+        group = int(torch.unique_consecutive(keys, return_counts=True)[1].max())
+        for d in range(1, group):
+            same = keys[:-d] == keys[d:]
+            a, b = owner[:-d][same], owner[d:][same]
+            common += torch.bincount(torch.cat([a * m + b, b * m + a]), minlength=m * m).to(torch.float64)
+    overlap = common.reshape(m, m) / torch.minimum(sizes[:, None], sizes[None, :]).clamp_min(1.0)
+    overlap.fill_diagonal_(0.0)
+    return uids, overlap
+
+
+def _encoded_miners(n: int, seed: int = 0):
+    from protocol.codec import Compressor
+    from protocol.hparams import SparseLoCoHParams
+
+    hp = SparseLoCoHParams(chunk_2d=16, chunk_1d=64, topk=5)
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (48, 80), "b.bias": (192,), "c.weight": (33, 17)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    shards = {}
+    for uid in range(n):
+        # correlated miners: a shared component plus their own, so positions overlap in varied amounts
+        mix = 0.2 + 0.6 * (uid % 4) / 3
+        delta = {k: mix * base[k] + torch.randn(s, generator=g) for k, s in shapes.items()}
+        shards[uid] = Compressor(hp).encode_all(delta)
+    shards[n] = dict(shards[1])  # an exact copy
+    return shards
+
+
+@pytest.mark.parametrize("slab", [1 << 23, 40, 7])
+def test_encoded_overlap_streamed_equals_reference(monkeypatch, slab):
+    import gauntlet.filters as filters
+
+    monkeypatch.setattr(filters, "SLAB_ENTRIES", slab)
+    shards = _encoded_miners(9)
+    positions = {u: {k: e.positions().reshape(-1) for k, e in s.items()} for u, s in shards.items()}
+    uids, ov = overlap_matrix(shards)
+    ref_uids, ref = _reference_overlap_matrix(positions)
+    assert uids == ref_uids and torch.equal(ov, ref)
+    assert torch.equal(overlap_matrix(positions)[1], ref)
+    times = {u: float(u) for u in shards}
+    assert copy_verdicts(shards, times, HP) == copy_verdicts(positions, times, HP)
+    assert copy_verdicts(shards, times, HP)[9].factor == 0.0
+
+
+def test_plain_overlap_equals_reference_on_random_sets():
+    g = torch.Generator().manual_seed(3)
+    sets = {u: {"p": torch.randint(0, 500, (60,), generator=g), "q": torch.randint(0, 90, (30,), generator=g)}
+            for u in range(12)}
+    sets[12] = {"p": sets[3]["p"].clone()}
+    sets[13] = torch.randint(0, 50, (0,))
+    assert torch.equal(overlap_matrix(sets)[1], _reference_overlap_matrix(sets)[1])
