@@ -38,7 +38,7 @@ def _fail(command: str, message: str) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from neurons.corpus import CorpusError, file_documents, stdlib_documents
+    from neurons.corpus import CorpusError, CorpusReport, file_documents, stdlib_documents
     from neurons.dataset import prepare_dataset
     from protocol.data import DatasetError
 
@@ -49,25 +49,39 @@ def _prepare(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail("prepare", f"--out {args.out}: cannot create the folder: {exc.strerror or exc}")
-    try:
+    reports: list[CorpusReport] = []
+
+    def documents():  # one fresh, streamed pass over the inputs per call (training, then tokenizing)
+        reports.append(CorpusReport())
         if args.input:
-            docs = list(file_documents(args.input, max_chars))
-            source = ", ".join(map(str, args.input))
-        else:
-            docs = list(stdlib_documents(max_chars))
-            source = "offline corpus (Python stdlib docs, docstrings and sources)"
+            return file_documents(args.input, max_chars, reports[-1])
+        return _counted(stdlib_documents(max_chars), reports[-1])
+
+    source = ", ".join(map(str, args.input)) if args.input else \
+        "offline corpus (Python stdlib docs, docstrings and sources)"
+    try:
         if args.tokenizer is not None and not args.tokenizer.is_file():
             raise DatasetError(f"tokenizer not found: {args.tokenizer}")
-        info = prepare_dataset(hp, args.out, docs, args.tokenizer, progress=True)
+        info = prepare_dataset(hp, args.out, documents, args.tokenizer, progress=True)
     except (CorpusError, DatasetError) as exc:
         return _fail("prepare", str(exc))
     except OSError as exc:  # writing pages or the tokenizer: a full disk, a read-only folder
         return _fail("prepare", f"{exc.filename or args.out}: {exc.strerror or exc}")
     seconds = time.perf_counter() - started
-    print(f"source: {source}: {len(docs)} documents, {sum(map(len, docs)):,} characters")
+    report = reports[-1]  # the last pass read everything the pages hold
+    print(f"source: {source}: {report.documents:,} documents, {report.chars:,} characters")
+    for line in report.lines():
+        print(line)
     print(f"wrote {info.tokens:,} tokens: {info.train_pages:,} train pages ({info.train_tokens:,} tokens) and "
           f"{info.heldout_pages:,} held-out pages of {info.seq_len} tokens to {info.path} in {seconds:.1f} s")
     return 0
+
+
+def _counted(docs, report):
+    for doc in docs:
+        report.documents += 1
+        report.chars += len(doc)
+        yield doc
 
 
 def _train(args: argparse.Namespace) -> int:

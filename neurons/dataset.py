@@ -10,14 +10,16 @@ corpus) form the held-out split.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from neurons.corpus import CorpusError
 from protocol.data import EOT, INDEX_VERSION, PAGES_PER_SHARD, TOKENIZER_FILE, DatasetError
 from protocol.hparams import HParams
 
@@ -56,18 +58,69 @@ def _is_heldout(page: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
+Documents = Iterable[str] | Callable[[], Iterable[str]]
+
+
+def _passes(documents: Documents) -> Callable[[], Iterable[str]]:
+    """A way to read the documents again: a factory is called per pass (streaming), a list is reused."""
+    if callable(documents):
+        return documents
+    if not isinstance(documents, (list, tuple)):
+        documents = list(documents)  # a one-shot iterator: held in memory for the second pass
+    return lambda: documents
+
+
+class _ShardWriter:
+    """Pages of one split, written to `.npy` shards as each fills (a corpus larger than memory)."""
+
+    def __init__(self, out: Path, split: str, seq: int, dtype: np.dtype):
+        self.out, self.split, self.seq, self.dtype = out, split, seq, dtype
+        self.rows: list[np.ndarray] = []
+        self.shards: list[dict] = []
+        self.pages = 0
+
+    def add(self, row: np.ndarray) -> None:
+        self.rows.append(row)
+        if len(self.rows) == PAGES_PER_SHARD:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.npy"
+        np.save(self.out / name, np.stack(self.rows), allow_pickle=False)
+        self.shards.append({"file": name, "pages": len(self.rows)})
+        self.pages += len(self.rows)
+        self.rows = []
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def prepare_dataset(
     hp: HParams,
     out_dir: str | Path,
-    documents: list[str],
+    documents: Documents,
     tokenizer_path: str | Path | None = None,
     progress: bool = False,
 ) -> DatasetInfo:
-    """Tokenize documents into train/held-out page shards under out_dir (overwrites)."""
+    """Tokenize documents into train/held-out page shards under out_dir (overwrites).
+
+    `documents`: a list, or a callable returning a fresh iterable per pass (two passes when the
+    tokenizer is trained here: training, then tokenizing), so a corpus is never held whole in memory.
+    Shards are written as they fill. A tokenizer failure is a DatasetError, never a bare exception.
+    """
     from tokenizers import Tokenizer
 
-    if not documents:
-        raise DatasetError("no documents to tokenize")
+    read = _passes(documents)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is not None:
@@ -76,7 +129,21 @@ def prepare_dataset(
         except Exception as exc:
             raise DatasetError(f"tokenizer {tokenizer_path}: cannot load ({exc})") from None
     else:
-        tokenizer = train_tokenizer(documents, hp.model.vocab_size)
+        seen = [0]
+
+        def counted() -> Iterator[str]:
+            for doc in read():
+                seen[0] += 1
+                yield doc
+
+        try:
+            tokenizer = train_tokenizer(counted(), hp.model.vocab_size)
+        except (CorpusError, DatasetError):
+            raise
+        except Exception as exc:  # the Rust trainer raises several types on text it cannot take
+            raise DatasetError(f"training the tokenizer failed: {type(exc).__name__}: {exc}") from None
+        if seen[0] == 0:
+            raise DatasetError("no documents to tokenize")
     if tokenizer.get_vocab_size() > hp.model.vocab_size:
         raise DatasetError(
             f"tokenizer has {tokenizer.get_vocab_size()} tokens, model.vocab_size is {hp.model.vocab_size}"
@@ -86,40 +153,47 @@ def prepare_dataset(
         raise DatasetError(f"tokenizer has no {EOT} token")
     tokenizer.save(str(out / TOKENIZER_FILE))
 
-    dtype = np.uint16 if hp.model.vocab_size <= 1 << 16 else np.uint32
+    dtype = np.dtype(np.uint16 if hp.model.vocab_size <= 1 << 16 else np.uint32)
     seq = hp.model.seq_len
-    pages: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
-    carry = np.zeros(0, dtype=dtype)
-    page_no = tokens = 0
-    batch = 256
-    steps = range(0, len(documents), batch)
-    if progress:
-        from rich.progress import track
-
-        steps = track(steps, description="tokenizing", total=len(steps))
-    for start in steps:
-        encodings = tokenizer.encode_batch(documents[start : start + batch])
-        ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in encodings]
-        stream = np.concatenate([carry, *ids])
-        tokens += sum(len(x) for x in ids)
-        full = len(stream) // seq
-        for row in stream[: full * seq].reshape(full, seq):
-            pages["heldout" if _is_heldout(page_no, hp.data.heldout_fraction) else "train"].append(row)
-            page_no += 1
-        carry = stream[full * seq :]
-
     for old in out.glob("*-*.npy"):
         old.unlink()
+    (out / "index.json").unlink(missing_ok=True)  # no stale index over half-written shards
+    writers = {split: _ShardWriter(out, split, seq, dtype) for split in ("train", "heldout")}
+    carry = np.zeros(0, dtype=dtype)
+    page_no = tokens = docs = 0
+    batches: Iterable[list[str]] = _batches(read(), 256)
+    if progress:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        bar = Progress(SpinnerColumn(), TextColumn("tokenizing {task.completed:,} documents"), TimeElapsedColumn())
+        task = bar.add_task("tokenizing", total=None)
+    with bar if progress else contextlib.nullcontext():
+        for batch in batches:
+            try:
+                encodings = tokenizer.encode_batch(batch)
+            except Exception as exc:  # the Rust tokenizer raises several types on text it cannot take
+                raise DatasetError(f"tokenizing failed: {type(exc).__name__}: {exc}") from None
+            docs += len(batch)
+            if progress:
+                bar.update(task, completed=docs)
+            ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in encodings]
+            stream = np.concatenate([carry, *ids])
+            tokens += sum(len(x) for x in ids)
+            full = len(stream) // seq
+            for row in stream[: full * seq].reshape(full, seq):
+                writers["heldout" if _is_heldout(page_no, hp.data.heldout_fraction) else "train"].add(row)
+                page_no += 1
+            carry = stream[full * seq :].copy()
+    if docs == 0:
+        raise DatasetError("no documents to tokenize")
+
     index: dict = {"version": INDEX_VERSION, "seq_len": seq, "vocab_size": hp.model.vocab_size,
-                   "dtype": np.dtype(dtype).name, "tokens": tokens}
-    for split, rows in pages.items():
-        if not rows:
+                   "dtype": dtype.name, "tokens": tokens}
+    for split, writer in writers.items():
+        writer.flush()
+        if not writer.pages:
             raise DatasetError(f"corpus too small: no {split} pages of {seq} tokens")
-        shards = []
-        for i in range(0, len(rows), PAGES_PER_SHARD):
-            name = f"{split}-{i // PAGES_PER_SHARD:05d}.npy"
-            np.save(out / name, np.stack(rows[i : i + PAGES_PER_SHARD]), allow_pickle=False)
-            shards.append({"file": name, "pages": len(rows[i : i + PAGES_PER_SHARD])})
-        index[split] = {"pages": len(rows), "shards": shards}
+        index[split] = {"pages": writer.pages, "shards": writer.shards}
     (out / "index.json").write_text(json.dumps(index, indent=1))
-    return DatasetInfo(out, len(pages["train"]), len(pages["heldout"]), seq, tokens)
+    return DatasetInfo(out, writers["train"].pages, writers["heldout"].pages, seq, tokens)
+
