@@ -180,7 +180,16 @@ class Miner:
         done = 0
         while windows is None or done < windows:
             head = await self.node.chain.block()
-            late = window_of(head, self.hp.windows) == window and window_progress(head, self.hp.windows) > 0.5
+            current = window_of(head, self.hp.windows)
+            if current > window:  # behind (a stall): never train for a window whose deadline has passed
+                log.warning("windows %d..%d passed while this miner was busy; replaying their records", window,
+                            current - 1)
+                self.model_window = await catch_up(self.node, window, current)
+                if self.dist.active:
+                    broadcast_work(self.dist, {"op": "sync"})
+                    broadcast_params(self.dist, self.node.model)
+                window = current
+            late = window_progress(head, self.hp.windows) > 0.5
             report = await self.step(window, train=not late)
             log.info("window %d: %s", window, _summary(report))
             if self.metrics is not None:

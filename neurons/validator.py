@@ -38,6 +38,7 @@ from protocol.storage_keys import (
     checkpoint_key,
     peers_key,
 )
+from protocol.windows import window_bounds
 from transport.bucket import StorageError
 from transport.chain import ChainAccessError
 
@@ -139,8 +140,10 @@ class Validator:
         return self.hp.windows.blocks_per_window * self.hp.windows.expected_block_time_s
 
     async def set_weights(self, window: int, uids: list[int], weights: list[float], report: ValidatorReport) -> bool:
-        """Set weights once for this window; a rate-limit refusal is retried a few blocks later."""
+        """Set weights once for this window; a rate-limit refusal is retried a few blocks later, but
+        never past the next window's deadline (scoring the next window matters more)."""
         retry_blocks = max(1, self.hp.windows.blocks_per_window // 4)
+        give_up = window_bounds(window + 1, self.hp.windows).deadline_block
         for attempt in range(4):
             try:
                 await self.node.chain.set_weights(uids, weights)
@@ -148,9 +151,10 @@ class Validator:
             except ChainAccessError as exc:
                 rate_limited = exc.name in RATE_LIMIT_ERRORS or "rate limit" in str(exc)
                 report.note = f"set_weights failed: {exc}"
-                if not rate_limited or attempt == 3:
+                retry_at = await self.node.chain.block() + retry_blocks
+                if not rate_limited or attempt == 3 or retry_at >= give_up:
                     break
-                await self.node.wait_for_block(await self.node.chain.block() + retry_blocks)
+                await self.node.wait_for_block(retry_at)
             except ValueError as exc:
                 report.note = f"set_weights failed: {exc}"
                 break
@@ -202,6 +206,12 @@ class Validator:
         try:
             done = 0
             while windows is None or done < windows:
+                current = await self.node.current_window()
+                if current > window + 1:  # scoring fell behind: skip ahead, keep θ in step with the records
+                    log.warning("windows %d..%d not scored (validator behind); replaying their records",
+                                window, current - 2)
+                    self.model_window = await catch_up(self.node, window, current - 1)
+                    window = current - 1
                 report = await self.step(window)
                 log.info("window %d: scored %d, evaluated %d in %.1fs, weights %s, stepped with %d peers %s",
                          window, report.scored, report.evaluated, report.eval_seconds,
