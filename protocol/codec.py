@@ -231,18 +231,31 @@ class EncodedTensor:
 
 @torch.no_grad()
 def _compress(
-    x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams
+    x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams, scratch: torch.Tensor | None = None
 ) -> tuple[EncodedTensor, torch.Tensor, torch.Tensor]:
-    """Encoded tensor, kept flat positions and the residual there (kept value − sent value), float32."""
+    """Encoded tensor, kept flat positions and the residual there (kept value − sent value), float32.
+
+    |x| is written block by block straight from x into `scratch` (float32, ≥ numel elements, reused
+    across calls) or a fresh buffer, so x is never copied into chunks; the kept values are then read
+    from x by flat position. The top-k input is the same |x| chunk matrix as a chunk copy's, so the
+    selection is bit-identical to chunking x first.
+    """
     if tuple(x.shape) != layout.shape:
         raise ValueError(f"tensor of shape {tuple(x.shape)} does not match layout {layout.shape}")
-    chunks = layout.chunk(x.to(torch.float32))
-    idx = chunks.abs().topk(layout.k, dim=1, sorted=False).indices
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    n, cs = layout.n_chunks, layout.chunk_size
+    if scratch is None or scratch.numel() < layout.numel or scratch.device != xf.device:
+        scratch = torch.empty(layout.numel, dtype=torch.float32, device=xf.device)
+    grid = xf.reshape(layout.rows // layout.block_rows, layout.block_rows, layout.grid_cols, layout.block_cols)
+    mag = scratch[: layout.numel].view(grid.shape[0], grid.shape[2], grid.shape[1], grid.shape[3])
+    torch.abs(grid.transpose(1, 2), out=mag)
+    idx = mag.view(n, cs).topk(layout.k, dim=1, sorted=False).indices
     idx = idx.sort(dim=1).values
-    kept = chunks.gather(1, idx).reshape(-1)
+    positions = layout.flat_positions(idx).reshape(-1)
+    kept = xf.reshape(-1)[positions]
     codes, lookup = quantize(kept, layout.levels, hp.quant_range_sigma)
     encoded = EncodedTensor(pack12(idx), pack2(codes), lookup, layout)
-    return encoded, layout.flat_positions(idx).reshape(-1), kept - lookup[codes.to(torch.int64)]
+    return encoded, positions, kept - lookup[codes.to(torch.int64)]
 
 
 def compress(x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams) -> EncodedTensor:
@@ -252,14 +265,28 @@ def compress(x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams) -> Enc
 
 @torch.no_grad()
 def decode(
-    encoded: EncodedTensor, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    encoded: EncodedTensor,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense tensor of the layout's shape: kept values at their positions, zeros elsewhere."""
+    """Dense tensor of the layout's shape: kept values at their positions, zeros elsewhere.
+
+    With `out` (a contiguous tensor of the layout's numel, any shape, on the target device) the
+    result is written there, zero-filled first, and returned as a view of it: one reused buffer per
+    tensor instead of a fresh allocation (and its page faults) per decode.
+    """
     enc = encoded if device is None else encoded.to(device)
     lay = enc.layout
-    out = torch.zeros(lay.numel, dtype=dtype, device=enc.idx.device)
-    out[enc.positions().reshape(-1)] = enc.values().reshape(-1).to(dtype)
-    return out.reshape(lay.shape)
+    values = enc.lookup.to(dtype)[enc.code_values()]  # = values().to(dtype): the same per-element cast
+    if out is None:
+        flat = torch.zeros(lay.numel, dtype=dtype, device=enc.idx.device)
+    else:
+        if out.numel() != lay.numel or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"decode: out must be a contiguous {dtype} tensor of {lay.numel} elements")
+        flat = out.view(-1).zero_()
+    flat[enc.positions().reshape(-1)] = values
+    return flat.view(lay.shape)
 
 
 class Compressor:
@@ -273,6 +300,13 @@ class Compressor:
     def __init__(self, hp: SparseLoCoHParams) -> None:
         self.hp = hp
         self._error: dict[str, torch.Tensor] = {}
+        self._scratch: dict[torch.device, torch.Tensor] = {}  # one |x| buffer per device, grown to the largest tensor
+
+    def _scratch_for(self, like: torch.Tensor) -> torch.Tensor:
+        buf = self._scratch.get(like.device)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._scratch[like.device] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return buf
 
     def layout(self, shape: tuple[int, ...] | torch.Size) -> ChunkLayout:
         return _layout_cached(tuple(int(s) for s in shape), self.hp)
@@ -290,7 +324,7 @@ class Compressor:
             raise ValueError(f"{name}: shape {tuple(delta.shape)} differs from its error buffer")
         self._error[name] = error = error.to(delta.device)
         error.mul_(self.hp.error_decay).add_(delta.to(torch.float32))
-        encoded, positions, residual = _compress(error, self.layout(delta.shape), self.hp)
+        encoded, positions, residual = _compress(error, self.layout(delta.shape), self.hp, self._scratch_for(error))
         error.view(-1)[positions] = residual  # e ← e − decode(encoded): only kept positions change
         return encoded
 

@@ -230,3 +230,56 @@ def test_cuda_encode_decodes_like_cpu():
     assert torch.equal(enc_gpu.idx.cpu(), enc_cpu.idx) and torch.equal(enc_gpu.codes.cpu(), enc_cpu.codes)
     assert torch.equal(decode(enc_gpu).cpu(), decode(enc_gpu.to("cpu")))
     assert torch.allclose(enc_gpu.lookup.cpu(), enc_cpu.lookup, rtol=1e-6)
+
+
+# --- issue 19: the pass-saving encoder equals the original one bit for bit ------------------------
+
+
+def _reference_compress(x: torch.Tensor, lay: ChunkLayout, hp: SparseLoCoHParams):
+    """The pre-issue-19 `_compress`: chunk copy, |x| temporary, values gathered from the chunks."""
+    chunks = lay.chunk(x.to(torch.float32))
+    idx = chunks.abs().topk(lay.k, dim=1, sorted=False).indices.sort(dim=1).values
+    kept = chunks.gather(1, idx).reshape(-1)
+    codes, lookup = quantize(kept, lay.levels, hp.quant_range_sigma)
+    return pack12(idx), pack2(codes), lookup, lay.flat_positions(idx).reshape(-1), kept - lookup[codes.to(torch.int64)]
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (40, 24), (3, 5, 16), (200,), (97,), (128, 4096 + 64)])
+@pytest.mark.parametrize("hp", [ANCHOR, SMALL])
+def test_encode_is_bit_identical_to_the_reference_encoder(shape, hp):
+    from protocol.codec import _compress
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g)
+    x.view(-1)[::7] = x.view(-1)[::7].round(decimals=1)  # ties in |x|: the selection must still agree
+    lay = ChunkLayout.for_shape(shape, hp)
+    ref = _reference_compress(x, lay, hp)
+    scratch = torch.full((x.numel() + 5,), float("nan"))
+    for got in (_compress(x, lay, hp), _compress(x, lay, hp, scratch)):
+        enc, positions, residual = got
+        for a, b in zip((enc.idx, enc.codes, enc.lookup, positions, residual), ref, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    # and through the Compressor's error feedback, over several windows and shapes sharing one scratch
+    c_new, errors = Compressor(hp), torch.zeros(shape)
+    for _ in range(3):
+        delta = torch.randn(shape, generator=g)
+        errors.mul_(hp.error_decay).add_(delta)
+        idx, codes, lookup, pos, res = _reference_compress(errors, lay, hp)
+        errors.view(-1)[pos] = res
+        enc = c_new.encode("p", delta)
+        c_new.encode("other", torch.randn(7, 16, generator=g))
+        assert torch.equal(enc.idx, idx) and torch.equal(enc.codes, codes) and torch.equal(enc.lookup, lookup)
+        assert torch.equal(c_new.error("p"), errors)
+
+
+def test_decode_into_a_reused_buffer():
+    g = torch.Generator().manual_seed(1)
+    c = Compressor(SMALL)
+    buf = torch.full((24 * 40,), 3.0)
+    for _ in range(2):
+        enc = c.encode("w", torch.randn(24, 40, generator=g))
+        got = decode(enc, out=buf)
+        assert got.shape == (24, 40) and got.data_ptr() == buf.data_ptr()
+        assert torch.equal(got, decode(enc))
+    with pytest.raises(ValueError):
+        decode(enc, out=torch.zeros(5))
