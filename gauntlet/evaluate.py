@@ -147,6 +147,40 @@ class Evaluator:
         )
 
 
+    @torch.no_grad()
+    def reference_score(self, updates: Sequence[Update], step: float) -> float | None:
+        """Loss score (relative improvement on the random batches) of the MEAN of `updates`.
+
+        The window's reference: the mean of the eligible miners' clipped updates, applied with the
+        same step as every miner. A miner's loss score divided by it is its relative score (≈ 1 for
+        an average honest update, ≈ 0 for noise), comparable across windows. None without usable
+        updates. One forward pass over the random batches; the model is restored bit-exactly.
+        """
+        usable = [u for u in updates if check_update(self.model, u) is None]
+        if not usable:
+            return None
+        params = dict(self.model.named_parameters())
+        before = self.loss_before_random
+        names = sorted({n for u in usable for n in u})
+        with _eval_mode(self.model):
+            saved = {name: params[name].detach().clone() for name in names}
+            try:
+                for name in names:
+                    p = params[name]
+                    total = torch.zeros_like(p)
+                    for u in usable:
+                        if name in u:
+                            total.add_(u[name].to(device=p.device, dtype=p.dtype))
+                    p.sub_(total, alpha=step / len(usable))
+                after = mean_loss(self.model, self.random_batches)
+            finally:
+                for name, value in saved.items():
+                    params[name].copy_(value)
+        if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
+            return None
+        return (before - after) / before
+
+
 class _eval_mode:
     """Put the model in eval mode (no dropout) for a block, then restore its previous mode."""
 

@@ -1,13 +1,19 @@
-"""OpenSkill Plackett–Luce ratings of the miners, from the loss scores of each evaluated window.
+"""OpenSkill Plackett–Luce ratings of the miners, from the relative scores of each evaluated window.
 
-A window's evaluation is one "match": the miners evaluated in it are ranked by loss score (best
-first, equal scores share a rank, non-finite scores last) and their ratings updated with the
-`openskill` Plackett–Luce model (beta and tau from hparams; μ and σ start at the package defaults
-25 and 25/3, so a fresh rating has ordinal μ − 3σ = 0 and earns nothing until it has won matches).
-Ratings smooth the noisy per-window loss signal: one lucky window moves μ a little and σ shrinks
-only as evidence accumulates. A window with fewer than two evaluated miners is not a match and
-leaves ratings unchanged. Whose rating is whose (a new hotkey on a uid starts fresh) is decided by
-the caller (`weights.score_window` resets the uid's state when its hotkey changes).
+A window's evaluation is one "match": the miners evaluated in it, plus a fixed REFERENCE player, are
+ranked by relative score (loss score / the loss score of the window's reference update, the mean of
+the eligible miners' clipped updates, so the reference scores exactly 1), best first. Scores closer
+than `rating_tie_margin` to the best score of their group share a rank: the measured noise between
+equal honest miners is of that size (docs/incentives.md), and ranking inside the noise would turn
+coin flips into rating gaps. Non-finite scores come last. The reference player always has the fresh
+rating (μ 25, σ 25/3) and its own update is discarded, so a miner evaluated ALONE in a window is still
+rated: against what the average eligible update of that window achieved. Without a reference (none
+computed, or not positive), a window with fewer than two evaluated miners leaves ratings unchanged.
+
+Ratings are what `crucible explain` and the dashboard show about a miner's standing; the pay itself
+comes from the value (`weights.py`), a shrunk moving average of the same relative scores, because
+ranks throw away how much better a miner is. A non-finite rating coming out of the model is never
+stored: the previous rating is kept.
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ def fresh_rating(hp: GauntletHParams) -> Rating:
     return Rating(model.mu, model.sigma)
 
 
-def ranks_from_scores(scores: Mapping[int, float]) -> dict[int, int]:
-    """Competition ranks (1 = best) by descending score; equal scores share a rank; NaN/−inf last."""
+def ranks_from_scores(scores: Mapping[int, float], margin: float = 0.0) -> dict[int, int]:
+    """Competition ranks (1 = best) by descending score; NaN/−inf last.
+
+    Scores within `margin` of the best score of their group share its rank (margin 0: equal scores).
+    """
 
     def key(uid: int) -> float:
         s = scores[uid]
@@ -52,27 +61,54 @@ def ranks_from_scores(scores: Mapping[int, float]) -> dict[int, int]:
 
     ordered = sorted(scores, key=lambda u: (key(u), u))
     ranks: dict[int, int] = {}
+    leader: float | None = None
     for pos, uid in enumerate(ordered):
-        prev = ordered[pos - 1] if pos else None
-        ranks[uid] = ranks[prev] if prev is not None and key(prev) == key(uid) else pos + 1
+        k = key(uid)
+        if leader is not None and (k == leader or (math.isfinite(k) and k - leader <= margin)):
+            ranks[uid] = ranks[ordered[pos - 1]]
+        else:
+            leader, ranks[uid] = k, pos + 1
     return ranks
 
 
-def rate_window(
-    ratings: Mapping[int, Rating], loss_scores: Mapping[int, float], hp: GauntletHParams
-) -> dict[int, Rating]:
-    """New ratings of the uids in `loss_scores` after this window's match (others are not returned).
+REFERENCE = -1  # the reference player's key in a match (never a uid)
 
-    `ratings` must hold a rating for every uid in `loss_scores` (use `fresh_rating` for new ones).
+
+def rate_window(
+    ratings: Mapping[int, Rating],
+    scores: Mapping[int, float],
+    hp: GauntletHParams,
+    reference: float | None = None,
+) -> dict[int, Rating]:
+    """New ratings of the uids in `scores` after this window's match (others are not returned).
+
+    `ratings` must hold a rating for every uid in `scores` (use `fresh_rating` for new ones).
+    `reference`: the reference player's score (1.0: `scores` are relative scores, and scores within
+    rating_tie_margin tie), or None (raw loss scores, only equal scores tie).
     """
-    uids = sorted(loss_scores)
+    uids = sorted(scores)
     missing = [u for u in uids if u not in ratings]
     if missing:
         raise KeyError(f"no rating for uids {missing}")
-    if len(uids) < 2:
+    use_ref = reference is not None and math.isfinite(reference) and bool(uids)
+    if len(uids) + (1 if use_ref else 0) < 2:
         return {u: ratings[u] for u in uids}
     model = rating_model(hp)
-    ranks = ranks_from_scores(loss_scores)
-    teams = [[model.rating(mu=ratings[u].mu, sigma=ratings[u].sigma)] for u in uids]
-    rated = model.rate(teams, ranks=[float(ranks[u]) for u in uids])
-    return {u: Rating(team[0].mu, team[0].sigma) for u, team in zip(uids, rated, strict=True)}
+    field = dict(scores) | ({REFERENCE: float(reference)} if use_ref else {})
+    ranks = ranks_from_scores(field, hp.rating_tie_margin if use_ref else 0.0)  # margin is in relative units
+    players = uids + ([REFERENCE] if use_ref else [])
+    fresh = fresh_rating(hp)
+    teams = [
+        [model.rating(mu=(ratings[u] if u != REFERENCE else fresh).mu,
+                      sigma=(ratings[u] if u != REFERENCE else fresh).sigma)]
+        for u in players
+    ]
+    rated = model.rate(teams, ranks=[float(ranks[u]) for u in players])
+    out: dict[int, Rating] = {}
+    for u, team in zip(players, rated, strict=True):
+        if u == REFERENCE:
+            continue
+        new = Rating(float(team[0].mu), float(team[0].sigma))
+        ok = math.isfinite(new.mu) and math.isfinite(new.sigma) and new.sigma > 0
+        out[u] = new if ok else ratings[u]
+    return out

@@ -76,6 +76,11 @@ class EvalResult(_Record):
     )
     loss_after_random: float = Field(description="Same samples, after θ ← θ − step·update.")
     step: float = Field(description="Step size the update was applied with.")
+    reference_score: float | None = Field(
+        None,
+        description="Loss score of the window's reference update (mean of the eligible miners' clipped "
+                    "updates) on the same random batches; None if none was computed.",
+    )
 
     @staticmethod
     def _relative(before: float, after: float) -> float:
@@ -92,6 +97,20 @@ class EvalResult(_Record):
     def loss_score(self) -> float:
         """Relative improvement on random data: what ratings rank by; −inf if not finite."""
         return self._relative(self.loss_before_random, self.loss_after_random)
+
+    @property
+    def relative_score(self) -> float | None:
+        """Loss score / the window's reference loss score: ≈ 1 for an average honest update, ≈ 0 for noise.
+
+        Dividing by the reference removes what all miners of a window share (how much a step can still
+        lower the loss at θ_w, which random batches were drawn), so windows compare. None if there is no
+        usable reference (missing, not finite or not positive); −inf if the loss score is not finite.
+        """
+        ref = self.reference_score
+        if ref is None or not math.isfinite(ref) or ref <= 0:
+            return None
+        s = self.loss_score
+        return s / ref if math.isfinite(s) else -math.inf
 
     @property
     def indicator(self) -> int:
@@ -118,13 +137,18 @@ class WindowEntry(_Record):
     copy_factor: float = Field(1.0, description="Copy multiplier applied.")
     evaluated: bool = Field(False, description="Stage 2 ran for this uid.")
     losses: EvalResult | None = Field(None, description="Stage-2 losses, if evaluated.")
-    binary_ma: float = Field(0.0, description="Binary-indicator moving average after this window.")
-    mu: float = Field(description="Rating μ after this window.")
-    sigma: float = Field(description="Rating σ after this window.")
-    raw_score: float = Field(0.0, description="max(0, ordinal) × max(0, binary MA) × sync, before slashes.")
+    binary_ma: float = Field(0.0, allow_inf_nan=False, description="Binary-indicator moving average after this window.")
+    mu: float = Field(allow_inf_nan=False, description="Rating μ after this window.")
+    sigma: float = Field(allow_inf_nan=False, description="Rating σ after this window.")
+    relative_score: float | None = Field(
+        None, description="This window's loss score / the window's reference loss score, if evaluated.")
+    value: float = Field(0.0, allow_inf_nan=False, description="The uid's value (shrunk average relative score) after this window.")
+    evaluations: int = Field(0, ge=0, description="Evaluations with a usable reference so far (for shrinkage).")
+    raw_score: float = Field(0.0, allow_inf_nan=False, description="max(0, value) × max(0, binary MA) × sync, before slashes.")
     slashes: list[str] = Field(default_factory=list, description="Multipliers applied, with their reasons.")
-    score: float = Field(0.0, description="Final score after slashes, decay and the zero threshold.")
-    weight: float = Field(0.0, description="Weight set on chain for this uid.")
+    score: float = Field(0.0, allow_inf_nan=False, description="Final score after slashes, decay and the zero threshold.")
+    weight: float = Field(0.0, allow_inf_nan=False, description="Weight set on chain for this uid.")
+    previous_weight: float | None = Field(None, description="Weight set in the window before, if any.")
     role: str | None = Field(None, description="'primary' or 'reserve' in the peer list chosen from these scores, else none.")
 
     @property
@@ -136,10 +160,13 @@ class UidState(_Record):
     """What the validator remembers about one uid between windows."""
 
     hotkey: str = Field(description="Hotkey the state belongs to; a new hotkey on the uid resets everything.")
-    mu: float = Field(description="OpenSkill rating mean.")
-    sigma: float = Field(gt=0, description="OpenSkill rating standard deviation.")
-    binary_ma: float = Field(0.0, ge=-1, le=1, description="Moving average of the binary indicator.")
-    score: float = Field(0.0, ge=0, description="Current final score (never negative).")
+    mu: float = Field(allow_inf_nan=False, description="OpenSkill rating mean.")
+    sigma: float = Field(gt=0, allow_inf_nan=False, description="OpenSkill rating standard deviation.")
+    binary_ma: float = Field(0.0, ge=-1, le=1, allow_inf_nan=False, description="Moving average of the binary indicator.")
+    value_ema: float = Field(
+        0.0, allow_inf_nan=False, description="Moving average of the relative score (first evaluation: that score).")
+    evaluations: int = Field(0, ge=0, description="Evaluations with a usable reference (shrinkage count).")
+    score: float = Field(0.0, ge=0, allow_inf_nan=False, description="Current final score (never negative).")
     last_evaluated: int | None = Field(None, description="Last window stage 2 ran for this uid.")
     history: list[WindowEntry] = Field(
         default_factory=list, description="Last windows' components, oldest first."

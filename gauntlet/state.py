@@ -105,7 +105,7 @@ def _pct(x: float) -> str:
 def _zero_because(e: WindowEntry) -> str:
     zero = [
         n
-        for n, v in (("ordinal", e.ordinal), ("binary MA", e.binary_ma), ("sync", e.sync))
+        for n, v in (("value", e.value), ("binary MA", e.binary_ma), ("sync", e.sync))
         if v is not None and v <= 0
     ]
     return f"  (zero: {', '.join(zero)} not positive)" if zero else ""
@@ -158,11 +158,16 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
         )
     else:
         lines.append("  evaluation: not evaluated this window (rating and binary average unchanged)")
+    if e.relative_score is not None and r_ref(e) is not None:
+        lines.append(
+            f"  relative:   loss score / reference {r_ref(e):.6g} = {e.relative_score:.4f} (1 = the window's average update)"
+        )
+    lines.append(f"  value:      {e.value:.4f} (average relative score, shrunk over {e.evaluations} evaluation(s))")
     lines.append(f"  binary MA:  {e.binary_ma:+.4f}")
-    lines.append(f"  rating:     μ {e.mu:.4f}  σ {e.sigma:.4f}  → ordinal μ−3σ {e.ordinal:.4f}")
+    lines.append(f"  rating:     μ {e.mu:.4f}  σ {e.sigma:.4f}  → ordinal μ−3σ {e.ordinal:.4f} (shown, does not pay)")
     if e.present and e.timely and e.reject_reason is None:
         lines.append(
-            f"  raw score:  max(0, ordinal) × max(0, binary MA) × sync = {e.raw_score:.6g}" + _zero_because(e)
+            f"  raw score:  max(0, value) × max(0, binary MA) × sync = {e.raw_score:.6g}" + _zero_because(e)
         )
     for s in e.slashes:
         lines.append(
@@ -171,4 +176,46 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
     lines.append(f"  score:      {e.score:.6g}")
     role = f" ({e.role} peer in the list chosen from this window's scores)" if e.role else ""
     lines.append(f"  weight:     {e.weight:.6f}{role}")
+    lines.append(f"  why:        {why_weight_moved(state, uid, window)}")
     return "\n".join(lines)
+
+
+def r_ref(e: WindowEntry) -> float | None:
+    return e.losses.reference_score if e.losses is not None else None
+
+
+def why_weight_moved(state: ScoringState, uid: int, window: int) -> str:
+    """One plain sentence: how this uid's weight changed in `window` and the main reason."""
+    e = state.entry(uid, window)
+    us = state.uids.get(uid)
+    if e is None or us is None:
+        return f"no record of uid {uid} in window {window}"
+    idx = next(i for i, h in enumerate(us.history) if h.window == window)
+    prev = us.history[idx - 1] if idx > 0 else None
+    before = e.previous_weight if e.previous_weight is not None else (prev.weight if prev else 0.0)
+    delta = e.weight - before
+    moved = (
+        f"weight {before:.4f} → {e.weight:.4f} ({'up' if delta > 0 else 'down'} {abs(delta):.4f})"
+        if abs(delta) > 1e-6 else f"weight unchanged at {e.weight:.4f}"
+    )
+    if not (e.present and e.timely and e.reject_reason is None):
+        reason = f"no usable shard ({'missing' if not e.present else 'late' if not e.timely else 'rejected'}): " \
+                 "the score decays by the missing penalty each such window"
+    elif e.copy_factor < 1.0:
+        reason = f"its shard copies uid {e.copied_from}'s: score × {e.copy_factor:g}"
+    elif e.sync_penalised:
+        reason = "it is too far out of sync with the model: score slashed"
+    elif e.score <= 0:
+        zero = [n for n, v in (("value", e.value), ("binary MA", e.binary_ma), ("sync", e.sync))
+                if v is not None and v <= 0]
+        reason = f"its score is 0 because {', '.join(zero) or 'the score is below the zero threshold'} " \
+                 f"{'is' if len(zero) == 1 else 'are'} not positive"
+    elif e.evaluated and prev is not None and e.relative_score is not None:
+        dv = e.value - prev.value
+        reason = (f"evaluated: relative score {e.relative_score:.3f} moved its value "
+                  f"{prev.value:.3f} → {e.value:.3f} ({'+' if dv >= 0 else '−'}{abs(dv):.3f})")
+    elif e.evaluated:
+        reason = f"evaluated: value now {e.value:.3f} after {e.evaluations} evaluation(s)"
+    else:
+        reason = "not evaluated this window: its own score is unchanged, so the move comes from other miners' scores"
+    return f"{moved}; {reason}."

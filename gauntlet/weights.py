@@ -1,26 +1,37 @@
 """Final scores, on-chain weights and the peer list: the last step of the Gauntlet each window.
 
-final = max(0, ordinal) × max(0, binary moving average) × sync, never negative. Each factor is
-clamped BEFORE multiplying, so two negative factors can never make a positive score (templar
-#45/#108), and slashes are multipliers in [0, 1] applied to positive scores only:
+final = max(0, value) × max(0, binary moving average) × sync, never negative (docs/incentives.md).
+The VALUE is what a miner's evaluations say it adds: the moving average (rate value_alpha, started at
+the first score) of its relative score (loss score / the window's reference loss score, clipped to
+±value_clip), shrunk toward 0 while evidence is thin: value = average × n / (n + value_shrink_windows),
+n = evaluations so far. An average honest update has value ≈ 1, a noise update ≈ 0; a miner twice as
+useful as the average scores ≈ 2. The OpenSkill rating (μ, σ: `ratings.py`) is updated from the same
+relative scores and shown by explain, but pay is proportional to the value, not to rank.
+Each factor is clamped BEFORE multiplying, so two negative factors can never make a positive score
+(templar #45/#108), and slashes are multipliers in [0, 1] applied to positive scores only:
 * a missing, late or rejected shard: the previous score × missing_penalty (it decays every window
   the miner is absent and becomes exactly 0 below score_zero_threshold, templar #592); a miner
-  that passed stage 1 but was not picked for evaluation keeps a score recomputed from its rating;
+  that passed stage 1 but was not picked for evaluation keeps a score recomputed from its value;
 * more than sync_penalty_steps behind: × missing_penalty;
 * a copy of an earlier uploader: × 0.5 or × 0 (`filters.copy_verdicts`).
-A uid whose hotkey changed starts from a fresh state (rating, moving average, score, history:
-templar #178), and uids that left the metagraph are forgotten.
+A uid whose hotkey changed starts from a fresh state (rating, value, moving average, score, history:
+templar #178), and uids that left the metagraph are forgotten. Non-finite inputs never reach the
+state: a non-finite relative score counts as −value_clip, a non-finite factor as 0.
 
-Weights: `power` mode raises positive scores to weight_power and normalises; `gather_reserve`
-gives the primary peers gather_share and the reserve peers the rest (within a group, in proportion
-to score^weight_power; a group with nobody in it passes its share to the other). An optional
-burn_share goes to burn_uid. When no uid has a positive score, all weight goes to burn_uid if one
-is configured, else it is spread uniformly over the metagraph: nobody has earned anything, and a
-uniform vector favours nobody while still being a valid weight vector to set.
+Weights: `power` mode raises positive scores to weight_power (default 1: pay in proportion to value)
+and normalises; `gather_reserve` gives the primary peers gather_share and the reserve peers the rest
+(within a group, in proportion to score^weight_power; a group with nobody in it passes its share to
+the other). Scores are divided by the largest before the power, so no power can overflow. An optional
+burn_share goes to burn_uid. When NOBODY has a positive score, nobody has earned anything and nobody
+is paid: all weight goes to burn_uid if one is configured, else the weight vector is EMPTY and the
+validator sets nothing this window (the chain keeps the validator's last weights, which were earned;
+a uniform vector would pay idle uids for nothing). MinAllowedWeights padding (issue 16) belongs in
+`chain_weights`, the one place a weight vector becomes the lists handed to set_weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,9 +42,27 @@ from gauntlet.state import ScoringState, StateConfig
 from protocol.hparams import GauntletHParams, PeerHParams
 
 
-def final_score(ordinal: float, binary_ma: float, sync: float) -> float:
-    """max(0, ordinal) × max(0, binary MA) × sync, with sync clamped to [0, 1]."""
-    return max(0.0, ordinal) * max(0.0, binary_ma) * min(1.0, max(0.0, sync))
+def final_score(value: float, binary_ma: float, sync: float) -> float:
+    """max(0, value) × max(0, binary MA) × sync, with sync clamped to [0, 1]; 0 if any factor is not finite."""
+    if not (math.isfinite(value) and math.isfinite(binary_ma) and math.isfinite(sync)):
+        return 0.0
+    return max(0.0, value) * max(0.0, binary_ma) * min(1.0, max(0.0, sync))
+
+
+def shrunk_value(average: float, evaluations: int, hp: GauntletHParams) -> float:
+    """The value that pays: the average relative score × n / (n + value_shrink_windows)."""
+    if evaluations <= 0 or not math.isfinite(average):
+        return 0.0
+    return average * evaluations / (evaluations + hp.value_shrink_windows)
+
+
+def update_value(average: float, evaluations: int, relative: float, hp: GauntletHParams) -> float:
+    """The moving average after one more relative score (clipped; −inf/NaN count as −value_clip)."""
+    r = relative if math.isfinite(relative) else -hp.value_clip
+    r = max(-hp.value_clip, min(hp.value_clip, r))
+    if evaluations <= 0 or not math.isfinite(average):
+        return r
+    return (1.0 - hp.value_alpha) * average + hp.value_alpha * r
 
 
 def slash(score: float, factor: float) -> float:
@@ -49,15 +78,18 @@ def zero_small(score: float, hp: GauntletHParams) -> float:
 
 
 def select_peers(scores: Mapping[int, float], peers: PeerHParams) -> tuple[list[int], list[int]]:
-    """Top `primary` then next `reserve` uids by score; positive scores only; ties by lower uid."""
-    ranked = sorted((u for u, s in scores.items() if s > 0), key=lambda u: (-scores[u], u))
+    """Top `primary` then next `reserve` uids by score; positive finite scores only; ties by lower uid."""
+    ranked = sorted((u for u, s in scores.items() if math.isfinite(s) and s > 0), key=lambda u: (-scores[u], u))
     return ranked[: peers.primary], ranked[peers.primary : peers.primary + peers.reserve]
 
 
 def _proportional(
     scores: Mapping[int, float], uids: list[int], share: float, power: float
 ) -> dict[int, float]:
-    mass = {u: scores[u] ** power for u in uids}
+    top = max((scores[u] for u in uids), default=0.0)
+    if top <= 0:
+        return {}
+    mass = {u: (scores[u] / top) ** power for u in uids}  # in (0, 1]: no power overflows
     total = sum(mass.values())
     return {u: share * m / total for u, m in mass.items()} if total > 0 else {}
 
@@ -65,15 +97,15 @@ def _proportional(
 def compute_weights(
     scores: Mapping[int, float], uids: list[int], hp: GauntletHParams, peers: PeerHParams
 ) -> dict[int, float]:
-    """Weight per uid (every uid in `uids`, plus burn_uid), summing to 1. See the module docstring."""
+    """Weight per uid (every uid in `uids`, plus burn_uid), summing to 1; EMPTY if nobody earned anything
+    and there is no burn_uid (set nothing). See the module docstring."""
     out = dict.fromkeys(sorted(set(uids) | ({hp.burn_uid} if hp.burn_uid is not None else set())), 0.0)
-    positive = {u: s for u, s in scores.items() if s > 0 and u in out}
+    positive = {u: s for u, s in scores.items() if math.isfinite(s) and s > 0 and u in out}
     if not positive:
         if hp.burn_uid is not None:
             out[hp.burn_uid] = 1.0
-        elif out:
-            out = dict.fromkeys(out, 1.0 / len(out))
-        return out
+            return out
+        return {}
     if hp.weight_mode == "power":
         earned = _proportional(positive, sorted(positive), 1.0, hp.weight_power)
     else:
@@ -89,6 +121,15 @@ def compute_weights(
     return out
 
 
+def chain_weights(weights: Mapping[int, float]) -> tuple[list[int], list[float]]:
+    """(uids ascending, weights) as `set_weights` takes them; empty lists mean: set nothing.
+
+    Hook for the chain rules (issue 16): padding up to MinAllowedWeights with zero-weight uids goes here.
+    """
+    uids = sorted(weights)
+    return uids, [weights[u] for u in uids]
+
+
 @dataclass(frozen=True)
 class WindowOutcome:
     """What the validator does with a scored window: set `weights`, publish the peer list."""
@@ -100,9 +141,8 @@ class WindowOutcome:
     reserve: list[int]
 
     def as_lists(self) -> tuple[list[int], list[float]]:
-        """(uids ascending, weights) as `set_weights` takes them."""
-        uids = sorted(self.weights)
-        return uids, [self.weights[u] for u in uids]
+        """(uids ascending, weights) as `set_weights` takes them; empty: nobody earned, set nothing."""
+        return chain_weights(self.weights)
 
 
 def _fresh(hotkey: str, hp: GauntletHParams) -> UidState:
@@ -143,18 +183,32 @@ def score_window(
         if uid not in hotkeys or f is None or not f.eligible or f.hotkey != hotkeys[uid]:
             raise ValueError(f"uid {uid} was evaluated but did not pass stage 1 with its current hotkey")
 
-    rated = rate_window(
-        {u: Rating(state.uids[u].mu, state.uids[u].sigma) for u in evals},
-        {u: r.loss_score for u, r in evals.items()},
-        hp,
-    )
+    relative = {u: r.relative_score for u, r in evals.items()}
+    usable = {u: x for u, x in relative.items() if x is not None}
+    if usable:  # scores relative to the window's reference; the reference player scores 1
+        rated = rate_window({u: Rating(state.uids[u].mu, state.uids[u].sigma) for u in usable}, usable, hp, 1.0)
+    else:  # no reference this window: rank raw loss scores among the evaluated miners, as before
+        rated = rate_window(
+            {u: Rating(state.uids[u].mu, state.uids[u].sigma) for u in evals},
+            {u: r.loss_score for u, r in evals.items()},
+            hp,
+        )
+    previous = {u: us.history[-1].weight for u, us in state.uids.items() if us.history}
     entries: dict[int, WindowEntry] = {}
     for uid in sorted(hotkeys):
         us, f, ev = state.uids[uid], filters.get(uid), evals.get(uid)
+        rel = None
         if ev is not None:
-            us.mu, us.sigma = rated[uid].mu, rated[uid].sigma
-            us.binary_ma = binary_moving_average(us.binary_ma, ev.indicator, hp.binary_ma_alpha)
+            if uid in rated:
+                us.mu, us.sigma = rated[uid].mu, rated[uid].sigma
+            rel = relative.get(uid)
+            if rel is not None:
+                us.value_ema = update_value(us.value_ema, us.evaluations, rel, hp)
+                us.evaluations += 1
+            bma = binary_moving_average(us.binary_ma, ev.indicator, hp.binary_ma_alpha)
+            us.binary_ma = bma if math.isfinite(bma) else us.binary_ma
             us.last_evaluated = window
+        value = shrunk_value(us.value_ema, us.evaluations, hp)
         e = WindowEntry(
             window=window,
             hotkey=us.hotkey,
@@ -163,6 +217,10 @@ def score_window(
             binary_ma=us.binary_ma,
             evaluated=ev is not None,
             losses=ev,
+            relative_score=rel if rel is None or math.isfinite(rel) else -hp.value_clip,
+            value=value,
+            evaluations=us.evaluations,
+            previous_weight=previous.get(uid),
         )
         if f is not None and f.hotkey == us.hotkey:
             e.present, e.timely = f.present, f.timely
@@ -173,7 +231,7 @@ def score_window(
             e.slashes.append(f"{why}: previous score {us.score:.6g} × {hp.missing_penalty:g}")
         else:
             sync = f.sync.sync if f.sync is not None else 1.0
-            score = e.raw_score = final_score(us.ordinal, us.binary_ma, sync)
+            score = e.raw_score = final_score(value, us.binary_ma, sync)
             if f.sync is not None:
                 e.steps_behind, e.sync, e.sync_penalised = f.sync.steps_behind, f.sync.sync, f.sync.penalised
                 e.sync_reason = f.sync.reason
@@ -190,7 +248,7 @@ def score_window(
                     e.slashes.append(
                         f"copy of uid {c.copied_from} (overlap {100 * c.overlap:.1f}%) × {c.factor:g}"
                     )
-        us.score = e.score = zero_small(score, hp)
+        us.score = e.score = zero_small(score if math.isfinite(score) else 0.0, hp)
         entries[uid] = e
 
     scores = {u: state.uids[u].score for u in sorted(hotkeys)}

@@ -141,6 +141,7 @@ class Scorer:
         evaluator = Evaluator(self.model, _batches(random_pages, hp.inner.batch_size))
         step = hp.gauntlet.eval_step_scale * hp.outer.lr
         device = next(self.model.parameters()).device
+        reference = evaluator.reference_score([self._mean_update(eligible, miners, fetched, factors, device)], step)
         results: dict[int, EvalResult] = {}
         stop_at = None if time_budget_s is None else time.monotonic() + time_budget_s
         for uid in chosen:
@@ -159,4 +160,23 @@ class Scorer:
                                                   step)
             except UpdateError as exc:
                 log.warning("uid %d: update unusable in evaluation: %s", uid, exc)
+                continue
+            results[uid].reference_score = reference
         return results
+
+    @staticmethod
+    def _mean_update(eligible: list[int], miners: Mapping[int, str], fetched: Mapping[str, Fetched],
+                     factors: Mapping[int, float], device: torch.device) -> dict[str, torch.Tensor]:
+        """The window's reference update: the mean of the eligible miners' clipped updates (docs/incentives.md).
+
+        Summed one miner at a time, so it holds one decoded update besides the sum.
+        """
+        total: dict[str, torch.Tensor] = {}
+        for uid in eligible:
+            for name, enc in fetched[miners[uid]].shard.tensors.items():
+                u = decode(enc, device) * factors[uid]
+                if name in total:
+                    total[name].add_(u)
+                else:
+                    total[name] = u.clone()
+        return {name: t / len(eligible) for name, t in total.items()}

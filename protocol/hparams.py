@@ -118,9 +118,9 @@ class ShardHParams(_Section):
 
 
 class GauntletHParams(_Section):
-    sync_max_steps: float = Field(5.0, gt=0, description="Steps behind at which sync reaches zero.")
+    sync_max_steps: float = Field(5.0, gt=0, le=1e6, description="Steps behind at which sync reaches zero.")
     sync_penalty_steps: float = Field(3.0, ge=0, description="More steps behind than this is penalised (anchor 3).")
-    sync_exponent: float = Field(2.5, gt=0, description="Exponent of the sync score curve.")
+    sync_exponent: float = Field(2.5, gt=0, le=100, description="Exponent of the sync score curve.")
     copy_halve_overlap: float = Field(0.4, gt=0, le=1, description="Top-k index overlap that halves the later uploader.")
     copy_zero_overlap: float = Field(0.5, gt=0, le=1, description="Top-k index overlap that zeroes the later uploader.")
     eval_miners_per_window: int = Field(15, ge=1, description="Miners evaluated in stage 2 per window (anchor 15).")
@@ -130,14 +130,31 @@ class GauntletHParams(_Section):
         description="Stage 2 starts no new evaluation after this fraction of a window's duration (chain time), "
                     "so a validator keeps pace with the windows; the rest wait for a later window.",
     )
-    eval_step_scale: float = Field(0.2, gt=0, description="Evaluation applies this × outer lr of a miner's update.")
+    eval_step_scale: float = Field(0.2, gt=0, le=100, description="Evaluation applies this × outer lr of a miner's update.")
     binary_ma_alpha: float = Field(0.05, gt=0, le=1, description="Moving-average rate of the binary indicator.")
-    openskill_beta: float = Field(7.0, gt=0, description="OpenSkill Plackett–Luce beta (anchor 7).")
-    openskill_tau: float = Field(0.1, ge=0, description="OpenSkill tau, dynamics factor (anchor 0.1).")
+    openskill_beta: float = Field(7.0, gt=0, le=1000, description="OpenSkill Plackett–Luce beta (anchor 7).")
+    openskill_tau: float = Field(0.1, ge=0, le=100, description="OpenSkill tau, dynamics factor (anchor 0.1).")
+    rating_tie_margin: float = Field(
+        0.15, ge=0, le=10,
+        description="Relative scores (loss score / the window's reference) closer than this tie in the rating "
+                    "match: measured noise between equal honest miners is ≈ 0.05–0.1 (docs/incentives.md).",
+    )
+    value_alpha: float = Field(
+        0.3, gt=0, le=1, description="Moving-average rate of a miner's relative score (its 'value', what pays).")
+    value_shrink_windows: float = Field(
+        2.0, ge=0, le=100,
+        description="Shrinkage of the value while evidence is thin: value × n / (n + this), n = evaluations.",
+    )
+    value_clip: float = Field(
+        3.0, gt=0, le=100, description="Relative scores are clipped to [−value_clip, value_clip] (contains outliers).")
     missing_penalty: float = Field(0.75, ge=0, le=1, description="Multiplier on positive scores for a missing/late shard.")
-    score_zero_threshold: float = Field(1e-4, ge=0, description="Final scores below this become zero.")
+    score_zero_threshold: float = Field(1e-4, ge=0, le=1, description="Final scores below this become zero.")
     weight_mode: Literal["power", "gather_reserve"] = Field("power", description="How scores become weights.")
-    weight_power: float = Field(2.0, gt=0, description="Scores are raised to this power before normalising.")
+    weight_power: float = Field(
+        1.0, gt=0, le=8,
+        description="Scores are raised to this power before normalising (bounded: a steep power turns noise "
+                    "into winner-takes-all, docs/incentives.md).",
+    )
     gather_share: float = Field(0.75, ge=0, le=1, description="gather_reserve mode: weight share of the primary peers.")
     burn_uid: int | None = Field(None, ge=0, description="Uid receiving the burn share, or none.")
     burn_share: float = Field(0.0, ge=0, le=1, description="Share of weight sent to burn_uid.")

@@ -53,6 +53,7 @@ def run_window(state: ScoringState, w: int, config: StateConfig | None = None):
             loss_before_random=4.1,
             loss_after_random=4.0,
             step=0.2,
+            reference_score=0.02,
         ),
         1: EvalResult(
             loss_before_assigned=4.0,
@@ -60,6 +61,7 @@ def run_window(state: ScoringState, w: int, config: StateConfig | None = None):
             loss_before_random=4.1,
             loss_after_random=4.05,
             step=0.2,
+            reference_score=0.02,
         ),
         3: EvalResult(
             loss_before_assigned=4.0,
@@ -67,6 +69,7 @@ def run_window(state: ScoringState, w: int, config: StateConfig | None = None):
             loss_before_random=4.1,
             loss_after_random=math.nan,
             step=0.2,
+            reference_score=0.02,
         ),
     }
     state.record_step_change(0.001 * (w + 1), config or StateConfig())
@@ -153,6 +156,9 @@ def test_explain_prints_every_component_and_why():
         "indicator:  +1",
         "binary MA",
         "ordinal",
+        "relative:",
+        "value:",
+        "why:",
         "raw score",
         "weight",
         "primary peer",

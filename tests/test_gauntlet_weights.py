@@ -14,7 +14,15 @@ import pytest
 from gauntlet.ratings import Rating, fresh_rating, ranks_from_scores, rate_window
 from gauntlet.records import CopyVerdict, EvalResult, FilterResult, SyncResult, UidState
 from gauntlet.state import ScoringState
-from gauntlet.weights import compute_weights, final_score, score_window, select_peers, slash, zero_small
+from gauntlet.weights import (
+    compute_weights,
+    final_score,
+    score_window,
+    select_peers,
+    shrunk_value,
+    slash,
+    zero_small,
+)
 from protocol.hparams import GauntletHParams, PeerHParams
 
 HP = GauntletHParams()
@@ -28,7 +36,7 @@ def ok(uid: int, hotkey: str | None = None, *, sync: float = 1.0, steps: float =
     )
 
 
-def evaluation(loss_score: float, assigned_better: bool = True) -> EvalResult:
+def evaluation(loss_score: float, assigned_better: bool = True, reference: float | None = 0.02) -> EvalResult:
     after_random = 4.0 * (1 - loss_score)
     rel_assigned = loss_score + (0.01 if assigned_better else -0.01)
     return EvalResult(
@@ -37,14 +45,23 @@ def evaluation(loss_score: float, assigned_better: bool = True) -> EvalResult:
         loss_before_random=4.0,
         loss_after_random=after_random,
         step=0.2,
+        reference_score=reference,
     )
 
 
 def strong_state(uids: list[int], score: float = 0.0) -> ScoringState:
-    """A state where each uid already has a good rating and a positive binary average."""
+    """A state where each uid already has a good rating, value and a positive binary average."""
     return ScoringState(
-        uids={u: UidState(hotkey=f"hk{u}", mu=40.0 + u, sigma=2.0, binary_ma=0.5, score=score) for u in uids}
+        uids={
+            u: UidState(hotkey=f"hk{u}", mu=40.0 + u, sigma=2.0, binary_ma=0.5, score=score,
+                        value_ema=1.0 + u, evaluations=8)
+            for u in uids
+        }
     )
+
+
+def value_of(state: ScoringState, uid: int) -> float:
+    return shrunk_value(state.uids[uid].value_ema, state.uids[uid].evaluations, HP)
 
 
 # --- ratings -----------------------------------------------------------------------------------
@@ -96,8 +113,8 @@ def test_slash_never_flips_a_negative():
 def test_negative_components_give_zero_weight_after_slashes():
     state = ScoringState(
         uids={
-            0: UidState(hotkey="hk0", mu=5.0, sigma=4.0, binary_ma=-0.6),  # ordinal −7, MA −0.6
-            1: UidState(hotkey="hk1", mu=40.0, sigma=2.0, binary_ma=0.5),
+            0: UidState(hotkey="hk0", mu=5.0, sigma=4.0, binary_ma=-0.6, value_ema=-0.5, evaluations=3),
+            1: UidState(hotkey="hk1", mu=40.0, sigma=2.0, binary_ma=0.5, value_ema=1.0, evaluations=3),
         }
     )
     filters = {0: ok(0, steps=4.0, sync=0.05), 1: ok(1)}  # uid 0 is also penalised for poor sync
@@ -153,7 +170,7 @@ def test_missing_late_or_rejected_shard_is_penalised(kind):
     assert out.scores[0] == pytest.approx(2.0 * HP.missing_penalty)
     entry = state.uids[0].history[-1]
     assert any(kind in s for s in entry.slashes)
-    assert out.scores[1] == pytest.approx(final_score(41.0 - 6.0, 0.5, 1.0))
+    assert out.scores[1] == pytest.approx(final_score(value_of(state, 1), 0.5, 1.0))
 
 
 def test_poor_sync_is_penalised_and_sync_scales_score():
@@ -161,7 +178,7 @@ def test_poor_sync_is_penalised_and_sync_scales_score():
     hotkeys = {u: f"hk{u}" for u in range(3)}
     filters = {0: ok(0), 1: ok(1, sync=0.5, steps=1.2), 2: ok(2, sync=0.05, steps=3.5)}
     out = score_window(state, 0, hotkeys, filters, {}, HP, PEERS)
-    raw = [final_score(state.uids[u].ordinal, 0.5, s) for u, s in [(0, 1.0), (1, 0.5), (2, 0.05)]]
+    raw = [final_score(value_of(state, u), 0.5, s) for u, s in [(0, 1.0), (1, 0.5), (2, 0.05)]]
     assert out.scores[0] == pytest.approx(raw[0])
     assert out.scores[1] == pytest.approx(raw[1])
     assert out.scores[2] == pytest.approx(raw[2] * HP.missing_penalty)
@@ -217,7 +234,9 @@ def test_uids_leaving_the_metagraph_are_forgotten():
 
 def test_power_weights():
     w = compute_weights({0: 1.0, 1: 2.0, 2: 0.0, 3: -1.0}, [0, 1, 2, 3], HP, PEERS)
-    assert w == pytest.approx({0: 0.2, 1: 0.8, 2: 0.0, 3: 0.0})
+    assert w == pytest.approx({0: 1 / 3, 1: 2 / 3, 2: 0.0, 3: 0.0})  # power 1: in proportion
+    w2 = compute_weights({0: 1.0, 1: 2.0}, [0, 1], HP.model_copy(update={"weight_power": 2.0}), PEERS)
+    assert w2 == pytest.approx({0: 0.2, 1: 0.8})
     assert sum(w.values()) == pytest.approx(1.0)
 
 
@@ -237,8 +256,8 @@ def test_burn_share_and_all_zero_fallbacks():
     w = compute_weights({0: 1.0, 1: 1.0}, [0, 1], hp, PEERS)
     assert w == pytest.approx({0: 0.35, 1: 0.35, 9: 0.3})
     assert compute_weights({0: 0.0, 1: -1.0}, [0, 1], hp, PEERS) == {0: 0.0, 1: 0.0, 9: 1.0}
-    uniform = compute_weights({0: 0.0, 1: 0.0}, [0, 1, 2, 3], HP, PEERS)
-    assert uniform == pytest.approx({0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25})
+    # Nobody earned anything and no burn uid: nobody is paid, the validator sets nothing.
+    assert compute_weights({0: 0.0, 1: 0.0}, [0, 1, 2, 3], HP, PEERS) == {}
 
 
 def test_peer_selection_positive_only_with_uid_tie_break():
