@@ -1,4 +1,7 @@
-"""`crucible data prepare | train`: build the tokenized page store, and a one-process training run.
+"""`crucible data prepare | publish | train`: build the tokenized page store, publish it, train on it.
+
+`publish` uploads a prepared page store to a bucket with its manifest (transport.dataset) and prints
+the hparams lines that pin it: `data.manifest_hash` and the bucket's endpoint, name and read key.
 
 `prepare` builds the offline corpus (or reads the user's files), trains or loads a tokenizer, and
 writes the page shards. `train` is the smallest end-to-end check of the model and the data: one
@@ -24,6 +27,16 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                       help="your own .txt/.jsonl/.parquet file or folder (repeatable); default: offline corpus")
     prep.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
     prep.add_argument("--max-chars", type=int, help="cap on corpus characters (default from hparams)")
+    pub = sub.add_parser("publish", help="upload a prepared dataset with its manifest; print the hparams that pin it")
+    HPARAMS_FLAGS.add_to(pub)
+    pub.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
+    for name, what in (("endpoint", "S3 endpoint URL"), ("region", "signing region (default auto)"),
+                       ("name", "bucket name")):
+        pub.add_argument(f"--bucket.{name}", dest=f"bucket_{name}", help=f"{what} (or $CRUCIBLE_BUCKET_{name.upper()})")
+    pub.add_argument("--bucket.allow-private", dest="bucket_allow_private", action="store_true",
+                     help="allow a plain http or private endpoint (your own MinIO; a devnet)")
+    pub.epilog = ("keys come from the environment only: CRUCIBLE_BUCKET_WRITE_KEY/_WRITE_SECRET upload, "
+                  "CRUCIBLE_BUCKET_READ_KEY/_READ_SECRET are what nodes read with (printed as data.read_key/_secret)")
     train = sub.add_parser("train", help="train the model on one process and print held-out loss")
     HPARAMS_FLAGS.add_to(train)
     train.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
@@ -109,5 +122,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from neurons.node_config import BucketSettings, bucket_credentials
+    from protocol.data import DatasetError
+    from transport.bucket import Bucket, StorageError
+    from transport.dataset import publish_dataset
+
+    hp = HPARAMS_FLAGS.parse(args).hparams()
+    given = {k: getattr(args, f"bucket_{k}") for k in ("endpoint", "region", "name") if getattr(args, f"bucket_{k}")}
+    try:
+        creds = bucket_credentials(BucketSettings(**given), hp.endpoints.allowance(), args.bucket_allow_private)
+    except (ValueError, ValidationError) as exc:
+        return _fail("publish", str(exc).splitlines()[0])
+    started = time.perf_counter()
+    sent = [0]
+
+    def progress(name: str, size: int) -> None:
+        sent[0] += size
+
+    try:
+        pinned, manifest = publish_dataset(Bucket(creds.write_config()), args.data, progress)
+    except DatasetError as exc:
+        return _fail("publish", f"--data {args.data}: {exc}")
+    except StorageError as exc:
+        return _fail("publish", str(exc))
+    read = creds.read
+    print(f"published {manifest.num_pages('train'):,} train and {manifest.num_pages('heldout'):,} held-out pages "
+          f"({len(manifest.shards)} shards, {sent[0] / 2**20:.1f} MiB) to s3://{read.bucket}/dataset/{pinned[:16]}/ "
+          f"in {time.perf_counter() - started:.1f} s")
+    print("pin it in the network's hparams:")
+    lines = {"manifest_hash": pinned, "endpoint": read.endpoint_url, "region": read.region, "bucket": read.bucket,
+             "read_key": read.access_key_id, "read_secret": read.secret_access_key.get_secret_value()}
+    for key, value in lines.items():
+        if value is not None:
+            print(f"  --set data.{key}={value}")
+    return 0
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    if args.data_command == "publish":
+        return _publish(args)
     return _prepare(args) if args.data_command == "prepare" else _train(args)

@@ -3,6 +3,14 @@
 `PageStore` reads a prepared page store (`.npy` shards of fixed-length token pages plus
 `index.json`; `neurons.dataset.prepare_dataset` writes them) and checks it matches the hparams.
 
+A dataset that a network shares is published with a manifest (`build_manifest`, `Manifest`): the
+format version, the tokenizer's hash, per shard its size, blake2b hash, header length and the
+hash of its page table (one blake2b-128 digest per page, so a single page fetched with a ranged GET
+is checked on its own), page counts, seq_len and vocab size. The blake2b-256 of the manifest's
+canonical JSON (`manifest_hash`) is what hparams pin (`data.manifest_hash`). `DataStore` is what
+miners, validators and benches read pages through: this local `PageStore` or the bucket-backed
+`transport.dataset.RemotePageStore`.
+
 Assignment is the protocol's contract on data: `assign(hotkey, window, seed, n, num_samples)` gives
 every miner its samples for a window, reproducible by any validator, and (near-)disjoint across
 hotkeys. `random_samples(window_seed, ...)` is the validators' control draw, unpredictable to a
@@ -15,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,8 +39,144 @@ PAGES_PER_SHARD = 4096  # pages per .npy file of a page store
 _MASK64 = (1 << 64) - 1
 
 
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PAGE_TABLE_SUFFIX = ".pages"  # next to each shard: blake2b-128 of every page, concatenated
+PAGE_DIGEST = 16
+MAX_MANIFEST_BYTES = 16 << 20
+SPLITS = ("train", "heldout")
+
+
 class DatasetError(ValueError):
     """A dataset folder that is missing, incomplete or does not match the hparams."""
+
+
+@runtime_checkable
+class DataStore(Protocol):
+    """What a node reads pages through: a local `PageStore` or a bucket-backed remote store."""
+
+    seq_len: int
+    vocab_size: int
+    tokenizer_path: Path
+
+    def num_pages(self, split: str = "train") -> int: ...
+
+    @property
+    def num_train(self) -> int: ...
+
+    @property
+    def num_heldout(self) -> int: ...
+
+    def pages(self, indices: Iterable[int], split: str = "train") -> torch.Tensor: ...
+
+
+def blake2b_hex(data: bytes | memoryview, digest_size: int = 32) -> str:
+    return hashlib.blake2b(data, digest_size=digest_size).hexdigest()
+
+
+def page_digests(pages: np.ndarray) -> bytes:
+    """The page table of a shard: blake2b-128 of each page's bytes (as stored), concatenated."""
+    return b"".join(hashlib.blake2b(row.tobytes(), digest_size=PAGE_DIGEST).digest() for row in pages)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str
+    split: str
+    pages: int
+    bytes: int
+    blake2b: str  # of the whole .npy file
+    offset: int  # where the first page starts (after the .npy header)
+    page_table: str  # blake2b-256 of the shard's page table (PAGE_TABLE_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A published page store, as pinned by `manifest_hash(raw)`."""
+
+    version: int
+    seq_len: int
+    vocab_size: int
+    dtype: str
+    tokens: int
+    tokenizer: str  # blake2b-256 of tokenizer.json
+    tokenizer_bytes: int
+    shards: tuple[ShardEntry, ...]
+
+    def split_shards(self, split: str) -> list[ShardEntry]:
+        return [s for s in self.shards if s.split == split]
+
+    def num_pages(self, split: str) -> int:
+        return sum(s.pages for s in self.split_shards(split))
+
+    @property
+    def page_bytes(self) -> int:
+        return self.seq_len * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> bytes:
+        """The canonical bytes (sorted keys, no spaces): what is uploaded and hashed."""
+        body = {"version": self.version, "seq_len": self.seq_len, "vocab_size": self.vocab_size,
+                "dtype": self.dtype, "tokens": self.tokens,
+                "tokenizer": {"blake2b": self.tokenizer, "bytes": self.tokenizer_bytes},
+                "shards": [s.__dict__ for s in self.shards]}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def check(self, hp: HParams | None) -> None:
+        if hp is not None and (hp.model.seq_len, hp.model.vocab_size) != (self.seq_len, self.vocab_size):
+            raise DatasetError(f"manifest is for seq_len={self.seq_len} vocab={self.vocab_size}, hparams want "
+                               f"seq_len={hp.model.seq_len} vocab={hp.model.vocab_size}")
+
+
+def manifest_hash(raw: bytes) -> str:
+    """What a network pins: blake2b-256 of the manifest's bytes, 64 hex characters."""
+    return blake2b_hex(raw)
+
+
+def parse_manifest(raw: bytes, pinned: str | None = None) -> Manifest:
+    """A manifest from its bytes; DatasetError with the reason when it is not the pinned one or malformed."""
+    if pinned is not None and manifest_hash(raw) != pinned:
+        raise DatasetError(f"manifest hash {manifest_hash(raw)[:16]}… is not the pinned data.manifest_hash "
+                           f"{pinned[:16]}…: a different dataset")
+    try:
+        body = json.loads(raw)
+        if body["version"] != MANIFEST_VERSION:
+            raise DatasetError(f"manifest version {body['version']}, expected {MANIFEST_VERSION}")
+        shards = tuple(ShardEntry(**s) for s in body["shards"])
+        m = Manifest(body["version"], int(body["seq_len"]), int(body["vocab_size"]), str(body["dtype"]),
+                     int(body["tokens"]), str(body["tokenizer"]["blake2b"]), int(body["tokenizer"]["bytes"]),
+                     shards)
+        np.dtype(m.dtype)
+    except DatasetError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"manifest malformed: {type(exc).__name__}: {exc}") from None
+    for shard in shards:
+        if shard.split not in SPLITS or shard.pages <= 0 or shard.bytes != shard.offset + shard.pages * m.page_bytes:
+            raise DatasetError(f"manifest malformed: shard {shard.file} ({shard.pages} pages, {shard.bytes} bytes)")
+    return m
+
+
+def build_manifest(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:
+    """The manifest of a prepared page store, and every shard's page table (by table file name)."""
+    path = Path(path)
+    store = PageStore(path)
+    index = json.loads((path / "index.json").read_text())
+    tok = (path / TOKENIZER_FILE).read_bytes()
+    shards, tables = [], {}
+    for split in SPLITS:
+        for shard, arr in zip(index[split]["shards"], store._splits[split], strict=True):
+            file = path / shard["file"]
+            table = page_digests(np.asarray(arr))
+            tables[shard["file"] + PAGE_TABLE_SUFFIX] = table
+            h = hashlib.blake2b(digest_size=32)
+            with open(file, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            shards.append(ShardEntry(shard["file"], split, shard["pages"], file.stat().st_size, h.hexdigest(),
+                                     int(arr.offset), blake2b_hex(table)))
+    m = Manifest(MANIFEST_VERSION, store.seq_len, store.vocab_size, index.get("dtype", "uint16"), store.tokens,
+                 blake2b_hex(tok), len(tok), tuple(shards))
+    return m, tables
 
 
 class PageStore:

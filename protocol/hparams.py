@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from protocol.endpoint_policy import EndpointAllowance
+from protocol.storage_config import BucketConfig
 
 
 class HParamsError(ValueError):
@@ -180,6 +181,15 @@ class PeerHParams(_Section):
     )
 
 
+class SubnetHParams(_Section):
+    weights_version_key: int = Field(
+        0, ge=0, le=2**64 - 1,
+        description="Version key sent with set_weights: the subnet's WeightsVersionKey (subtensor refuses an older "
+                    "key with IncorrectWeightVersionKey). A validator reads the subnet's value at start and stops "
+                    "with one line when it differs.",
+    )
+
+
 class FetchHParams(_Section):
     object_seconds: float = Field(
         60.0, gt=0, le=3600,
@@ -206,6 +216,30 @@ class DataHParams(_Section):
     seed: int = Field(1337, description="Seed of the sample assignment permutation.")
     heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="Share of pages kept for held-out evaluation.")
     corpus_max_chars: int = Field(24_000_000, ge=10_000, description="Cap on characters read to build the offline corpus.")
+    # The network's published dataset (`crucible data publish`, protocol/data.py's manifest); none: a local folder.
+    manifest_hash: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="blake2b-256 of the dataset's manifest: every node must read exactly this dataset.",
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint of the dataset's bucket (the network's endpoint policy applies).")
+    region: str = Field("auto", min_length=1, max_length=32, description="Signing region of the dataset's bucket.")
+    bucket: str | None = Field(None, description="Bucket holding dataset/<manifest_hash[:16]>/ (none: a local --data folder).")
+    read_key: str | None = Field(None, description="Read-only access key id of the dataset's bucket (public).")
+    read_secret: str | None = Field(None, description="Read-only secret of the dataset's bucket (public, like the key).")
+
+    @model_validator(mode="after")
+    def _location_complete(self) -> DataHParams:
+        if self.bucket is not None and (self.manifest_hash is None or not self.read_key or not self.read_secret):
+            raise ValueError("a dataset bucket needs manifest_hash, read_key and read_secret")
+        return self
+
+    def location(self, allowance: EndpointAllowance | None) -> BucketConfig | None:
+        """The dataset bucket's read config under the network's endpoint policy; None without a bucket."""
+        if self.bucket is None:
+            return None
+        return BucketConfig(endpoint_url=self.endpoint, region=self.region, bucket=self.bucket,
+                            access_key_id=self.read_key, secret_access_key=self.read_secret,
+                            endpoint_allowance=allowance)
 
 
 class EndpointHParams(_Section):
@@ -248,6 +282,7 @@ class HParams(_Section):
     gauntlet: GauntletHParams = Field(default_factory=GauntletHParams, description="Validator scoring.")
     peers: PeerHParams = Field(default_factory=PeerHParams, description="Peer selection.")
     fetch: FetchHParams = Field(default_factory=FetchHParams, description="Download deadlines and upload observation.")
+    subnet: SubnetHParams = Field(default_factory=SubnetHParams, description="What the subnet's chain rules ask of nodes.")
     checkpoints: CheckpointHParams = Field(default_factory=CheckpointHParams, description="Checkpoints.")
     data: DataHParams = Field(default_factory=DataHParams, description="Data and assignment.")
     endpoints: EndpointHParams = Field(default_factory=EndpointHParams, description="Accepted bucket endpoints.")
@@ -263,10 +298,17 @@ class HParams(_Section):
         """Short digest of everything that changes θ or the wire; peers must share it (computed once).
 
         `name` and `endpoints` are left out: where a set came from and which bucket addresses a network
-        accepts change neither θ nor the wire (a devnet node and the launcher watching it agree).
+        accepts change neither θ nor the wire (a devnet node and the launcher watching it agree); so is
+        where the dataset is stored (its pinned manifest hash is in).
         """
         if self._revision is None:
-            payload = self.model_dump(mode="json", exclude={"name", "endpoints"})
+            payload = self.model_dump(mode="json", exclude={"name": True, "endpoints": True,
+                                                            "data": {"endpoint", "region", "bucket", "read_key",
+                                                                     "read_secret"}})
+            if payload["data"]["manifest_hash"] is None:  # unpinned: revisions as before the field existed
+                del payload["data"]["manifest_hash"]
+            if payload["subnet"] == SubnetHParams().model_dump(mode="json"):  # default: as before the section
+                del payload["subnet"]
             blob = json.dumps(payload, sort_keys=True).encode()
             self._revision = hashlib.blake2b(blob, digest_size=8).hexdigest()
         return self._revision

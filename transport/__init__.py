@@ -14,6 +14,8 @@ Modules:
 - `bucket_config.py`: `StorageConfig`: this node's bucket transport knobs.
 - `endpoint_guard.py`: `guard_client`: resolve a bucket's host, check every address against the endpoint
   policy, connect only to a checked one (SSRF, DNS rebinding).
+- `dataset.py`: `publish_dataset`, `RemotePageStore`: the network's page store in a bucket (manifest
+  pinned by hash, ranged GETs of the assigned pages, each verified, a bounded disk cache, prefetch).
 - `chain.py`: `Chain`, `sdk_client`: blocks, timestamps, metagraph, commitments, weights through the
   bittensor SDK.
 - `chain_config.py`: `ChainConfig`: network, netuid and wallet; imports no SDK (fast `--help`).

@@ -200,18 +200,22 @@ class Bucket:
         self._download(info, max_bytes, write, progress)
         return bytes(buf)
 
-    def fetch(self, key: str, max_bytes: int, deadline: float, first_bytes: int | None = None) -> bytes:
+    def fetch(self, key: str, max_bytes: int, deadline: float, first_bytes: int | None = None,
+              offset: int = 0) -> bytes:
         """An untrusted peer's object in ONE GET (no listing, no HEAD), read by `deadline` or not at all.
 
         `deadline` is a `time.monotonic()` instant covering every attempt, the headers and the whole
         body (DeadlineExceeded otherwise); `max_bytes` caps the body whatever Content-Length says;
-        `first_bytes` asks for a prefix only (a Range request; a server ignoring Range is capped the same).
+        `first_bytes` asks for a prefix only (a Range request; a server ignoring Range is capped the same);
+        with `offset`, the `first_bytes` bytes from there (a server ignoring that Range is an error).
         """
         where = f"GetObject s3://{self.name}/{key}"
         limit = max_bytes if first_bytes is None else min(max_bytes, first_bytes)
         kw: dict[str, Any] = {"Bucket": self.name, "Key": key}
         if first_bytes is not None:
-            kw["Range"] = f"bytes=0-{first_bytes - 1}"
+            kw["Range"] = f"bytes={offset}-{offset + first_bytes - 1}"
+        elif offset:
+            raise ValueError("a ranged fetch from an offset needs first_bytes")
 
         def once() -> bytes:
             if time.monotonic() > deadline:
@@ -223,6 +227,10 @@ class Bucket:
                                   expected=int(r.get("ContentLength", -1)), limit=max_bytes, where=where,
                                   deadline=deadline)
             else:
+                if offset and "ContentRange" not in r:
+                    r["Body"].close()
+                    raise StorageError(f"{where}: the server ignored the Range from byte {offset}",
+                                       bucket=self.name, key=key)
                 got = _read_prefix(r["Body"], buf, limit, where, deadline)
             self.stats.add(bytes_downloaded=got)
             return bytes(buf)
