@@ -129,17 +129,21 @@ def aggregate_encoded(
     """
     names, peers, factors = _plan(shards, norms, update_norm, clip_norm)
     out: dict[str, torch.Tensor] = {}
+    largest = max(shards[peers[0]][name].layout.numel for name in names)
+    buffer = torch.empty(largest, dtype=torch.float64, device=device)  # one float64 accumulator, reused
     for name in names:
         layout = shards[peers[0]][name].layout
-        acc = torch.zeros(layout.numel, dtype=torch.float64, device=device)
+        acc = buffer[: layout.numel].zero_()
         for peer in peers:
             enc = shards[peer][name]
             if enc.layout != layout:
                 raise ValueError(f"peer {peer}: {name} was encoded with a different layout")
             enc = enc.to(device)
-            pos = enc.positions().reshape(-1)
-            acc[pos] = acc[pos] + enc.values().reshape(-1).to(torch.float64) * factors[peer]
-        out[name] = (acc / len(peers)).to(torch.float32).reshape(layout.shape)
+            # value·factor for each of the 4 table entries is the same correctly rounded float64 product
+            # as per element; positions are unique per peer, so one index_add_ adds each exactly once.
+            table = enc.lookup.to(torch.float64) * factors[peer]
+            acc.index_add_(0, enc.positions().reshape(-1), table[enc.code_values()])
+        out[name] = acc.div_(len(peers)).to(torch.float32).reshape(layout.shape)
     return out
 
 

@@ -158,3 +158,57 @@ def test_attackers_at_half_the_peers_cannot_set_the_clip_norm():
     assert capped == 2 * clip
     with pytest.raises(ValueError):
         robust_clip_norm({})
+
+
+# --- issue 19: the one-pass gather equals the original scatter, digest for digest ----------------
+
+
+def _reference_aggregate_encoded(shards, norms=None, clip_norm=None):
+    """The pre-issue-19 gather: a float64 gather + add + scatter per peer, then divide and cast."""
+    peers = sorted(shards)
+    names = sorted(shards[peers[0]])
+    if norms is None:
+        norms = {p: update_norm(shards[p]) for p in peers}
+    factors = clip_factors({p: norms[p] for p in peers}, clip_norm)
+    out = {}
+    for name in names:
+        layout = shards[peers[0]][name].layout
+        acc = torch.zeros(layout.numel, dtype=torch.float64)
+        for peer in peers:
+            enc = shards[peer][name]
+            pos = enc.positions().reshape(-1)
+            acc[pos] = acc[pos] + enc.values().reshape(-1).to(torch.float64) * factors[peer]
+        out[name] = (acc / len(peers)).to(torch.float32).reshape(layout.shape)
+    return out
+
+
+def _digest(tensors) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (5, 2), (20, 3)])
+def test_aggregate_encoded_digest_equals_the_old_gather(n, seed):
+    hp = SparseLoCoHParams(chunk_2d=16, chunk_1d=64, topk=9)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"emb": (64, 48), "bias": (130,), "w3": (4, 8, 12)}
+    shards = {}
+    for i in range(n):
+        scale = float(10 ** torch.empty(1).uniform_(-3, 1, generator=gen))
+        base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+        shards[f"peer-{i:02d}"] = Compressor(hp).encode_all({k: v * scale for k, v in base.items()})
+    ref = _reference_aggregate_encoded(shards)
+    got = aggregate_encoded(shards)
+    assert _digest(got) == _digest(ref)
+    assert _digest(aggregate_encoded(shards, clip_norm=0.5)) == _digest(_reference_aggregate_encoded(shards, clip_norm=0.5))
+    # the θ an outer step lands on is the same too
+    theta = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    theta_ref = {k: v.clone() for k, v in theta.items()}
+    apply_outer_step(theta, got, 0.7)
+    apply_outer_step(theta_ref, ref, 0.7)
+    assert _digest(theta) == _digest(theta_ref)
