@@ -13,6 +13,7 @@ very code without production code knowing the devnet exists.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import bittensor as bt
 from neurons.metrics import NodeMetrics
 from neurons.node import Node
 from neurons.node_config import MetricsConfig, NodeConfig, bucket_credentials
-from protocol.data import DatasetError, PageStore
+from protocol.data import DatasetError, DataStore, PageStore, build_manifest, manifest_hash
 from protocol.hparams import HParams
 from protocol.model import build_model
 from protocol.storage_config import BucketCredentials
@@ -119,13 +120,44 @@ async def _checked_node(cfg: NodeConfig, chain: Chain, creds: BucketCredentials,
         bucket.list("peers/")
     except StorageError as exc:
         raise StartupError(f"bucket '{creds.read.bucket}' unreachable: {exc}") from None
-    try:
-        store = PageStore(cfg.data, hp)
-    except DatasetError as exc:
-        raise StartupError(f"dataset: {exc}") from None
+    store = await open_store(cfg, hp, hotkey, chain)
     node = Node(hp, chain, bucket, store, build_model(hp, cfg.torch_device()))
     await ensure_commitment(node, creds)
     return node
+
+
+async def open_store(cfg: NodeConfig, hp: HParams, hotkey: str, chain: Chain) -> DataStore:
+    """The pinned dataset from its bucket (hparams data.bucket), else the --data folder; StartupError otherwise.
+
+    A remote store prefetches this node's pages for the current and the next window at once, then each
+    next window's as the miner asks for a window's pages. A local folder is checked against a pinned
+    data.manifest_hash too."""
+    try:
+        location = hp.data.location(hp.endpoints.allowance())
+    except ValueError as exc:
+        raise StartupError(f"dataset bucket (hparams data.*): {str(exc).splitlines()[-1].strip()}") from None
+    try:
+        if location is None:
+            store = PageStore(cfg.data, hp)
+            if hp.data.manifest_hash is not None:
+                raw = build_manifest(cfg.data)[0].to_json()
+                if manifest_hash(raw) != hp.data.manifest_hash:
+                    raise DatasetError(f"{cfg.data} has manifest hash {manifest_hash(raw)[:16]}…, the network pins "
+                                       f"data.manifest_hash {hp.data.manifest_hash[:16]}…: a different dataset")
+            return store
+        from transport.dataset import RemotePageStore
+
+        cache = cfg.state_folder(hotkey) / "dataset"
+        store = await asyncio.to_thread(RemotePageStore, location, hp.data.manifest_hash, cache, hp,
+                                        cache_bytes=cfg.data_cache_mb << 20)
+    except DatasetError as exc:
+        raise StartupError(f"dataset: {exc}") from None
+    try:
+        window = await chain.block() // hp.windows.blocks_per_window
+    except Exception:  # the SDK raises several types; no prefetch at start then, pages come on demand
+        return store
+    store.follow(hotkey, hp.data.seed, hp.samples_per_window, window)
+    return store
 
 
 async def ensure_commitment(node: Node, creds: BucketCredentials) -> None:

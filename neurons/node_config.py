@@ -116,6 +116,9 @@ class NodeConfig(HParamsChoice):
     data: Path | None = Field(None, description=(
         f"prepared dataset folder (default: {DEMO_DATA} on local, ws:// and devnet:// networks; required on "
         "finney, test and archive)"))
+    data_cache_mb: int = Field(1024, ge=1, description=(
+        "disk for the page cache (MiB, under STATE_DIR/dataset) when the hparams name a dataset bucket "
+        "(data.bucket); --data is not read then"))
     state_dir: Path | None = Field(None, description="local state folder (default ~/.crucible/HOTKEY)")
     device: str = Field("auto", min_length=1, description="torch device: cpu, cuda, cuda:N, or auto (cuda when available)")
     windows: int | None = Field(None, ge=1, description="stop after this many windows (default: run forever)")

@@ -67,7 +67,7 @@ def test_remote_store_reads_the_same_pages(s3_bucket, published, tiny_store, tin
 
 def test_a_different_pinned_hash_is_refused(s3_bucket, published, tmp_path, tiny_hp):
     pinned, _ = published
-    with pytest.raises(DatasetError, match="a different dataset|NoSuchKey|not found|404"):
+    with pytest.raises(DatasetError, match="holds no dataset with the pinned manifest hash ffffffffffffffff"):
         _remote(s3_bucket, "f" * 64, tmp_path)
     # the manifest at the pinned place replaced by another dataset's: its hash is not the pin
     s3_bucket.put(object_key(pinned, MANIFEST_FILE), b'{"version": 1, "other": true}')
@@ -163,3 +163,51 @@ def test_local_pages_are_what_the_manifest_hashes(tiny_dataset, tiny_store):
     arr = np.load(tiny_dataset.path / shard.file, mmap_mode="r")
     assert arr.offset == shard.offset
     assert isinstance(PageStore(tiny_dataset.path), DataStore)
+
+
+class _Cfg:
+    def __init__(self, data, state):
+        self.data, self.data_cache_mb, self._state = data, 64, state
+
+    def state_folder(self, hotkey):
+        return self._state / hotkey
+
+
+class _Chain:
+    async def block(self):
+        return 95
+
+
+def _pinned_hp(s3_bucket, pinned):
+    c = s3_bucket.config
+    return load_hparams("tiny", [f"data.manifest_hash={pinned}", f"data.endpoint={c.endpoint_url}",
+                                 f"data.bucket={c.bucket}", f"data.read_key={c.access_key_id}",
+                                 f"data.read_secret={c.secret_access_key.get_secret_value()}",
+                                 "endpoints.allow_http=true", "endpoints.allow_networks=[\"127.0.0.0/8\"]"])
+
+
+def test_a_node_opens_the_pinned_dataset_or_refuses_with_one_line(s3_bucket, published, tiny_dataset, tmp_path):
+    import asyncio
+
+    from neurons.node_cli import StartupError, open_store
+
+    pinned, _ = published
+    hp = _pinned_hp(s3_bucket, pinned)
+    assert hp.revision() != load_hparams("tiny").revision()  # the pin is part of the revision, the place is not
+    store = asyncio.run(open_store(_Cfg(tmp_path / "no-folder", tmp_path), hp, "miner-0", _Chain()))
+    assert isinstance(store, RemotePageStore) and store.num_train == tiny_dataset.train_pages
+    assert store._window == 95 // hp.windows.blocks_per_window  # following the chain's window
+    other = _pinned_hp(s3_bucket, "ab" * 32)
+    with pytest.raises(StartupError, match=r"^dataset: s3://\S+ holds no dataset with the pinned manifest hash abab") as e:
+        asyncio.run(open_store(_Cfg(tmp_path / "no-folder", tmp_path), other, "miner-0", _Chain()))
+    assert "\n" not in str(e.value)
+    strict = load_hparams("tiny", [f"data.manifest_hash={pinned}", f"data.endpoint={s3_bucket.config.endpoint_url}",
+                                   "data.bucket=b-b-b", "data.read_key=AAAAAAAAAAAAAAAAAAAA",
+                                   "data.read_secret=BBBBBBBBBBBBBBBBBBBB"])
+    with pytest.raises(StartupError, match=r"^dataset bucket \(hparams data\.\*\): .*https"):
+        asyncio.run(open_store(_Cfg(tmp_path, tmp_path), strict, "miner-0", _Chain()))
+    local = load_hparams("tiny", ["data.manifest_hash=" + "cd" * 32])  # a local folder is checked against the pin
+    with pytest.raises(StartupError, match="network pins data.manifest_hash cdcd.*a different dataset"):
+        asyncio.run(open_store(_Cfg(tiny_dataset.path, tmp_path), local, "miner-0", _Chain()))
+    same = load_hparams("tiny", [f"data.manifest_hash={pinned}"])
+    assert asyncio.run(open_store(_Cfg(tiny_dataset.path, tmp_path), same, "m", _Chain())).num_train > 0

@@ -52,7 +52,7 @@ from protocol.data import (
 from protocol.hparams import HParams
 from protocol.storage_config import BucketConfig
 from protocol.storage_keys import dataset_key
-from transport.bucket import Bucket, StorageConfig, StorageError
+from transport.bucket import Bucket, ObjectNotFound, StorageConfig, StorageError
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -164,7 +164,13 @@ class RemotePageStore:
         self.bucket = bucket or Bucket(config, storage)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        raw = self._get(MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        try:
+            raw = self._get(MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        except DatasetError as exc:
+            if str(exc).endswith(": not found"):
+                raise DatasetError(f"s3://{self.bucket.name} holds no dataset with the pinned manifest hash "
+                                   f"{pinned[:16]}… (no {object_key(pinned, MANIFEST_FILE)})") from None
+            raise
         self.manifest = parse_manifest(raw, pinned)
         self.manifest.check(hp)
         m = self.manifest
@@ -189,6 +195,8 @@ class RemotePageStore:
         key = object_key(self.pinned, name)
         try:
             return self.bucket.fetch(key, max_bytes, time.monotonic() + REQUEST_SECONDS)
+        except ObjectNotFound:
+            raise DatasetError(f"{key}: not found") from None
         except StorageError as exc:
             raise DatasetError(f"{key}: {exc}") from None
 
