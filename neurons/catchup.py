@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from neurons.node import Directory, Node
-from protocol.model import CheckpointError, load_checkpoint
+from protocol.model import CheckpointError, build_model, load_checkpoint
 from protocol.storage_keys import (
     CHECKPOINT_CONFIG_FILE,
     CHECKPOINT_MODEL_FILE,
@@ -62,31 +62,71 @@ async def load_latest_checkpoint(node: Node, before_window: int, directory: Dire
     return await first_from_validators(graph, credentials, node.pool, newest, "checkpoints")
 
 
+class OutOfSync(RuntimeError):
+    """This node's θ is not the network's: a record's θ digest differs, or a record cannot be reproduced."""
+
+
 async def replay_window(node: Node, window: int, directory: Directory | None = None) -> str:
-    """Apply one past window's update, exactly as its aggregate record names it; returns what was done."""
+    """Apply one past window's update, exactly as its aggregate record names it; returns what was done.
+
+    OutOfSync when the record says θ at the window's start was something else than this node holds.
+    """
     ctx = await node.window(window, directory)
     found = await node.find_record(ctx)
     if found is None:
         return f"window {window}: no aggregate record was published in time; nothing to replay"
+    if (drift := node.drift(found.record)) is not None:
+        raise OutOfSync(f"window {window}: {drift}")
     result = await node.gather_record(ctx, found)
     if result.used != found.record.peers:
         missing = sorted(set(found.record.peers) - set(result.used))
-        return f"window {window}: shards of {missing} unavailable or changed ({result.skipped}); not replayed"
+        raise OutOfSync(f"window {window}: shards of {missing} unavailable or changed ({result.skipped}); "
+                        "cannot replay it")
     node.apply(result)
     return f"window {window}: replayed the record of {len(result.used)} peers"
 
 
 async def catch_up(node: Node, model_window: int | None, target_window: int) -> int:
-    """Bring the model from the start of `model_window` (None: unknown) to the start of `target_window`."""
+    """Bring the model from the start of `model_window` (None: unknown) to the start of `target_window`.
+
+    Raises OutOfSync when a replayed window's record disagrees with this node's θ or cannot be
+    reproduced: the node then holds θ at the start of that window's predecessor chain, not the network's.
+    """
     if model_window is not None and model_window == target_window:
         return target_window
     directory = await node.directory()  # one read of who is registered, for every window replayed
     if model_window is None or model_window > target_window:
         checkpoint = await load_latest_checkpoint(node, target_window, directory)
+        if checkpoint is None:
+            node.model.load_state_dict(build_model(node.hp, "cpu").state_dict())  # θ_0, on every node alike
         model_window = checkpoint if checkpoint is not None else first_window(node, target_window)
     for window in range(model_window, target_window):
         log.info(await replay_window(node, window, directory))
     return target_window
+
+
+async def sync_to(node: Node, model_window: int | None, target_window: int) -> int:
+    """`catch_up` for start-up and skipping ahead: a window that cannot be replayed is logged, not fatal.
+
+    The node then carries on; the next record's θ digest shows the drift and starts `recover`.
+    """
+    try:
+        return await catch_up(node, model_window, target_window)
+    except OutOfSync as exc:
+        log.warning("not in sync after catch-up: %s; recovery is retried at the next window", exc)
+        return target_window
+
+
+async def recover(node: Node, target_window: int) -> str | None:
+    """From the latest checkpoint (else θ_0), replay the records up to `target_window`; None if in sync now.
+
+    Never claims a sync it does not have: the reason is returned when a record cannot be replayed.
+    """
+    try:
+        await catch_up(node, None, target_window)
+    except OutOfSync as exc:
+        return str(exc)
+    return None
 
 
 def first_window(node: Node, target_window: int) -> int:

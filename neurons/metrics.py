@@ -50,6 +50,8 @@ class NodeMetrics:
         self.windows = Counter("crucible_windows_completed", "Windows this node completed.", registry=r)
         self.window_seconds = Gauge("crucible_window_duration_seconds", "Seconds the last window's step took.",
                                     registry=r)
+        self.in_sync = Gauge("crucible_in_sync", "1 while θ matches the window's aggregate record, 0 while not.",
+                             registry=r)
         self.bucket = {
             "bytes_uploaded": Counter("crucible_bucket_upload_bytes", "Payload bytes uploaded to buckets.", registry=r),
             "bytes_downloaded": Counter("crucible_bucket_download_bytes", "Payload bytes downloaded from buckets.",
@@ -111,13 +113,14 @@ class NodeMetrics:
                 self.requests.labels(operation=operation).inc(max(0, total - seen["ops"].get(operation, 0)))
                 seen["ops"][operation] = total
 
-    def _window(self, window: int, seconds: float) -> None:
+    def _window(self, window: int, seconds: float, in_sync: bool = True) -> None:
         self.window.set(window)
+        self.in_sync.set(1 if in_sync else 0)
         self.windows.inc()
         self.window_seconds.set(seconds)
 
     def observe_miner(self, report, buckets: list[Bucket]) -> None:
-        self._window(report.window, report.window_s)
+        self._window(report.window, report.window_s, report.in_sync)
         if report.train_loss is not None:
             self.loss.set(report.train_loss)
         self.tokens_per_s.set(report.tokens_per_s)
@@ -134,7 +137,7 @@ class NodeMetrics:
         self._storage(buckets)
 
     def observe_validator(self, report, state: ScoringState, buckets: list[Bucket]) -> None:
-        self._window(report.window, report.seconds)
+        self._window(report.window, report.seconds, report.in_sync)
         self.weights_set.set(1 if report.weights_set else 0)
         if not report.weights_set:
             self.chain_failures.labels(call="set_weights").inc()

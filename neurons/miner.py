@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from neurons.catchup import catch_up
+from neurons.catchup import recover, sync_to
 from neurons.distributed import DistContext, broadcast_params, broadcast_work
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
-from neurons.node import Node, WindowContext
+from neurons.node import FoundRecord, Node, WindowContext
 from neurons.node_files import append_metrics
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor, EncodedTensor
@@ -50,6 +50,7 @@ class MinerReport:
     window_s: float = 0.0
     shard_bytes: int = 0
     stepped: bool = False
+    in_sync: bool = True  # θ matched the window's record (or the record did not say)
     peers_used: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     note: str = ""
@@ -98,7 +99,7 @@ class Miner:
         found = await self.node.find_record(ctx)
         if found is None:
             report.note += "no validator published an aggregate record for this window in time; model unchanged"
-        else:
+        elif await self.ensure_in_sync(found, report):  # never apply a record to a θ it was not made for
             result = await self.node.gather_record(ctx, found)
             report.skipped = result.skipped
             if result.used != found.record.peers:
@@ -115,6 +116,20 @@ class Miner:
         await asyncio.to_thread(self.save)
         self.record(report)
         return report
+
+    async def ensure_in_sync(self, found: FoundRecord, report: MinerReport) -> bool:
+        """Check θ against the record's digest; out of sync, recover (checkpoint + verified replay) now."""
+        drift = self.node.drift(found.record)
+        if drift is None:
+            return True
+        report.in_sync = False
+        log.warning("window %d: out of sync (%s); recovering from the latest checkpoint", report.window, drift)
+        why = await recover(self.node, report.window)
+        if why is None and self.node.drift(found.record) is None:
+            report.note += "was out of sync, recovered; "
+            return True
+        report.note += f"out of sync ({why or drift}); model unchanged, recovery retried next window. "
+        return False
 
     async def _train_and_publish(self, ctx: WindowContext, report: MinerReport) -> None:
         model, window = self.node.model, ctx.window
@@ -168,7 +183,7 @@ class Miner:
         """Restore local state, catch up to the current window; returns the first window to work on."""
         saved = load_local_state(self.state_dir, self.hp.revision(), self.node.model, self.compressor, self.optimizer)
         current = await self.node.current_window()
-        self.model_window = await catch_up(self.node, saved.window if saved else None, current)
+        self.model_window = await sync_to(self.node, saved.window if saved else None, current)
         return current
 
     async def run(self, windows: int | None = None) -> None:
@@ -184,7 +199,7 @@ class Miner:
             if current > window:  # behind (a stall): never train for a window whose deadline has passed
                 log.warning("windows %d..%d passed while this miner was busy; replaying their records", window,
                             current - 1)
-                self.model_window = await catch_up(self.node, window, current)
+                self.model_window = await sync_to(self.node, window, current)
                 if self.dist.active:
                     broadcast_work(self.dist, {"op": "sync"})
                     broadcast_params(self.dist, self.node.model)

@@ -28,7 +28,7 @@ from protocol.codec_aggregate import apply_outer_step
 from protocol.data import PageStore
 from protocol.gather import Fetched, GatherResult, gather
 from protocol.hparams import HParams
-from protocol.model import param_shapes
+from protocol.model import param_digest, param_shapes
 from protocol.peers import AggregateRecord, PeerList, PeerListError, read_peer_list
 from protocol.storage_config import BucketConfig
 from protocol.storage_keys import aggregate_key, peers_key
@@ -252,6 +252,15 @@ class Node:
         pinned = {h: f for h, f in (prefetched or {}).items() if f.ok and record.pinned.get(h) == f.shard.header.content_hash}
         return await asyncio.to_thread(gather, ctx.window, record.peers, len(record.peers), source, self.device,
                                        pinned, record.clip_norm)
+
+    def drift(self, record: AggregateRecord) -> str | None:
+        """Why this node's θ is not the one the record was made for (None: same, or the record does not say)."""
+        if record.theta_digest is None:
+            return None
+        mine = param_digest(self.model)
+        if mine == record.theta_digest:
+            return None
+        return f"θ digest {mine[:12]}… differs from the record's {record.theta_digest[:12]}…"
 
     def apply(self, result: GatherResult) -> bool:
         """θ ← θ − α·aggregate; False (model unchanged) when nothing valid was gathered."""

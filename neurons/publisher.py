@@ -59,6 +59,7 @@ class Publisher:
         self.hp = node.hp
         self.keypair = node.chain.wallet.hotkey
         self.last_clip_norm: float | None = None
+        self.digests: dict[int, str] = {}  # window → param_digest of θ at its start (set by the scoring loop)
         self._done: dict[int, asyncio.Future[Publication]] = {}
 
     def ceiling(self) -> float:
@@ -72,12 +73,16 @@ class Publisher:
 
     async def publication(self, ctx: WindowContext, miners: list[str]) -> Publication:
         """This window's publication: the running task's, or one made now from a single deadline look."""
-        pending = self._done.pop(ctx.window, None)
-        if pending is not None:
-            return await pending
-        watcher = self.watcher(ctx, ctx.credentials)
-        await asyncio.to_thread(watcher.poll, miners)
-        return await self.publish(ctx, watcher.snapshot())
+        pending = self._done.get(ctx.window)
+        if pending is None:  # nobody watched this window: look once now, at its deadline, and keep the result
+            watcher = self.watcher(ctx, ctx.credentials)
+            await asyncio.to_thread(watcher.poll, miners)
+            pending = asyncio.get_running_loop().create_future()
+            pending.set_result(await self.publish(ctx, watcher.snapshot()))
+            self._done[ctx.window] = pending
+        for old in [w for w in self._done if w < ctx.window - 4]:
+            self._done.pop(old)
+        return await pending
 
     async def run(self, first_window: int) -> None:
         """Watch and publish every window from `first_window` on, each at its own deadline (forever)."""
@@ -85,8 +90,6 @@ class Publisher:
         while True:
             future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
             self._done[window] = future
-            for old in [w for w in self._done if w < window - 4]:
-                self._done.pop(old).cancel()
             try:
                 future.set_result(await self._watch_and_publish(window))
             except Exception as exc:  # one bad window must not end the duty for the next ones
@@ -107,29 +110,35 @@ class Publisher:
         return await self.publish(ctx, watcher.snapshot())
 
     async def publish(self, ctx: WindowContext, snapshot: dict[str, Sighting]) -> Publication:
-        """Choose the window's shards from its peer list (pinned to the snapshot), mirror them, sign the record."""
+        """Choose the window's shards from its peer list (pinned to the snapshot), mirror them, sign the record.
+
+        With no peer list or no valid shard the record names no peers: θ stays as it is, and every node
+        learns so at once instead of waiting out the record deadline (and losing training time).
+        """
         node, window = self.node, ctx.window
         pub = Publication(window, snapshot)
         peers = await node.find_peer_list(ctx)
         if peers is None:
-            log.warning("window %d: no peer list in time; no aggregate record", window)
-            return pub
-        result = await node.gather_candidates(ctx, peers.candidates, pub.pinned, self.ceiling())
-        pub.result, pub.fetched = result, result.fetched
-        if not result.used:
-            log.warning("window %d: no valid pinned shard among %d candidates; no aggregate record",
-                        window, len(peers.candidates))
-            return pub
+            log.warning("window %d: no peer list in time; the record names no peers", window)
+        else:
+            result = await node.gather_candidates(ctx, peers.candidates, pub.pinned, self.ceiling())
+            pub.result, pub.fetched = result, result.fetched
+            if not result.used:
+                log.warning("window %d: no valid pinned shard among %d candidates; the record names no peers",
+                            window, len(peers.candidates))
+        used = pub.result.used if pub.result is not None else []
+        clip_norm = pub.result.clip_norm if pub.result is not None and pub.result.clip_norm is not None else 0.0
         try:
-            await asyncio.gather(*(asyncio.to_thread(node.bucket.put, mirror_key(window, h), result.fetched[h].raw)
-                                   for h in result.used))
-            record = AggregateRecord(netuid=node.netuid, window=window, validator=node.hotkey, peers=result.used,
-                                     content_hashes=result.content_hashes, clip_norm=result.clip_norm)
+            await asyncio.gather(*(asyncio.to_thread(node.bucket.put, mirror_key(window, h), pub.fetched[h].raw)
+                                   for h in used))
+            record = AggregateRecord(netuid=node.netuid, window=window, validator=node.hotkey, peers=used,
+                                     content_hashes=pub.result.content_hashes if used else [], clip_norm=clip_norm,
+                                     theta_digest=self.digests.pop(window, None))
             await asyncio.to_thread(node.bucket.put, aggregate_key(window), record.signed(self.keypair))
         except StorageError as exc:
             log.warning("window %d: could not publish the aggregate record: %s", window, exc)
             return pub
-        if result.clip_norm is not None and math.isfinite(result.clip_norm) and result.clip_norm > 0:
-            self.last_clip_norm = result.clip_norm
+        if used and math.isfinite(clip_norm) and clip_norm > 0:
+            self.last_clip_norm = clip_norm
         pub.published = True
         return pub

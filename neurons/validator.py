@@ -24,14 +24,15 @@ from pathlib import Path
 from gauntlet.filters import step_change
 from gauntlet.state import ScoringState, StateConfig, load_state, save_state
 from gauntlet.weights import score_window
-from neurons.catchup import catch_up
+from neurons.catchup import recover, sync_to
+from neurons.chain_weights import conform_weights
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import Node, WindowContext
 from neurons.node_files import SCORES_FILE, SECRET_FILE
 from neurons.publisher import Publisher
 from neurons.scoring import Scorer
-from protocol.model import checkpoint_files, save_checkpoint
+from protocol.model import checkpoint_files, param_digest, save_checkpoint
 from protocol.peers import make_peer_list
 from protocol.sample import debug_positions, gather_sample
 from protocol.storage_keys import (
@@ -43,6 +44,11 @@ from transport.bucket import StorageError
 from transport.chain import ChainAccessError
 
 log = logging.getLogger(__name__)
+
+
+class VersionKeyMismatch(RuntimeError):
+    """The subnet's WeightsVersionKey differs from hparams' subnet.weights_version_key (one line for the operator)."""
+
 RATE_LIMIT_ERRORS = {"SettingWeightsTooFast", "rate_limited"}
 
 
@@ -54,6 +60,7 @@ class ValidatorReport:
     weights: dict[int, float] = field(default_factory=dict)
     weights_set: bool = False
     stepped: bool = False
+    in_sync: bool = True
     peers_used: list[str] = field(default_factory=list)
     next_primary: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -113,11 +120,14 @@ class Validator:
         reserve = [miners[u] for u in outcome.reserve]
         target = window + hp.peers.lead_windows
         await self._put(peers_key(target), make_peer_list(self.keypair, node.netuid, target, primary, reserve))
-        report.weights_set = await self.set_weights(window, *outcome.as_lists(), report)
+        report.weights_set = await self.set_weights(window, *outcome.as_lists(), report, scored_hotkeys=miners)
 
         found = await node.find_record(ctx)  # the window's update: the highest-stake validator's record
         if found is None:
             report.note += "no aggregate record in time; model unchanged. "
+        elif (drift := node.drift(found.record)) is not None and await recover(node, window) is not None:
+            report.in_sync = False
+            report.note += f"out of sync ({drift}); model unchanged, recovery retried next window. "
         else:
             result = await node.gather_record(ctx, found, prefetched=fetched)
             if result.used == found.record.peers:
@@ -127,6 +137,7 @@ class Validator:
                 report.note += f"could not reproduce the record (skipped {result.skipped}); model unchanged. "
         self.state.record_step_change(step_change(gather_sample(params, positions), own), StateConfig())
         self.model_window = window + 1
+        self.publisher.digests[window + 1] = param_digest(node.model)  # goes in window w + 1's record
         if (window + 1) % hp.checkpoints.every_windows == 0:
             await self.publish_checkpoint(window + 1)
         await asyncio.to_thread(self.save)
@@ -139,19 +150,37 @@ class Validator:
             return ctx.seconds
         return self.hp.windows.blocks_per_window * self.hp.windows.expected_block_time_s
 
-    async def set_weights(self, window: int, uids: list[int], weights: list[float], report: ValidatorReport) -> bool:
-        """Set weights once for this window; a rate-limit refusal is retried a few blocks later, but
-        never past the next window's deadline (scoring the next window matters more)."""
+    async def set_weights(self, window: int, uids: list[int], weights: list[float], report: ValidatorReport,
+                          scored_hotkeys: dict[int, str] | None = None) -> bool:
+        """Set weights once for this window, fitted to the subnet's rules (`neurons.chain_weights`).
+
+        Just before each attempt the uid → hotkey map and the subnet's weight rules are read again: a uid
+        whose hotkey is no longer the one scored gets no weight. A refusal is logged with the chain's
+        error name; only a rate-limit refusal (SettingWeightsTooFast) is retried, a few blocks later and
+        never past the next window's deadline (scoring the next window matters more). Other refusals
+        (IncorrectWeightVersionKey, NeuronNoValidatorPermit, …) would fail again unchanged."""
         retry_blocks = max(1, self.hp.windows.blocks_per_window // 4)
         give_up = window_bounds(window + 1, self.hp.windows).deadline_block
+        chain = self.node.chain
         for attempt in range(4):
             try:
-                await self.node.chain.set_weights(uids, weights)
+                graph = await chain.metagraph()
+                rules = await chain.weight_rules()
+                changed = [u for u, hk in (scored_hotkeys or {}).items()
+                           if u >= graph.n or graph.hotkeys[u] != hk]
+                fit = conform_weights(dict(zip(uids, weights, strict=True)), rules, graph.uid_of(chain.hotkey),
+                                      changed)
+                if fit.dropped:
+                    log.info("window %d: no weight for uids %s (hotkey changed since scoring)", window, fit.dropped)
+                if not fit.uids:
+                    report.note = "set_weights skipped: nobody earned weight"
+                    break
+                await chain.set_weights(fit.uids, fit.weights, version_key=self.hp.subnet.weights_version_key)
                 return True
             except ChainAccessError as exc:
                 rate_limited = exc.name in RATE_LIMIT_ERRORS or "rate limit" in str(exc)
-                report.note = f"set_weights failed: {exc}"
-                retry_at = await self.node.chain.block() + retry_blocks
+                report.note = f"set_weights refused ({exc.name or 'no chain error name'}): {exc}"
+                retry_at = await chain.block() + retry_blocks
                 if not rate_limited or attempt == 3 or retry_at >= give_up:
                     break
                 await self.node.wait_for_block(retry_at)
@@ -160,6 +189,16 @@ class Validator:
                 break
         log.warning("window %d: %s", window, report.note)
         return False
+
+    async def check_version_key(self) -> None:
+        """Stop with one line when the subnet's WeightsVersionKey is not this network's hparams value."""
+        rules = await self.node.chain.weight_rules()
+        ours = self.hp.subnet.weights_version_key
+        if rules.version_key != ours:
+            raise VersionKeyMismatch(
+                f"subnet {self.node.netuid} asks for weights version key {rules.version_key}, this node's hparams "
+                f"send {ours} (subnet.weights_version_key): run the network's release or --set "
+                f"subnet.weights_version_key={rules.version_key}")
 
     async def _put(self, key: str, data: bytes) -> None:
         try:
@@ -191,9 +230,11 @@ class Validator:
         save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model)
 
     async def start(self) -> int:
+        await self.check_version_key()
         saved = load_local_state(self.state_dir, self.hp.revision(), self.node.model)
         current = await self.node.current_window()
-        self.model_window = await catch_up(self.node, saved.window if saved else None, current)
+        self.model_window = await sync_to(self.node, saved.window if saved else None, current)
+        self.publisher.digests[current] = param_digest(self.node.model)
         for window in range(current, current + self.hp.peers.lead_windows):
             if not await asyncio.to_thread(self.node.bucket.exists, peers_key(window)):
                 await self.publish_initial_peer_list(window)
@@ -201,7 +242,11 @@ class Validator:
 
     async def run(self, windows: int | None = None) -> None:
         """Score window after window; the publication of each window's record runs alongside, on time."""
-        window = await self.start()
+        try:
+            window = await self.start()
+        except VersionKeyMismatch as exc:  # a setting the operator must change: one line, exit 2 (no restart)
+            log.error("%s", exc)
+            raise SystemExit(2) from None
         publishing = asyncio.create_task(self.publisher.run(window))
         try:
             done = 0
@@ -210,7 +255,7 @@ class Validator:
                 if current > window + 1:  # scoring fell behind: skip ahead, keep θ in step with the records
                     log.warning("windows %d..%d not scored (validator behind); replaying their records",
                                 window, current - 2)
-                    self.model_window = await catch_up(self.node, window, current - 1)
+                    self.model_window = await sync_to(self.node, window, current - 1)
                     window = current - 1
                 report = await self.step(window)
                 log.info("window %d: scored %d, evaluated %d in %.1fs, weights %s, stepped with %d peers %s",

@@ -118,6 +118,11 @@ class AggregateRecord(_SignedDoc):
     peers: list[str] = Field(max_length=1024, description="Hotkeys whose shards were aggregated, sorted.")
     content_hashes: list[str] = Field(max_length=1024, description="Each used shard's content hash, same order.")
     clip_norm: float = Field(ge=0, allow_inf_nan=False, description="Clip norm every node uses for this window.")
+    theta_digest: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$",
+        description="param_digest of θ at the start of the window (before this record is applied), as the "
+                    "validator held it; None when it did not hold that θ yet when it published.",
+    )
 
     @field_validator("content_hashes")
     @classmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
+
 from neurons.miner import Miner
 from neurons.validator import Validator
 from protocol.model import build_model, param_digest
@@ -68,4 +70,20 @@ async def test_restarted_miner_catches_up_in_sync(network_factory, tmp_path):
     assert first == window + 2
     assert restarted.model_window == window + 2
     assert param_digest(restarted.node.model) == param_digest(a.node.model)
+    await net.close()
+
+
+async def test_a_drifted_miner_notices_and_recovers(network_factory, tmp_path):
+    net, validator, (a, b), window = await _setup(network_factory, tmp_path)
+    await asyncio.gather(a.step(window), b.step(window), validator.step(window))
+    assert param_digest(a.node.model) == param_digest(b.node.model) == param_digest(validator.node.model)
+    with torch.no_grad():  # b's θ drifts, as if it had applied a wrong aggregate
+        next(b.node.model.parameters()).add_(1e-3)
+    for w in range(window + 1, window + 4):  # on a loaded machine a window may pass with no upload, no record
+        ra, rb, _ = await asyncio.gather(a.step(w), b.step(w), validator.step(w))
+        if "no validator published" not in rb.note:
+            break
+    assert ra.in_sync and not rb.in_sync, rb  # the first record's θ digest told b
+    assert "recovered" in rb.note and rb.stepped, rb
+    assert param_digest(a.node.model) == param_digest(b.node.model) == param_digest(validator.node.model)
     await net.close()

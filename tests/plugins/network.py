@@ -23,7 +23,7 @@ from protocol.data import PageStore
 from protocol.hparams import HParams, load_hparams
 from protocol.model import build_model
 from tests.plugins.chain import ChainProcess, start_chain
-from transport.bucket import Bucket, StorageConfig
+from transport.bucket import Bucket, BucketCredentials, StorageConfig
 
 # Windows of 20 blocks at 0.25 s (5 s): room for a few tiny inner steps on 2 shared cores. The buckets
 # are on the session S3 server, http on 127.0.0.1: the devnet's endpoint allowance, as `crucible devnet`.
@@ -31,7 +31,7 @@ NET_OVERRIDES = [
     "windows.blocks_per_window=20", "windows.upload_grace_blocks=2", "inner.steps=2", "inner.batch_size=4",
     "gauntlet.eval_batches=1", "checkpoints.every_windows=2", "peers.primary=4", "peers.reserve=2",
     *DEVNET_ENDPOINT_OVERRIDES,
-    "fetch.record_grace_blocks=8", "fetch.poll_seconds=0.5", "fetch.object_seconds=4",
+    "fetch.record_grace_blocks=12", "fetch.poll_seconds=0.5", "fetch.object_seconds=4",
 ]
 NET_STORAGE = StorageConfig(connect_timeout_s=2.0, read_timeout_s=20.0, max_attempts=3,
                             backoff_base_s=0.05, backoff_max_s=0.2)
@@ -46,13 +46,23 @@ class TestNetwork:
     nodes: list[Node] = field(default_factory=list)
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
 
-    async def node(self, name: str) -> Node:
+    async def node(self, name: str, endpoint: str | None = None) -> Node:
+        """A connected node with its bucket's read credentials committed on chain.
+
+        `endpoint` puts the node's bucket behind another server (e.g. the hostile proxy of
+        tests/plugins/hostile_s3.py in front of the same rclone): the node writes through it and
+        commits it, so every other node reads this node's shards from there. It must pass the
+        network's endpoint allowance (http on 127.0.0.0/8 here) like any committed endpoint.
+        """
         chain = self.chain.chain(name)
         chain.endpoints = self.hp.endpoints.allowance()  # what open_node gives a node: the network's allowance
         await chain.connect()
         bucket_name = f"b-{self.tag}-{name}"  # fresh per network: no object of an earlier test is found
         self.s3.ensure_bucket(bucket_name)
         creds = self.s3.credentials(bucket_name)
+        if endpoint is not None:
+            creds = BucketCredentials(read=creds.read.model_copy(update={"endpoint_url": endpoint}),
+                                      write=creds.write_config().model_copy(update={"endpoint_url": endpoint}))
         bucket = Bucket(creds.write_config(), NET_STORAGE)
         node = Node(self.hp, chain, bucket, self.store, build_model(self.hp))
         await ensure_commitment(node, creds)
