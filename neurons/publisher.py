@@ -74,6 +74,8 @@ class Publisher:
     async def publication(self, ctx: WindowContext, miners: list[str]) -> Publication:
         """This window's publication: the running task's, or one made now from a single deadline look."""
         pending = self._done.get(ctx.window)
+        if pending is not None and pending.done() and (pending.cancelled() or pending.exception() is not None):
+            pending = None  # the watching task failed for this window: fall back to one look now
         if pending is None:  # nobody watched this window: look once now, at its deadline, and keep the result
             watcher = self.watcher(ctx, ctx.credentials)
             await asyncio.to_thread(watcher.poll, miners)
