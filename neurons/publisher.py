@@ -73,18 +73,21 @@ class Publisher:
 
     async def publication(self, ctx: WindowContext, miners: list[str]) -> Publication:
         """This window's publication: the running task's, or one made now from a single deadline look."""
-        pending = self._done.get(ctx.window)
-        if pending is not None and pending.done() and (pending.cancelled() or pending.exception() is not None):
-            pending = None  # the watching task failed for this window: fall back to one look now
-        if pending is None:  # nobody watched this window: look once now, at its deadline, and keep the result
-            watcher = self.watcher(ctx, ctx.credentials)
-            await asyncio.to_thread(watcher.poll, miners)
-            pending = asyncio.get_running_loop().create_future()
-            pending.set_result(await self.publish(ctx, watcher.snapshot()))
-            self._done[ctx.window] = pending
         for old in [w for w in self._done if w < ctx.window - 4]:
             self._done.pop(old)
-        return await pending
+        pending = self._done.get(ctx.window)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except Exception as exc:  # the watching task failed for this window: look once now instead
+                log.warning("window %d: watched publication failed (%s); looking once at the deadline",
+                            ctx.window, exc)
+        watcher = self.watcher(ctx, ctx.credentials)
+        await asyncio.to_thread(watcher.poll, miners)
+        made = asyncio.get_running_loop().create_future()
+        made.set_result(await self.publish(ctx, watcher.snapshot()))
+        self._done[ctx.window] = made
+        return made.result()
 
     async def run(self, first_window: int) -> None:
         """Watch and publish every window from `first_window` on, each at its own deadline (forever)."""
