@@ -22,7 +22,15 @@ import bittensor as bt
 from pydantic import BaseModel, ConfigDict, Field
 
 from devnet.chain_epoch import run_epoch
-from devnet.chain_state import SubnetParams, add_stake, create_subnet, fund, new_chain, register
+from devnet.chain_state import (
+    SubnetParams,
+    add_stake,
+    create_subnet,
+    fund,
+    new_chain,
+    parse_subnet_params,
+    register,
+)
 from devnet.chain_store import save_state, state_path
 from devnet.chain_wire import RAO_PER_TAO
 from protocol.hparams import HParams, load_hparams
@@ -39,6 +47,8 @@ class BootstrapConfig(BaseModel):
     register_all: bool = Field(True, description="Register every hotkey at genesis (else only fund the coldkeys).")
     fund_tao: float = Field(1000.0, ge=0, description="Free TAO every coldkey starts with.")
     validator_stake_tao: float = Field(10_000.0, ge=0, description="TAO each validator stakes at genesis.")
+    validator_stakes_tao: list[float] | None = Field(
+        None, description="Per-validator genesis stake in TAO (validator-0 first); overrides validator_stake_tao.")
     seed: str | None = Field(None, description="Genesis seed; a random one when not given.")
     subnet: SubnetParams = Field(
         default_factory=lambda: SubnetParams(tempo=10, weights_rate_limit=2, immunity_period=100, max_allowed_uids=64),
@@ -70,6 +80,14 @@ def subnet_params_for(hp: HParams, **overrides: object) -> SubnetParams:
     return SubnetParams(**{**base, **overrides})
 
 
+def validator_stakes_rao(cfg: BootstrapConfig) -> list[int]:
+    """Each validator's genesis stake (rao): `validator_stakes_tao` (the last value repeats), else the common one."""
+    given = cfg.validator_stakes_tao or [cfg.validator_stake_tao]
+    if any(t < 0 for t in given):
+        raise ValueError("validator stakes must be non-negative")
+    return [int(given[min(i, len(given) - 1)] * RAO_PER_TAO) for i in range(cfg.validators)]
+
+
 def ensure_wallet(wallet_path: Path, name: str) -> bt.Wallet:
     """An unencrypted wallet `name` with hotkey `default`, created with the SDK's wallet API if missing."""
     wallet = bt.Wallet(name=name, hotkey=HOTKEY, path=str(wallet_path))
@@ -98,15 +116,15 @@ def init_devnet(state_dir: str | Path, config: BootstrapConfig | None = None, *,
 
     state = new_chain(cfg.seed or secrets.token_hex(16), int(time.time() * 1000))
     create_subnet(state, cfg.netuid, owner.coldkeypub.ss58_address, owner.hotkey.ss58_address, cfg.subnet)
-    stake_rao = int(cfg.validator_stake_tao * RAO_PER_TAO)
+    stakes = validator_stakes_rao(cfg)
     for wallet in [owner, *miners, *validators]:
         fund(state, wallet.coldkeypub.ss58_address, int(cfg.fund_tao * RAO_PER_TAO))
-    for wallet in validators:
+    for wallet, stake_rao in zip(validators, stakes, strict=True):
         fund(state, wallet.coldkeypub.ss58_address, stake_rao)
     if cfg.register_all:
         for wallet in [*validators, *miners]:
             register(state, cfg.netuid, wallet.coldkeypub.ss58_address, wallet.hotkey.ss58_address, burned=False)
-        for wallet in validators:
+        for wallet, stake_rao in zip(validators, stakes, strict=True):
             if stake_rao:
                 add_stake(state, wallet.coldkeypub.ss58_address, wallet.hotkey.ss58_address, cfg.netuid, stake_rao)
         run_epoch(state, cfg.netuid)  # assigns validator permits from the genesis stake
@@ -133,15 +151,25 @@ def add_cli(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--netuid", type=int, default=1, help="Subnet id of the devnet.")
     parser.add_argument("--hparams", default="tiny", help="Preset or file whose window length sets the tempo.")
     parser.add_argument("--tempo", type=int, default=None, help="Blocks per epoch (default: blocks per window).")
+    parser.add_argument("--subnet-param", action="append", default=[], metavar="NAME=VALUE",
+                        help="A subnet hyperparameter (e.g. MinAllowedWeights=8, weights_version_key=3); repeatable.")
+    parser.add_argument("--validator-stake", action="append", type=float, default=[], metavar="TAO",
+                        help="Genesis stake of validator-0, validator-1, … in order; repeatable.")
     parser.add_argument("--no-register", action="store_true", help="Only create and fund wallets.")
     parser.add_argument("--force", action="store_true", help="Replace an existing chain state.")
     return parser
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    overrides = {"tempo": args.tempo} if args.tempo is not None else {}
+    overrides: dict[str, object] = {"tempo": args.tempo} if args.tempo is not None else {}
+    try:
+        overrides.update(parse_subnet_params(args.subnet_param))
+    except ValueError as exc:
+        print(json.dumps({"event": "devnet_init_error", "error": str(exc)}), flush=True)
+        return 2
     cfg = BootstrapConfig(miners=args.miners, validators=args.validators, netuid=args.netuid,
-                          register_all=not args.no_register, subnet=subnet_params_for(load_hparams(args.hparams), **overrides))
+                          register_all=not args.no_register, subnet=subnet_params_for(load_hparams(args.hparams), **overrides),
+                          validator_stakes_tao=args.validator_stake or None)
     try:
         manifest = init_devnet(args.state, cfg, force=args.force)
     except FileExistsError as exc:

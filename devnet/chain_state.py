@@ -48,6 +48,17 @@ class _Model(BaseModel):
 
 
 class SubnetParams(_Model):
+    """A subnet's hyperparameters. Field defaults are the devnet's (a small, fast subnet); the real chain's
+    initial values and the storage item each maps to are in `REAL_CHAIN_DEFAULTS`.
+
+    The rules that use them follow subtensor's `pallets/subtensor/src/subnets/weights.rs` (`do_set_weights`:
+    `check_version_key` → IncorrectWeightVersionKey, `check_rate_limit` → SettingWeightsTooFast,
+    `check_length` → WeightVecLengthIsLow with the minimum capped at the subnet's size and a lone self-weight
+    exempt, `max_weight_limited` → MaxWeightExceeded), `subnets/registration.rs` (ImmunityPeriod protects a
+    uid from replacement; NoNeuronIdAvailable when every uid is immune) and `epoch/run_epoch.rs`
+    (MaxAllowedValidators top-stake permits).
+    """
+
     tempo: int = Field(10, ge=1, description="Blocks between epochs (consensus + emission).")
     weights_rate_limit: int = Field(5, ge=0, description="Blocks a validator must wait between set_weights.")
     min_allowed_weights: int = Field(1, ge=0, description="Fewest non-zero weights a (non-self) set may carry.")
@@ -66,6 +77,55 @@ class SubnetParams(_Model):
     emission_per_block: int = Field(RAO_PER_TAO, ge=0, description="Alpha (rao) emitted to the subnet per block.")
     validator_share: float = Field(0.5, ge=0, le=1, description="Share of emission paid as validator dividends.")
     commit_reveal_enabled: bool = Field(False, description="Commit-reveal weights; the devnet supports only off.")
+
+
+# The real chain's initial values (opentensor/subtensor `runtime/src/lib.rs`, `parameter_types!`:
+# SubtensorInitial*; `pallets/subtensor/src/lib.rs` Default* for WeightsSetRateLimit) and the storage item
+# (`SubtensorModule.<Item>`) the SDK reads each one from. A subnet owner changes them with AdminUtils'
+# `sudo_set_*` calls; `crucible devnet run --subnet-param NAME=VALUE` sets them on the devnet.
+REAL_CHAIN_DEFAULTS: dict[str, tuple[str, int | bool]] = {
+    "tempo": ("Tempo", 360),  # INITIAL_SUBNET_TEMPO = prod_or_fast!(360, 10)
+    "weights_rate_limit": ("WeightsSetRateLimit", 100),  # DefaultWeightsSetRateLimit
+    "min_allowed_weights": ("MinAllowedWeights", 1024),  # SubtensorInitialMinAllowedWeights
+    "max_weights_limit": ("MaxWeightsLimit", 1000),  # SubtensorInitialMaxWeightsLimit (1000/65535 ≈ 1.5 %)
+    "weights_version_key": ("WeightsVersionKey", 0),  # SubtensorInitialWeightsVersionKey
+    "immunity_period": ("ImmunityPeriod", 4096),  # SubtensorInitialImmunityPeriod
+    "max_allowed_uids": ("MaxAllowedUids", 256),  # SubtensorInitialMaxAllowedUids
+    "max_allowed_validators": ("MaxAllowedValidators", 128),  # SubtensorInitialMaxAllowedValidators
+    "activity_cutoff": ("ActivityCutoff", 5000),  # SubtensorInitialActivityCutoff
+    "commit_reveal_enabled": ("CommitRevealWeightsEnabled", True),  # on for new subnets; not simulated here
+}
+
+# Other spellings a subnet operator knows: the SDK's hyperparameter names (`get_subnet_hyperparams`,
+# `btcli sudo set --param`) and the storage items above.
+_PARAM_ALIASES: dict[str, str] = {
+    "weights_version": "weights_version_key", "weights_set_rate_limit": "weights_rate_limit",
+    "max_weight_limit": "max_weights_limit", "commit_reveal_weights_enabled": "commit_reveal_enabled",
+    **{storage.lower(): field for field, (storage, _) in REAL_CHAIN_DEFAULTS.items()},
+}
+
+
+def subnet_param_name(name: str) -> str:
+    """The `SubnetParams` field for a hyperparameter spelled as a field, an SDK name or a storage item."""
+    key = name.strip()
+    if key in SubnetParams.model_fields:
+        return key
+    field = _PARAM_ALIASES.get(key.lower()) or _PARAM_ALIASES.get(key.lower().replace("_", ""))
+    if field is None:
+        raise ValueError(f"unknown subnet hyperparameter {name!r}; known: {', '.join(SubnetParams.model_fields)}")
+    return field
+
+
+def parse_subnet_params(items: list[str]) -> dict[str, object]:
+    """`NAME=VALUE` strings (any spelling `subnet_param_name` knows) as `SubnetParams` overrides."""
+    out: dict[str, object] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip():
+            raise ValueError(f"--subnet-param {item!r}: expected NAME=VALUE")
+        out[subnet_param_name(name)] = value.strip()
+    SubnetParams(**out)  # one clear error for a bad value, naming the field
+    return out
 
 
 class ChainParams(_Model):

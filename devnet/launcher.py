@@ -42,6 +42,9 @@ from devnet.bootstrap import (
     load_manifest,
     subnet_params_for,
 )
+from devnet.chain_state import SubnetParams, parse_subnet_params
+from devnet.chain_store import load_state, save_state
+from devnet.chain_validators import ValidatorWindow, read_validators, summarize
 from devnet.dashboard import Dashboard, DashboardConfig
 from devnet.report import build_report, read_miner_metrics, write_report
 from devnet.s3 import HOST, free_port
@@ -76,6 +79,14 @@ class DevnetConfig(BaseModel):
     adversaries: list[str] = Field(
         default_factory=list, description=f"Adversarial miners, one per entry: {', '.join(ADVERSARY_KINDS)}."
     )
+    subnet_params: list[str] = Field(
+        default_factory=list,
+        description="Subnet hyperparameter NAME=VALUE on the devnet chain, real spellings accepted "
+                    "(MinAllowedWeights=8, weights_version_key=3, WeightsSetRateLimit=100, ImmunityPeriod=…, "
+                    "MaxWeightsLimit=…, MaxAllowedValidators=…); applied to an existing chain too.")
+    validator_stakes: list[float] = Field(
+        default_factory=list,
+        description="Genesis stake in TAO of validator-0, validator-1, … (e.g. 6000 3000 1000); the last repeats.")
     state: Path = Field(Path(".devnet"), description="Devnet folder (chain, s3, data, nodes, logs).")
     report: Path | None = Field(None, description="Report folder (default STATE/report).")
     preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
@@ -100,6 +111,7 @@ class DevnetConfig(BaseModel):
         bad = [k for k in self.adversaries if k not in ADVERSARY_KINDS]
         if bad:
             raise ValueError(f"unknown adversary kind {bad[0]!r}; choose from {', '.join(ADVERSARY_KINDS)}")
+        parse_subnet_params(self.subnet_params)  # a bad NAME or VALUE fails here, as one line
         if self.miners + len(self.adversaries) == 0:
             raise ValueError("a devnet needs at least one miner (--miners or --adversary)")
         return self
@@ -123,9 +135,15 @@ def prepare_state(cfg: DevnetConfig, hp: HParams) -> DevnetManifest:
         if len(m.miners) < miners or len(m.validators) < cfg.validators or m.netuid != cfg.netuid:
             raise ValueError(f"{chain_dir} holds {len(m.miners)} miners and {len(m.validators)} validators "
                              f"on netuid {m.netuid}; pass --fresh to start a new devnet")
+        if cfg.subnet_params:  # the chain is not running yet: set them in its saved state
+            state = load_state(chain_dir)
+            sn = state.subnet(m.netuid)
+            sn.params = SubnetParams(**{**sn.params.model_dump(), **parse_subnet_params(cfg.subnet_params)})
+            save_state(chain_dir, state)
         return m
     boot = BootstrapConfig(miners=miners, validators=cfg.validators, netuid=cfg.netuid,
-                           subnet=subnet_params_for(hp))
+                           subnet=subnet_params_for(hp, **parse_subnet_params(cfg.subnet_params)),
+                           validator_stakes_tao=cfg.validator_stakes or None)
     return init_devnet(chain_dir, boot)
 
 
@@ -212,6 +230,8 @@ class Devnet:
         self.snapshots: list[WindowSnapshot] = []
         self.events: list[str] = []
         self.final_rows: list[UidRow] | None = None
+        self.validator_windows: list[ValidatorWindow] = []
+        self.validators_summary: dict | None = None
         shown = {"preset", "miners", "validators", "adversaries", "windows"}
         summary = cfg.model_dump(mode="json", include=shown)
         self.dash = Dashboard(DashboardConfig(enabled=cfg.dashboard, port=cfg.dashboard_port), summary)
@@ -271,6 +291,8 @@ class Devnet:
                 progress = f"{len(self.snapshots)}/{cfg.windows} windows; logs in {cfg.state / 'logs'}"
                 self.board.show(snap, progress)
                 self.dash.publish(snap)
+                if cfg.validators > 1:
+                    await self.read_validators(chain, watcher.participants, snap.window)
             if len(self.snapshots) >= cfg.windows:
                 return f"{len(self.snapshots)} windows scored"
             if all(self.sup.state(v) in (ChildState.FINISHED, ChildState.FAILED) for v in validators):
@@ -280,6 +302,18 @@ class Devnet:
             except TimeoutError:
                 pass
         return "interrupted"
+
+    async def read_validators(self, chain: Chain, participants: list[Participant], window: int) -> None:
+        """Per-validator trust and the spread of their weights on chain after `window` (several validators)."""
+        try:
+            seen = await read_validators(chain, participants, window)
+        except Exception as exc:  # the SDK raises several types while the chain restarts
+            self.note(f"validators not readable after window {window}: {type(exc).__name__}")
+            return
+        self.validator_windows.append(seen)
+        trust = ", ".join(f"{name} {v:.3f}" for name, v in seen.vtrust.items())
+        spread = "n/a" if seen.spread is None else f"{seen.spread:.3f}"
+        self.note(f"window {window}: vtrust {trust}; weight spread {spread}")
 
     async def run(self) -> int:
         try:
@@ -335,7 +369,11 @@ class Devnet:
                 self.note(f"stopping: {reason}")
                 try:  # incentive at the end (the chain is still up)
                     last = self.snapshots[-1].window if self.snapshots else -1
-                    self.final_rows = build_rows(watcher.state(), last, await chain.metagraph(), participants)
+                    graph = await chain.metagraph()
+                    self.final_rows = build_rows(watcher.state(), last, graph, participants)
+                    if cfg.validators > 1:
+                        await self.read_validators(chain, participants, last)
+                        self.validators_summary = summarize(self.validator_windows, participants, graph)
                 except Exception as exc:
                     self.note(f"final metagraph not readable: {type(exc).__name__}")
         finally:
@@ -351,6 +389,10 @@ class Devnet:
         report = build_report(self.snapshots, participants, metrics, final_rows=self.final_rows,
                               initial_loss=initial, wall_s=time.time() - started, stopped_because=reason,
                               events=self.events)
+        if self.validator_windows:
+            report.validators = self.validators_summary or summarize(self.validator_windows, participants)
+            report.weight_spread_per_window = {w.window: w.spread for w in self.validator_windows
+                                               if w.spread is not None}
         path = write_report(report, cfg.report_dir)
         share = "n/a" if report.honest_incentive_share is None else f"{report.honest_incentive_share:.1%}"
         self.note(f"{report.windows} windows; honest incentive share {share}; report: {path}")
@@ -359,8 +401,11 @@ class Devnet:
         return 0 if report.windows >= cfg.windows else 1
 
 
-DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",)},
-                     metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE"})
+DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",),
+                                          "subnet_params": ("--subnet-param",),
+                                          "validator_stakes": ("--validator-stake",)},
+                     metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
+                               "subnet_params": "NAME=VALUE", "validator_stakes": "TAO"})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

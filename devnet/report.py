@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from devnet.chain_validators import ValidatorSummary
 from devnet.scoreboard import HONEST, Participant, UidRow, WindowSnapshot
 from neurons.node_files import read_metrics
 
@@ -71,6 +72,11 @@ class DevnetReport(BaseModel):
     events: list[str] = Field(
         default_factory=list, description="Crashes, restarts and give-ups during the run."
     )
+    validators: dict[str, ValidatorSummary] = Field(
+        default_factory=dict, description="Several validators: per validator name, stake share and vtrust (chain).")
+    weight_spread_per_window: dict[int, float] = Field(
+        default_factory=dict,
+        description="Several validators: window -> largest L1 distance between their stored weight vectors.")
 
 
 def read_miner_metrics(node_dir: Path) -> list[MinerWindowMetrics]:

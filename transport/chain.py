@@ -128,6 +128,16 @@ class CredentialsRead:
     errors: dict[int, str]
 
 
+@dataclass(frozen=True)
+class WeightRules:
+    """A subnet's weight rules at one block (the subtensor storage item each comes from in comments)."""
+
+    n: int  # SubnetworkN: registered uids
+    min_allowed_weights: int = 1  # MinAllowedWeights
+    max_weights_limit: int = 65535  # MaxWeightsLimit: largest u16 share of a vector's sum
+    version_key: int = 0  # WeightsVersionKey: the oldest key the subnet accepts
+
+
 def u16_weights(uids: Sequence[int], weights: Sequence[float]) -> tuple[list[int], list[int]]:
     """What the chain stores for these weights: max-upscaled u16, zeros dropped (the SDK's `normalize`)."""
     return normalize(list(uids), list(weights))
@@ -271,6 +281,25 @@ class Chain:
 
     # --- writes ------------------------------------------------------------------------------------------
 
+    async def validator_trust(self) -> list[float]:
+        """Per uid, Yuma's validator trust (`SubtensorModule.ValidatorTrust`, u16 → 0..1); the SDK's
+        metagraph does not carry it."""
+        raw = await self.client.query(("SubtensorModule", "ValidatorTrust"), [self.config.netuid])
+        return [int(v) / 65535 for v in (raw or [])]
+
+    async def weight_rules(self) -> WeightRules:
+        """The subnet's weight rules now: SubnetworkN, MinAllowedWeights, MaxWeightsLimit, WeightsVersionKey
+        (subtensor storage items of those names, as the SDK's SetWeights preflight reads them)."""
+        netuid = self.config.netuid
+
+        async def item(name: str, default: int) -> int:
+            value = await self.client.query(("SubtensorModule", name), [netuid])
+            return default if value is None else int(value)
+
+        return WeightRules(n=await item("SubnetworkN", 0), min_allowed_weights=await item("MinAllowedWeights", 0),
+                           max_weights_limit=await item("MaxWeightsLimit", 65535),
+                           version_key=await item("WeightsVersionKey", 0))
+
     async def set_weights(self, uids: Sequence[int], weights: Sequence[float], version_key: int = 0) -> ExtrinsicResult:
         """Set this validator's weights through the SDK's `SetWeights` (clip, u16, preflight); check the result."""
         if len(uids) != len(weights):
@@ -323,6 +352,6 @@ async def wait_for_block(chain: Chain, block: int, timeout: float | None = None)
 
 __all__ = [
     "ReadCredentials", "Chain", "ChainAccessError", "ChainCallFailed", "ChainConfig", "CommittedCredentials",
-    "CredentialsRead", "MetagraphSnapshot", "sdk_client",
+    "CredentialsRead", "MetagraphSnapshot", "WeightRules", "sdk_client",
     "u16_weights", "wait_for_block",
 ]
