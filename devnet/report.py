@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from devnet.chain_validators import ValidatorSummary
+from devnet.fairness import FairnessSummary, summarize
 from devnet.scoreboard import HONEST, Participant, UidRow, WindowSnapshot
 from neurons.node_files import read_metrics
 
@@ -72,6 +73,9 @@ class DevnetReport(BaseModel):
     events: list[str] = Field(
         default_factory=list, description="Crashes, restarts and give-ups during the run."
     )
+    fairness: FairnessSummary | None = Field(
+        None, description="Does pay track contribution: honest pay spread (min/max, Gini), mean weights, and "
+                          "rank correlations with the measured contribution when there is one (devnet/fairness.py).")
     validators: dict[str, ValidatorSummary] = Field(
         default_factory=dict, description="Several validators: per validator name, stake share and vtrust (chain).")
     weight_spread_per_window: dict[int, float] = Field(
@@ -117,6 +121,7 @@ def build_report(
     wall_s: float = 0.0,
     stopped_because: str = "",
     events: list[str] | None = None,
+    contribution: dict[int, float] | None = None,
 ) -> DevnetReport:
     """Pure: everything the report says, from what the launcher collected."""
     snapshots = sorted(snapshots, key=lambda s: (s.window, s.time))
@@ -158,6 +163,9 @@ def build_report(
             else:  # a copycat computes nothing by design: listed, never averaged in
                 adversaries[name] = fraction
     span = snapshots[-1].time - snapshots[0].time if len(snapshots) > 1 else 0.0
+    weights_per_window = _per_window(snapshots, "weight")
+    fairness = summarize({u: s.incentive for u, s in per_uid.items()}, {u: s.kind for u, s in per_uid.items()},
+                         weights_per_window, contribution, honest=HONEST)
     return DevnetReport(
         windows=len(scored),
         window_range=[scored[0], scored[-1]] if scored else [],
@@ -174,9 +182,10 @@ def build_report(
         windows_per_minute=(len(scored) - 1) / span * 60 if span > 0 and len(scored) > 1 else None,
         wall_s=wall_s,
         stopped_because=stopped_because,
-        weights_per_window=_per_window(snapshots, "weight"),
+        weights_per_window=weights_per_window,
         incentive_per_window=_per_window(snapshots, "incentive"),
         events=list(events or []),
+        fairness=fairness,
     )
 
 
