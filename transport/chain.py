@@ -150,6 +150,20 @@ def _failed(result: ExtrinsicResult, what: str) -> ChainCallFailed:
     return ChainCallFailed(f"{what} failed: {result.message}" + (f" ({name})" if name else ""), name, code)
 
 
+def _preflight_name(what: str, code: str, message: str) -> str | None:
+    """The pallet error the chain would have raised for a refusal the SDK's SetWeights preflight caught
+    (bittensor/intents/weights.py `_preflight`/`_conform` raise ChainErrors with a code but no name)."""
+    if what != "set_weights":
+        return None
+    if code == "rate_limited":
+        return "SettingWeightsTooFast"
+    if "requires at least" in message:
+        return "WeightVecLengthIsLow"
+    if code == "not_registered":
+        return "HotKeyNotRegisteredInSubNet"
+    return None
+
+
 class Chain:
     """One node's connection to the chain: reads, block waits and the few writes Crucible makes."""
 
@@ -337,7 +351,8 @@ class Chain:
         try:
             result = await self.client.execute(intent, self.wallet)
         except bt.ChainError as exc:  # preflight caught it, with the code the chain would have used
-            raise ChainCallFailed(f"{what} refused: {exc.message}", exc.name, exc.code.value) from exc
+            name = exc.name or _preflight_name(what, exc.code.value, exc.message)
+            raise ChainCallFailed(f"{what} refused: {exc.message}", name, exc.code.value) from exc
         except BittensorError as exc:
             raise ChainCallFailed(f"{what} refused: {exc}") from exc
         if not result.success:
