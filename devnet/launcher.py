@@ -87,6 +87,10 @@ class DevnetConfig(BaseModel):
     validator_stakes: list[float] = Field(
         default_factory=list,
         description="Genesis stake in TAO of validator-0, validator-1, … (e.g. 6000 3000 1000); the last repeats.")
+    kill: list[str] = Field(
+        default_factory=list,
+        description="NAME@WINDOW: kill that node (SIGKILL, not restarted) once the chain reaches the window, "
+                    "e.g. validator-0@8 to see the next validator's records take over.")
     state: Path = Field(Path(".devnet"), description="Devnet folder (chain, s3, data, nodes, logs).")
     report: Path | None = Field(None, description="Report folder (default STATE/report).")
     preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
@@ -112,6 +116,10 @@ class DevnetConfig(BaseModel):
         if bad:
             raise ValueError(f"unknown adversary kind {bad[0]!r}; choose from {', '.join(ADVERSARY_KINDS)}")
         parse_subnet_params(self.subnet_params)  # a bad NAME or VALUE fails here, as one line
+        for item in self.kill:
+            name, sep, window = item.partition("@")
+            if not sep or not name or not window.isdigit():
+                raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
         if self.miners + len(self.adversaries) == 0:
             raise ValueError("a devnet needs at least one miner (--miners or --adversary)")
         return self
@@ -232,6 +240,7 @@ class Devnet:
         self.final_rows: list[UidRow] | None = None
         self.validator_windows: list[ValidatorWindow] = []
         self.validators_summary: dict | None = None
+        self.killed: set[str] = set()
         shown = {"preset", "miners", "validators", "adversaries", "windows"}
         summary = cfg.model_dump(mode="json", include=shown)
         self.dash = Dashboard(DashboardConfig(enabled=cfg.dashboard, port=cfg.dashboard_port), summary)
@@ -283,6 +292,7 @@ class Devnet:
                 block = None
             if block is not None:
                 window = block // self.hp.windows.blocks_per_window
+                self.kill_due(window)
                 cap = window + cfg.windows + cfg.slack_windows if cap is None else cap
                 if window >= cap:
                     return f"window cap {cap} reached with {len(self.snapshots)} windows scored"
@@ -302,6 +312,17 @@ class Devnet:
             except TimeoutError:
                 pass
         return "interrupted"
+
+    def kill_due(self, window: int) -> None:
+        """--kill NAME@WINDOW: SIGKILL the node once the chain is at WINDOW; it stays dead."""
+        for item in list(self.cfg.kill):
+            name, _, at = item.partition("@")
+            if window >= int(at) and item not in self.killed:
+                self.killed.add(item)
+                self.sup.stop_all(timeout_s=0, names=[name])
+                self.sup.stopping = False  # stop_all marks the whole run as stopping: only this node is
+                self.note(f"killed {name} at window {window} (--kill {item}); not restarted")
+                self.events.append(f"killed {name} at window {window}")
 
     async def read_validators(self, chain: Chain, participants: list[Participant], window: int) -> None:
         """Per-validator trust and the spread of their weights on chain after `window` (several validators)."""
@@ -364,7 +385,10 @@ class Devnet:
                 for p in participants:  # validators first: they publish the first peer list
                     self.sup.start(node_spec(cfg, p, url, manifest.wallet_path, data, s3))
                 self.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
-                watcher = ScoreWatcher(cfg.state / "nodes" / participants[0].name, participants, evaluator)
+                doomed = {k.partition("@")[0] for k in cfg.kill}  # watch a validator that stays up
+                watched = next((p for p in participants if p.role == "validator" and p.name not in doomed),
+                               participants[0])
+                watcher = ScoreWatcher(cfg.state / "nodes" / watched.name, participants, evaluator)
                 reason = await self.monitor(chain, watcher)
                 self.note(f"stopping: {reason}")
                 try:  # incentive at the end (the chain is still up)
@@ -403,9 +427,9 @@ class Devnet:
 
 DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",),
                                           "subnet_params": ("--subnet-param",),
-                                          "validator_stakes": ("--validator-stake",)},
+                                          "validator_stakes": ("--validator-stake",), "kill": ("--kill",)},
                      metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
-                               "subnet_params": "NAME=VALUE", "validator_stakes": "TAO"})
+                               "subnet_params": "NAME=VALUE", "validator_stakes": "TAO", "kill": "NAME@WINDOW"})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
