@@ -51,6 +51,8 @@ class DevnetNode:
         if self.role == "miner":
             parser.add_argument("--adversary", metavar="KIND", default=None,
                                 help="run an adversarial miner of this kind (see devnet/adversaries.py)")
+            parser.add_argument("--quality", metavar="Q", type=float, default=None,
+                                help="an honest miner of update quality Q in (0, 1] (devnet/profiles.py)")
 
     def run_cli(self, args: argparse.Namespace) -> int:
         cfg = NODE_FLAGS.parse(args)  # a bad flag fails before torch is imported
@@ -69,11 +71,17 @@ class DevnetNode:
         kind = getattr(args, "adversary", None)
         if kind is not None and kind not in KINDS:
             raise FlagError(f"--adversary: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+        quality = getattr(args, "quality", None)
+        if quality is not None and not 0.0 < quality <= 1.0:
+            raise FlagError(f"--quality: must be in (0, 1], got {quality}")
+        from devnet.profiles import apply_profile
 
         def build(node: Node, state_dir: Path) -> Miner | Validator:
             if self.role == "validator":
                 return Validator(node, state_dir)
-            return make_adversary(kind, node, state_dir) if kind else Miner(node, state_dir)
+            if kind:
+                return make_adversary(kind, node, state_dir)
+            return apply_profile(Miner(node, state_dir), quality if quality is not None else 1.0)
 
         return asyncio.run(run_node(cfg, self.role, build, prog=self.prog, client=client))
 
