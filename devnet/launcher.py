@@ -91,6 +91,10 @@ class DevnetConfig(BaseModel):
         default_factory=list,
         description="NAME@WINDOW: kill that node (SIGKILL, not restarted) once the chain reaches the window, "
                     "e.g. validator-0@8 to see the next validator's records take over.")
+    miner_profile: list[float] = Field(
+        default_factory=list,
+        description="Update quality in (0, 1] of honest miner 0, 1, … (devnet/profiles.py; the last repeats; "
+                    "none: all 1), for pay-versus-contribution tests.")
     state: Path = Field(Path(".devnet"), description="Devnet folder (chain, s3, data, nodes, logs).")
     report: Path | None = Field(None, description="Report folder (default STATE/report).")
     preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
@@ -120,6 +124,8 @@ class DevnetConfig(BaseModel):
             name, sep, window = item.partition("@")
             if not sep or not name or not window.isdigit():
                 raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
+        if any(not 0.0 < q <= 1.0 for q in self.miner_profile):
+            raise ValueError("--miner-profile: each quality must be in (0, 1]")
         if self.miners + len(self.adversaries) == 0:
             raise ValueError("a devnet needs at least one miner (--miners or --adversary)")
         return self
@@ -220,6 +226,9 @@ def node_spec(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, dat
     adversary, `--adversary KIND`; the bucket's keys in the environment."""
     node = node_config(cfg, p, url, wallet_path, data, s3)
     adversary = ["--adversary", p.kind] if p.role == "miner" and p.kind != HONEST else []
+    if p.role == "miner" and p.kind == HONEST and cfg.miner_profile:
+        index = int(p.wallet.rsplit("-", 1)[-1]) if p.wallet.rsplit("-", 1)[-1].isdigit() else 0
+        adversary = ["--quality", repr(cfg.miner_profile[min(index, len(cfg.miner_profile) - 1)])]
     argv = crucible("devnet", p.role, *NODE_FLAGS.argv(node), *adversary)
     keys = {f"{ENV_PREFIX}{side.upper()}_{part}": s3[side][field] for side in ("read", "write")
             for part, field in (("KEY", "access_key_id"), ("SECRET", "secret_access_key"))}
@@ -425,10 +434,10 @@ class Devnet:
         return 0 if report.windows >= cfg.windows else 1
 
 
-DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",),
+DEVNET_FLAGS = Flags(DevnetConfig, names={"miner_profile": ("--miner-profile",), "adversaries": ("--adversary",), "overrides": ("--set",),
                                           "subnet_params": ("--subnet-param",),
                                           "validator_stakes": ("--validator-stake",), "kill": ("--kill",)},
-                     metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
+                     metavars={"miner_profile": "Q", "adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
                                "subnet_params": "NAME=VALUE", "validator_stakes": "TAO", "kill": "NAME@WINDOW"})
 
 
