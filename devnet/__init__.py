@@ -19,6 +19,9 @@ Launching and watching:
 - `dashboard.py`: `Dashboard`: the live scoreboard in a browser (aiohttp, loopback only).
 - `dashboard_page.py`: the dashboard's single self-contained HTML page.
 - `report.py`: `build_report`, `write_report`: `report.json` and PNG plots at the end of a run.
+- `fairness.py`: `summarize`, `gini`, `spearman`, `kendall`: does pay track contribution (the report's `fairness`).
+- `contribution.py`: devnet-only ground truth: each accepted update's held-out loss change alone.
+- `profiles.py`: `degrade`, `apply_profile`: honest miners of graded update quality (`--miner-profile`).
 
 The simulated chain:
 
