@@ -18,6 +18,7 @@ BENCHES = {
     "convergence": ("bench.convergence", "SparseLoCo vs DiLoCo vs data-parallel AdamW on the tiny model"),
     "validator": ("bench.validator", "seconds to evaluate one miner vs four plain forward passes"),
     "storage": ("bench.storage", "put/get throughput through the bucket client on the embedded S3 server"),
+    "dataset": ("bench.dataset", "pages/s from the bucket-backed page store vs the local folder; prefetch wait"),
     "reference-loss": ("bench.reference_loss", "the tiny SparseLoCo reference loss curve (--write regenerates it)"),
 }
 

@@ -100,6 +100,8 @@ class DevnetConfig(BaseModel):
     preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
     overrides: list[str] = Field(default_factory=list, description="SECTION.FIELD=VALUE for every node.")
     data: Path | None = Field(None, description="A prepared dataset (default STATE/data, built if missing).")
+    shared_data: bool = Field(False, description="Nodes read the prepared folder directly (quick runs) instead of "
+                                                 "the dataset published to the devnet's S3 and pinned by hash.")
     block_time: float | None = Field(None, ge=0, description="Seconds per block (default: the preset's).")
     fresh: bool = Field(False, description="Delete STATE's chain, s3, nodes, logs, report first (not data).")
     netuid: int = Field(1, ge=1, le=65535, description="Subnet id of the devnet.")
@@ -210,6 +212,34 @@ def ensure_dataset(cfg: DevnetConfig, hp: HParams) -> Path:
     return out.resolve()
 
 
+DATASET_BUCKET = "dataset"
+
+
+def publish_to_devnet(cfg: DevnetConfig, data: Path, s3: dict) -> tuple[Path, str]:
+    """Publish the prepared pages to the devnet's `dataset` bucket; returns the hparams file that pins it
+    (the launcher's hparams with data.manifest_hash and the bucket's place; mode 0600: the read key) and the hash.
+    Nodes get it as --preset, so the key stays out of argv."""
+    import json
+
+    from protocol.storage_config import BucketConfig
+    from transport.bucket import Bucket
+    from transport.dataset import publish_dataset
+
+    write = BucketConfig(endpoint_url=s3["endpoint"], region=s3["region"], bucket=DATASET_BUCKET,
+                         access_key_id=s3["write"]["access_key_id"],
+                         secret_access_key=s3["write"]["secret_access_key"])
+    pinned, _ = publish_dataset(Bucket(write), data)
+    hp = load_hparams(cfg.preset, cfg.overrides).model_dump(mode="json")
+    hp["data"].update(manifest_hash=pinned, endpoint=s3["endpoint"], region=s3["region"], bucket=DATASET_BUCKET,
+                      read_key=s3["read"]["access_key_id"], read_secret=s3["read"]["secret_access_key"])
+    path = cfg.state / "hparams-dataset.json"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(hp, fh, indent=1)
+    return path.resolve(), pinned
+
+
 def node_config(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, data: Path, s3: dict) -> NodeConfig:
     """The participant's node settings, the keys left out (they go through the environment)."""
     chain = ChainConfig(network=url, netuid=cfg.netuid, wallet_name=p.wallet, wallet_hotkey=HOTKEY,
@@ -276,7 +306,8 @@ class Devnet:
         self.note(f"chain at {url} ({block_time:g} s blocks, {bpw} blocks per window)")
         info = cfg.state / "s3-server.json"  # mode 0600: it holds the keys
         argv = crucible("devnet", "s3", "--dir", str(cfg.state / "s3"), "--port", str(free_port()),
-                        *(f"--bucket={p.name}" for p in participants))
+                        *(f"--bucket={p.name}" for p in participants),
+                        *([] if cfg.shared_data else [f"--bucket={DATASET_BUCKET}"]))
         self.sup.start(ChildSpec(name="s3", argv=argv, log_path=logs / "s3.log", stdout_path=info, env=env,
                                  cwd=REPO, critical=True))
         s3 = await self.sup.wait_until(lambda: json_event(info, "endpoint"), "s3", cfg.start_timeout_s)
@@ -391,8 +422,16 @@ class Devnet:
                 url, s3 = await self.start_network(participants)
                 chain = devnet_chain(ChainConfig(network=url, netuid=cfg.netuid, wallet_path=manifest.wallet_path))
                 await chain.connect()
+                nodes_cfg, nodes_data = cfg, data
+                if not cfg.shared_data:  # nodes read pages from the devnet's S3, pinned by hash; no page folder
+                    pinned_hp, pinned = await asyncio.to_thread(publish_to_devnet, cfg, data, s3)
+                    nodes_cfg = cfg.model_copy(update={"preset": str(pinned_hp), "overrides": []})
+                    nodes_data = cfg.state / "no-shared-data"
+                    self.hp = evaluator.hp = load_hparams(str(pinned_hp))  # the pin is in the revision
+                    self.note(f"dataset published to s3://{DATASET_BUCKET}/dataset/{pinned[:16]}/ "
+                              f"(manifest {pinned[:16]}…); nodes read their pages from there")
                 for p in participants:  # validators first: they publish the first peer list
-                    self.sup.start(node_spec(cfg, p, url, manifest.wallet_path, data, s3))
+                    self.sup.start(node_spec(nodes_cfg, p, url, manifest.wallet_path, nodes_data, s3))
                 self.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
                 doomed = {k.partition("@")[0] for k in cfg.kill}  # watch a validator that stays up
                 watched = next((p for p in participants if p.role == "validator" and p.name not in doomed),

@@ -70,6 +70,10 @@ def test_small_devnet_end_to_end(tmp_path, tiny_dataset):
     assert len(set(live["counts"])) >= 3 and max(live["counts"]) >= 5, live
     assert set(live["rows"]) == {5}, live
     report = json.loads((state / "report" / "report.json").read_text())
+    # no node has the page folder: every node read its pages from the devnet bucket, pinned by hash (issue 18)
+    assert "nodes read their pages from there" in output
+    for name in ("validator-0", "miner-0", "miner-1", "miner-2"):
+        assert any((state / "nodes" / name / "dataset" / "pages").glob("*.page")), name
 
     losses = [x["loss"] for x in report["heldout_loss"] if x.get("loss") is not None]
     assert len(losses) >= 3 and losses[-1] < report["heldout_loss_initial"] - 0.2, losses
