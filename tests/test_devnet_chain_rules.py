@@ -178,3 +178,30 @@ async def test_rules_through_the_sdk_and_the_validator_path(chain_factory):
             await v.set_weights(fit.uids, fit.weights, version_key=3)
         assert too_fast.value.name == "SettingWeightsTooFast"
         assert await raw(fit.uids, [stored[u] for u in fit.uids], 3) == "SettingWeightsTooFast"
+
+
+def test_devnet_run_flags():
+    from devnet.launcher import DEVNET_FLAGS, DevnetConfig
+
+    cfg = DevnetConfig(validators=3, validator_stakes=[6000, 3000, 1000], subnet_params=["MinAllowedWeights=8"],
+                       kill=["validator-0@8"])
+    argv = DEVNET_FLAGS.argv(cfg)
+    assert {"--subnet-param=MinAllowedWeights=8", "--validator-stake=6000.0", "--kill=validator-0@8"} <= set(argv)
+    with pytest.raises(ValueError, match="unknown subnet hyperparameter"):
+        DevnetConfig(subnet_params=["Bogus=1"])
+    with pytest.raises(ValueError, match="NAME@WINDOW"):
+        DevnetConfig(kill=["validator-0"])
+
+
+def test_genesis_stakes_per_validator(tmp_path):
+    from devnet.bootstrap import init_devnet
+    from devnet.chain_store import load_state
+
+    cfg = BootstrapConfig(miners=1, validators=3, validator_stakes_tao=[6000, 3000, 1000],
+                          subnet=SubnetParams(max_allowed_validators=2))
+    manifest = init_devnet(tmp_path, cfg)
+    state = load_state(tmp_path)
+    stakes = [state.hotkey_stake(1, w.hotkey_ss58) // RAO_PER_TAO for w in manifest.validators]
+    assert stakes == [6000, 3000, 1000]
+    permits = {n.hotkey: n.validator_permit for n in state.subnets[1].neurons}
+    assert [permits[w.hotkey_ss58] for w in manifest.validators] == [True, True, False]  # MaxAllowedValidators 2
