@@ -13,7 +13,15 @@ one-machine network needs and kept readable:
 5. rank `R = Sᵀ W̄`, incentive `I = R / ΣR`, trust `T = R / (Sᵀ W)`;
 6. dividends: instantaneous bonds `B_ij = S_i W̄_ij / Σ_k S_k W̄_kj`, `D_i = Σ_j B_ij I_j`, normalised.
 
-Simplification (said out loud): bonds are instantaneous, not an EMA, and there is no liquid alpha.
+7. validator trust `VT_i = Σ_j W̄_ij`: the part of validator i's normalised row that survived the clip
+   (subtensor's `ValidatorTrust`); 1 when a validator agrees with consensus, lower the more of its
+   weight went where the stake majority did not follow. A validator holding more than kappa of the
+   stake is the consensus on its own, so its vtrust is 1.
+
+Simplifications (said out loud), against subtensor's `epoch/run_epoch.rs`: bonds are instantaneous, not
+an EMA (no `BondsMovingAverage`, no liquid alpha, no Yuma3 bond penalty); no mechanisms (one weight
+matrix); emission is a fixed amount per block split by `validator_share`, not the alpha/TAO pool flow;
+weights of deregistered validators and the owner's hotkey get no special treatment.
 """
 
 from __future__ import annotations
