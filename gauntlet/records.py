@@ -144,7 +144,10 @@ class WindowEntry(_Record):
         None, description="This window's loss score / the window's reference loss score, if evaluated.")
     value: float = Field(0.0, allow_inf_nan=False, description="The uid's value (shrunk average relative score) after this window.")
     evaluations: int = Field(0, ge=0, description="Evaluations with a usable reference so far (for shrinkage).")
-    raw_score: float = Field(0.0, allow_inf_nan=False, description="max(0, value) × max(0, binary MA) × sync, before slashes.")
+    memory: float = Field(
+        0.0, allow_inf_nan=False,
+        description="Memory factor in [0, 1] from the bias-corrected binary MA (memory_floor → 0, memory_full → 1).")
+    raw_score: float = Field(0.0, allow_inf_nan=False, description="max(0, value) × memory × sync, before slashes.")
     slashes: list[str] = Field(default_factory=list, description="Multipliers applied, with their reasons.")
     score: float = Field(0.0, allow_inf_nan=False, description="Final score after slashes, decay and the zero threshold.")
     weight: float = Field(0.0, allow_inf_nan=False, description="Weight set on chain for this uid.")
@@ -166,6 +169,7 @@ class UidState(_Record):
     value_ema: float = Field(
         0.0, allow_inf_nan=False, description="Moving average of the relative score (first evaluation: that score).")
     evaluations: int = Field(0, ge=0, description="Evaluations with a usable reference (shrinkage count).")
+    indicators: int = Field(0, ge=0, description="Binary indicators folded into binary_ma (bias correction).")
     score: float = Field(0.0, ge=0, allow_inf_nan=False, description="Current final score (never negative).")
     last_evaluated: int | None = Field(None, description="Last window stage 2 ran for this uid.")
     history: list[WindowEntry] = Field(

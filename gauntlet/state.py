@@ -105,7 +105,7 @@ def _pct(x: float) -> str:
 def _zero_because(e: WindowEntry) -> str:
     zero = [
         n
-        for n, v in (("value", e.value), ("binary MA", e.binary_ma), ("sync", e.sync))
+        for n, v in (("value", e.value), ("memory", e.memory), ("sync", e.sync))
         if v is not None and v <= 0
     ]
     return f"  (zero: {', '.join(zero)} not positive)" if zero else ""
@@ -157,17 +157,17 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
             f"  indicator:  {r.indicator:+d} ({why}); loss score {r.loss_score:.6g} (step {r.step:g})"
         )
     else:
-        lines.append("  evaluation: not evaluated this window (rating and binary average unchanged)")
+        lines.append("  evaluation: not evaluated this window (rating, value and binary average unchanged)")
     if e.relative_score is not None and r_ref(e) is not None:
         lines.append(
             f"  relative:   loss score / reference {r_ref(e):.6g} = {e.relative_score:.4f} (1 = the window's average update)"
         )
     lines.append(f"  value:      {e.value:.4f} (average relative score, shrunk over {e.evaluations} evaluation(s))")
-    lines.append(f"  binary MA:  {e.binary_ma:+.4f}")
+    lines.append(f"  binary MA:  {e.binary_ma:+.4f} → memory factor {e.memory:.3f} (bias-corrected; 0 = a coin flip)")
     lines.append(f"  rating:     μ {e.mu:.4f}  σ {e.sigma:.4f}  → ordinal μ−3σ {e.ordinal:.4f} (shown, does not pay)")
     if e.present and e.timely and e.reject_reason is None:
         lines.append(
-            f"  raw score:  max(0, value) × max(0, binary MA) × sync = {e.raw_score:.6g}" + _zero_because(e)
+            f"  raw score:  max(0, value) × memory × sync = {e.raw_score:.6g}" + _zero_because(e)
         )
     for s in e.slashes:
         lines.append(
@@ -206,7 +206,7 @@ def why_weight_moved(state: ScoringState, uid: int, window: int) -> str:
     elif e.sync_penalised:
         reason = "it is too far out of sync with the model: score slashed"
     elif e.score <= 0:
-        zero = [n for n, v in (("value", e.value), ("binary MA", e.binary_ma), ("sync", e.sync))
+        zero = [n for n, v in (("value", e.value), ("memory factor", e.memory), ("sync", e.sync))
                 if v is not None and v <= 0]
         reason = f"its score is 0 because {', '.join(zero) or 'the score is below the zero threshold'} " \
                  f"{'is' if len(zero) == 1 else 'are'} not positive"

@@ -1,12 +1,14 @@
 """Final scores, on-chain weights and the peer list: the last step of the Gauntlet each window.
 
-final = max(0, value) × max(0, binary moving average) × sync, never negative (docs/incentives.md).
+final = max(0, value) × memory × sync, never negative (docs/incentives.md).
 The VALUE is what a miner's evaluations say it adds: the moving average (rate value_alpha, started at
 the first score) of its relative score (loss score / the window's reference loss score, clipped to
 ±value_clip), shrunk toward 0 while evidence is thin: value = average × n / (n + value_shrink_windows),
 n = evaluations so far. An average honest update has value ≈ 1, a noise update ≈ 0; a miner twice as
 useful as the average scores ≈ 2. The OpenSkill rating (μ, σ: `ratings.py`) is updated from the same
-relative scores and shown by explain, but pay is proportional to the value, not to rank.
+relative scores and shown by explain, but pay is proportional to the value, not to rank. MEMORY is
+the assigned-vs-random protection: the binary moving average, bias-corrected for the number of
+indicators seen, ramped linearly from 0 at memory_floor to 1 at memory_full (`memory_factor`).
 Each factor is clamped BEFORE multiplying, so two negative factors can never make a positive score
 (templar #45/#108), and slashes are multipliers in [0, 1] applied to positive scores only:
 * a missing, late or rejected shard: the previous score × missing_penalty (it decays every window
@@ -42,11 +44,26 @@ from gauntlet.state import ScoringState, StateConfig
 from protocol.hparams import GauntletHParams, PeerHParams
 
 
-def final_score(value: float, binary_ma: float, sync: float) -> float:
-    """max(0, value) × max(0, binary MA) × sync, with sync clamped to [0, 1]; 0 if any factor is not finite."""
-    if not (math.isfinite(value) and math.isfinite(binary_ma) and math.isfinite(sync)):
+def final_score(value: float, memory: float, sync: float) -> float:
+    """max(0, value) × memory × sync, memory and sync clamped to [0, 1]; 0 if any factor is not finite."""
+    if not (math.isfinite(value) and math.isfinite(memory) and math.isfinite(sync)):
         return 0.0
-    return max(0.0, value) * max(0.0, binary_ma) * min(1.0, max(0.0, sync))
+    return max(0.0, value) * min(1.0, max(0.0, memory)) * min(1.0, max(0.0, sync))
+
+
+def memory_factor(binary_ma: float, indicators: int, hp: GauntletHParams) -> float:
+    """The assigned-vs-random protection as a factor in [0, 1].
+
+    The binary MA starts at 0, so after n indicators it is (1 − (1 − α)^n) × the true average: dividing
+    by that (bias correction, as Adam does) makes miners evaluated 5 and 10 times comparable. The
+    corrected average of an honest miner is ≈ 0.8, of a freeloader or copier (its update does not help
+    its own assigned data more than random data: a coin flip) ≈ 0; the factor ramps linearly from 0 at
+    memory_floor to 1 at memory_full. No indicator yet: 0.
+    """
+    if indicators <= 0 or not math.isfinite(binary_ma):
+        return 0.0
+    corrected = binary_ma / (1.0 - (1.0 - hp.binary_ma_alpha) ** indicators)
+    return min(1.0, max(0.0, (corrected - hp.memory_floor) / (hp.memory_full - hp.memory_floor)))
 
 
 def shrunk_value(average: float, evaluations: int, hp: GauntletHParams) -> float:
@@ -206,9 +223,11 @@ def score_window(
                 us.value_ema = update_value(us.value_ema, us.evaluations, rel, hp)
                 us.evaluations += 1
             bma = binary_moving_average(us.binary_ma, ev.indicator, hp.binary_ma_alpha)
-            us.binary_ma = bma if math.isfinite(bma) else us.binary_ma
+            if math.isfinite(bma):
+                us.binary_ma, us.indicators = bma, us.indicators + 1
             us.last_evaluated = window
         value = shrunk_value(us.value_ema, us.evaluations, hp)
+        memory = memory_factor(us.binary_ma, us.indicators, hp)
         e = WindowEntry(
             window=window,
             hotkey=us.hotkey,
@@ -219,6 +238,7 @@ def score_window(
             losses=ev,
             relative_score=rel if rel is None or math.isfinite(rel) else -hp.value_clip,
             value=value,
+            memory=memory,
             evaluations=us.evaluations,
             previous_weight=previous.get(uid),
         )
@@ -231,7 +251,7 @@ def score_window(
             e.slashes.append(f"{why}: previous score {us.score:.6g} × {hp.missing_penalty:g}")
         else:
             sync = f.sync.sync if f.sync is not None else 1.0
-            score = e.raw_score = final_score(value, us.binary_ma, sync)
+            score = e.raw_score = final_score(value, memory, sync)
             if f.sync is not None:
                 e.steps_behind, e.sync, e.sync_penalised = f.sync.steps_behind, f.sync.sync, f.sync.penalised
                 e.sync_reason = f.sync.reason

@@ -146,6 +146,13 @@ class GauntletHParams(_Section):
         2.0, ge=0, le=100,
         description="Shrinkage of the value while evidence is thin: value × n / (n + this), n = evaluations.",
     )
+    memory_floor: float = Field(
+        0.3, ge=-1, lt=1,
+        description="Bias-corrected binary MA at or below which the memory factor is 0 (a freeloader's or "
+                    "copier's indicator is a coin flip: ≈ 0; an honest miner's ≈ 0.8; docs/incentives.md).",
+    )
+    memory_full: float = Field(
+        0.7, gt=-1, le=1, description="Bias-corrected binary MA at or above which the memory factor is 1.")
     value_clip: float = Field(
         3.0, gt=0, le=100, description="Relative scores are clipped to [−value_clip, value_clip] (contains outliers).")
     missing_penalty: float = Field(0.75, ge=0, le=1, description="Multiplier on positive scores for a missing/late shard.")
@@ -166,6 +173,8 @@ class GauntletHParams(_Section):
             raise ValueError("copy_zero_overlap must be ≥ copy_halve_overlap")
         if self.sync_penalty_steps > self.sync_max_steps:
             raise ValueError("sync_penalty_steps must be ≤ sync_max_steps")
+        if self.memory_full <= self.memory_floor:
+            raise ValueError("memory_full must be > memory_floor")
         if self.burn_share > 0 and self.burn_uid is None:
             raise ValueError("burn_share > 0 needs a burn_uid")
         return self

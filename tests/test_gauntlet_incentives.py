@@ -143,3 +143,26 @@ def test_no_power_overflows_the_weights():
 def test_overflowing_hparams_are_bounded(field):
     with pytest.raises(ValidationError, match=field):
         GauntletHParams(**{field: 1e300})
+
+
+# --- memory factor (assigned-vs-random) -------------------------------------------------------------
+
+
+def test_memory_factor_is_bias_corrected_and_zero_for_a_coin_flip():
+    from gauntlet.evaluate import binary_moving_average
+    from gauntlet.weights import memory_factor
+
+    def bma(indicators: list[int]) -> float:
+        m = 0.0
+        for i in indicators:
+            m = binary_moving_average(m, i, HP.binary_ma_alpha)
+        return m
+
+    honest5, honest10 = [1] * 5, [1] * 10
+    assert memory_factor(bma(honest5), 5, HP) == memory_factor(bma(honest10), 10, HP) == 1.0  # no ramp
+    assert memory_factor(bma([1, -1] * 5), 10, HP) == 0.0  # a freeloader's or copier's coin flip
+    assert memory_factor(0.0, 0, HP) == 0.0  # no evidence yet
+    mostly = [1, 1, 1, -1] * 3  # an honest miner with a quarter of noisy indicators: partly paid
+    assert 0.0 < memory_factor(bma(mostly), 12, HP) < 1.0
+    with pytest.raises(ValidationError):
+        GauntletHParams(memory_floor=0.7, memory_full=0.3)

@@ -53,8 +53,8 @@ def strong_state(uids: list[int], score: float = 0.0) -> ScoringState:
     """A state where each uid already has a good rating, value and a positive binary average."""
     return ScoringState(
         uids={
-            u: UidState(hotkey=f"hk{u}", mu=40.0 + u, sigma=2.0, binary_ma=0.5, score=score,
-                        value_ema=1.0 + u, evaluations=8)
+            u: UidState(hotkey=f"hk{u}", mu=40.0 + u, sigma=2.0, binary_ma=0.9, score=score,
+                        value_ema=1.0 + u, evaluations=8, indicators=40)  # memory factor 1
             for u in uids
         }
     )
@@ -114,7 +114,8 @@ def test_negative_components_give_zero_weight_after_slashes():
     state = ScoringState(
         uids={
             0: UidState(hotkey="hk0", mu=5.0, sigma=4.0, binary_ma=-0.6, value_ema=-0.5, evaluations=3),
-            1: UidState(hotkey="hk1", mu=40.0, sigma=2.0, binary_ma=0.5, value_ema=1.0, evaluations=3),
+            1: UidState(hotkey="hk1", mu=40.0, sigma=2.0, binary_ma=0.5, value_ema=1.0, evaluations=3,
+                        indicators=3),
         }
     )
     filters = {0: ok(0, steps=4.0, sync=0.05), 1: ok(1)}  # uid 0 is also penalised for poor sync
@@ -170,7 +171,7 @@ def test_missing_late_or_rejected_shard_is_penalised(kind):
     assert out.scores[0] == pytest.approx(2.0 * HP.missing_penalty)
     entry = state.uids[0].history[-1]
     assert any(kind in s for s in entry.slashes)
-    assert out.scores[1] == pytest.approx(final_score(value_of(state, 1), 0.5, 1.0))
+    assert out.scores[1] == pytest.approx(final_score(value_of(state, 1), 1.0, 1.0))
 
 
 def test_poor_sync_is_penalised_and_sync_scales_score():
@@ -178,7 +179,7 @@ def test_poor_sync_is_penalised_and_sync_scales_score():
     hotkeys = {u: f"hk{u}" for u in range(3)}
     filters = {0: ok(0), 1: ok(1, sync=0.5, steps=1.2), 2: ok(2, sync=0.05, steps=3.5)}
     out = score_window(state, 0, hotkeys, filters, {}, HP, PEERS)
-    raw = [final_score(value_of(state, u), 0.5, s) for u, s in [(0, 1.0), (1, 0.5), (2, 0.05)]]
+    raw = [final_score(value_of(state, u), 1.0, s) for u, s in [(0, 1.0), (1, 0.5), (2, 0.05)]]
     assert out.scores[0] == pytest.approx(raw[0])
     assert out.scores[1] == pytest.approx(raw[1])
     assert out.scores[2] == pytest.approx(raw[2] * HP.missing_penalty)
