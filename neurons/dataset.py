@@ -94,13 +94,20 @@ class _ShardWriter:
         self.rows = []
 
 
-def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+def _batches(docs: Iterable[str], size: int, max_chars: int = 4 << 20) -> Iterator[list[str]]:
+    """Lists of at most `size` documents and (but for a single longer one) `max_chars` characters:
+    token ids of a batch are held as Python ints, ~36 bytes each, so a batch is bounded by text too."""
     batch: list[str] = []
+    chars = 0
     for doc in docs:
+        if batch and chars + len(doc) > max_chars:
+            yield batch
+            batch, chars = [], 0
         batch.append(doc)
+        chars += len(doc)
         if len(batch) == size:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
