@@ -21,7 +21,9 @@ the store prefetch each next window's assigned pages as soon as a window's pages
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -180,6 +182,8 @@ class RemotePageStore:
         self.tokenizer_path = self.cache_dir / TOKENIZER_FILE
         self._load_tokenizer()
         self._shards = {split: m.split_shards(split) for split in ("train", "heldout")}
+        self._starts = {split: list(itertools.accumulate((s.pages for s in shards[:-1]), initial=0))
+                        for split, shards in self._shards.items()}
         self._tables: dict[str, bytes] = {}
         self.cache = PageCache(self.cache_dir, cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataset")
@@ -285,11 +289,13 @@ class RemotePageStore:
     # -- fetching -----------------------------------------------------------------------------------
 
     def _locate(self, split: str, index: int) -> tuple[ShardEntry, int]:
-        for shard in self._shards[split]:
-            if index < shard.pages:
-                return shard, index
-            index -= shard.pages
-        raise IndexError(index)
+        """The shard holding page `index` of `split`, and the page's number within it (bisection)."""
+        starts = self._starts[split]
+        k = bisect.bisect_right(starts, index) - 1
+        shards = self._shards[split]
+        if k < 0 or k >= len(shards) or index - starts[k] >= shards[k].pages:
+            raise IndexError(index)
+        return shards[k], index - starts[k]
 
     def _ensure(self, idx: list[int], split: str) -> list[Future]:
         """Futures for every page of `idx` not yet cached: in flight already, or one GET per run of pages."""
