@@ -94,7 +94,7 @@ class _ShardWriter:
         self.rows = []
 
 
-def _batches(docs: Iterable[str], size: int, max_chars: int = 4 << 20) -> Iterator[list[str]]:
+def _batches(docs: Iterable[str], size: int, max_chars: int = 1 << 20) -> Iterator[list[str]]:
     """Lists of at most `size` documents and (but for a single longer one) `max_chars` characters:
     token ids of a batch are held as Python ints, ~36 bytes each, so a batch is bounded by text too."""
     batch: list[str] = []
