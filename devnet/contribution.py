@@ -7,7 +7,8 @@ Devnet only, never run by a validator. Two steps, in a process of its own:
 * `measure STATE OUT` (after the run): for every window W with a stored θ_W, the shards the validator
   accepted in W (its scores.json: present, on time, not rejected) are read from the devnet's S3
   folder, clipped as the validator clips them (`clip_factors` over the accepted shards' encoded
-  norms, the lower median) and applied ALONE with the outer step: θ' = θ_W − lr·clip·update. The
+  norms, the lower median) and applied ALONE with its share of the outer step, as it enters the
+  aggregate (a clipped mean over the n accepted shards): θ' = θ_W − lr·clip·update / n. The
   contribution of that shard is L(θ_W) − L(θ'), L the mean loss on the held-out pages (all of them
   by default: the same pages for every shard of a window, so differences between shards carry no
   sampling noise from the page choice). A uid's contribution is the mean over the windows it was
@@ -124,7 +125,9 @@ def measure(state: Path, out: Path, preset: str = "tiny", data: Path | None = No
         before = mean_loss(model, ev.samples)
         per_window[window] = {}
         for uid, tensors in shards.items():
-            update = {n: decode(enc, torch.device("cpu")) * factors[uid] for n, enc in tensors.items()}
+            # its share of the window's aggregate (a clipped MEAN over the accepted shards): lr·clip/n
+            share = factors[uid] / len(shards)
+            update = {n: decode(enc, torch.device("cpu")) * share for n, enc in tensors.items()}
             update = {n: update.get(n, torch.zeros_like(p)) for n, p in params.items()}
             with torch.no_grad():
                 apply_outer_step(model, update, hp.outer.lr)
