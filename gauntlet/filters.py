@@ -140,7 +140,7 @@ def _slab_indices(enc: EncodedTensor, c0: int, c1: int) -> torch.Tensor:
     if first % 2:  # slabs start on an even value index; a 1-chunk odd-k layout is unpacked whole
         return enc.indices()[c0:c1]
     data = enc.idx[3 * (first // 2) : 3 * (first // 2) + 3 * ((n + 1) // 2)]
-    return unpack12(data.cpu(), n).reshape(c1 - c0, lay.k)
+    return unpack12(data.cpu(), n, torch.int32).reshape(c1 - c0, lay.k)
 
 
 def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) -> None:

@@ -109,13 +109,24 @@ class ChunkLayout:
         return grid.transpose(1, 2).reshape(self.n_chunks, self.chunk_size)
 
     def flat_positions(self, idx: torch.Tensor) -> torch.Tensor:
-        """In-chunk indices [n_chunks, k] → positions in the flattened tensor (int64, same shape)."""
-        chunk_ids = torch.arange(self.n_chunks, device=idx.device, dtype=torch.int64)
-        base = (chunk_ids // self.grid_cols) * (self.block_rows * self.cols) + (
-            chunk_ids % self.grid_cols
-        ) * self.block_cols
-        idx = idx.to(torch.int64)
-        return base[:, None] + (idx // self.block_cols) * self.cols + idx % self.block_cols
+        """In-chunk indices [n_chunks, k] → positions in the flattened tensor (int64, same shape).
+
+        Two small per-layout tables (each chunk's first position, each in-chunk index's offset from
+        it) turn this into one gather and one add.
+        """
+        base, offset = _position_tables(self, idx.device)
+        return base[:, None] + offset[idx.long() if idx.dtype not in (torch.int32, torch.int64) else idx]
+
+
+@functools.lru_cache(maxsize=256)
+def _position_tables(layout: ChunkLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first flat position of every chunk [n_chunks] and the flat offset of every in-chunk index."""
+    chunk_ids = torch.arange(layout.n_chunks, device=device, dtype=torch.int64)
+    base = (chunk_ids // layout.grid_cols) * (layout.block_rows * layout.cols) + (
+        chunk_ids % layout.grid_cols
+    ) * layout.block_cols
+    i = torch.arange(layout.chunk_size, device=device, dtype=torch.int64)
+    return base, (i // layout.block_cols) * layout.cols + i % layout.block_cols
 
 
 # ---- bit packing ---------------------------------------------------------------------------------
@@ -131,12 +142,16 @@ def pack12(values: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8).reshape(-1)
 
 
-def unpack12(data: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack12: the first n 12-bit values of a uint8 buffer whose length is a multiple of 3."""
-    t = data.reshape(-1, 3).to(torch.int64)
-    a = t[:, 0] | ((t[:, 1] & 0xF) << 8)
-    b = (t[:, 1] >> 4) | (t[:, 2] << 4)
-    return torch.stack([a, b], dim=1).reshape(-1)[:n]
+def unpack12(data: torch.Tensor, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of pack12: the first n 12-bit values of a uint8 buffer whose length is a multiple of 3.
+
+    Computed in int32 (half the memory traffic of int64) and returned as `dtype`.
+    """
+    t = data.reshape(-1, 3).to(torch.int32)
+    out = torch.empty(t.shape[0], 2, dtype=torch.int32, device=data.device)
+    torch.bitwise_or(t[:, 0], (t[:, 1] & 0xF) << 8, out=out[:, 0])
+    torch.bitwise_or(t[:, 1] >> 4, t[:, 2] << 4, out=out[:, 1])
+    return out.reshape(-1)[:n].to(dtype)
 
 
 def pack2(codes: torch.Tensor) -> torch.Tensor:
@@ -209,7 +224,8 @@ class EncodedTensor:
 
     def positions(self) -> torch.Tensor:
         """Kept positions in the flattened parameter, int64 [n_chunks, k]."""
-        return self.layout.flat_positions(self.indices())
+        lay = self.layout
+        return lay.flat_positions(unpack12(self.idx, lay.n_values, torch.int32).reshape(lay.n_chunks, lay.k))
 
     def sq_norm(self) -> float:
         """Squared L2 norm of the decoded tensor, in float64, bit-identical on every device.
