@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -180,7 +181,8 @@ class Validator:
             except ChainAccessError as exc:
                 rate_limited = exc.name in RATE_LIMIT_ERRORS or "rate limit" in str(exc)
                 report.note = f"set_weights refused ({exc.name or 'no chain error name'}): {exc}"
-                retry_at = await chain.block() + retry_blocks
+                wait = re.search(r"Retry in ~(\d+) blocks", str(exc))  # the SDK's preflight says how long
+                retry_at = await chain.block() + (max(1, int(wait.group(1))) if wait else retry_blocks)
                 if not rate_limited or attempt == 3 or retry_at >= give_up:
                     break
                 await self.node.wait_for_block(retry_at)
