@@ -18,7 +18,9 @@ BENCHES = {
     "convergence": ("bench.convergence", "SparseLoCo vs DiLoCo vs data-parallel AdamW on the tiny model"),
     "validator": ("bench.validator", "seconds to evaluate one miner vs four plain forward passes"),
     "storage": ("bench.storage", "put/get throughput through the bucket client on the embedded S3 server"),
+    "fetch": ("bench.fetch", "a validator's fetch of N shards when k buckets trickle or hang, vs all healthy"),
     "dataset": ("bench.dataset", "pages/s from the bucket-backed page store vs the local folder; prefetch wait"),
+    "memory": ("bench.memory", "bytes per rank for a preset (params, grads, AdamW, error feedback, activations) and GPUs needed"),
     "reference-loss": ("bench.reference_loss", "the tiny SparseLoCo reference loss curve (--write regenerates it)"),
 }
 

@@ -23,6 +23,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    sharded: bool = False  # the model is FSDP2-sharded (`neurons.sharding`): FSDP reduce-scatters the gradients
 
     @property
     def active(self) -> bool:
@@ -36,15 +37,29 @@ class DistContext:
         """This rank's rows of a batch."""
         return batch[self.rank :: self.world] if self.active else batch
 
+    def loss_scale(self, rows: int, total_rows: int) -> float:
+        """Factor on this rank's mean loss before backward: FSDP2 averages gradients over the ranks, so
+        a rank with rows/total of the batch scales by world·rows/total (1.0 when the rows split evenly)."""
+        if not (self.active and self.sharded):
+            return 1.0
+        return self.world * rows / total_rows
+
     def average_gradients(self, model: torch.nn.Module, rows: int, total_rows: int) -> None:
         """Turn this rank's mean-loss gradients into the gradients of the whole batch's mean loss."""
-        if not self.active:
+        if not self.active or self.sharded:  # sharded: FSDP2's reduce-scatter already did (see loss_scale)
             return
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.mul_(rows / total_rows)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
+        """Clip the global gradient norm (over all shards when sharded); returns the norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
 
     def average_scalar(self, value: float, rows: int, total_rows: int) -> float:
         if not self.active:

@@ -26,7 +26,7 @@ from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import FoundRecord, Node, WindowContext
 from neurons.node_files import append_metrics
-from neurons.training import inner_train, make_inner_optimizer
+from neurons.training import FP32, TrainSettings, inner_train, make_inner_optimizer, prepare_model
 from protocol.codec import Compressor, EncodedTensor
 from protocol.data import assign, samples_digest
 from protocol.gather import GatherResult
@@ -61,9 +61,12 @@ class MinerReport:
 
 
 class Miner:
-    def __init__(self, node: Node, state_dir: str | Path, kind: str = "honest", dist: DistContext | None = None):
+    def __init__(self, node: Node, state_dir: str | Path, kind: str = "honest", dist: DistContext | None = None,
+                 train: TrainSettings = FP32):
         self.node = node
         self.dist = dist or DistContext()
+        self.train = train  # micro-batch, precision, ... (node-local; `neurons.training.TrainSettings`)
+        prepare_model(node.model, train)
         self.hp = node.hp
         self.kind = kind
         self.state_dir = Path(state_dir)
@@ -139,7 +142,8 @@ class Miner:
         theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
         if self.dist.active:
             broadcast_work(self.dist, {"op": "train", "window": window, "indices": indices})
-        stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window, self.dist)
+        stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window, self.dist,
+                                        self.train)
         report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
         train_s = time.perf_counter() - started
         report.tokens_per_s = stats.tokens / train_s if train_s > 0 else 0.0
@@ -215,13 +219,14 @@ class Miner:
             broadcast_work(self.dist, {"op": "stop"})
 
 
-def follow(model: torch.nn.Module, store, hp, dist: DistContext) -> None:
+def follow(model: torch.nn.Module, store, hp, dist: DistContext, train: TrainSettings = FP32) -> None:
     """Ranks > 0 under torchrun: train on rank 0's instructions, take θ from rank 0 after each window."""
+    prepare_model(model, train)
     optimizer = make_inner_optimizer(model, hp)
     while True:
         message = broadcast_work(dist, None)
         if message["op"] == "train":
-            inner_train(model, optimizer, store.pages(message["indices"]), hp, message["window"], dist)
+            inner_train(model, optimizer, store.pages(message["indices"]), hp, message["window"], dist, train)
         elif message["op"] == "sync":
             if message.get("optimizer") is not None:
                 optimizer.load_state_dict(message["optimizer"])

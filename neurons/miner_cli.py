@@ -30,7 +30,7 @@ def _follow(cfg: NodeConfig, dist: DistContext) -> int:
 
     hp, device = cfg.hparams(), cfg.torch_device()
     device = f"cuda:{dist.local_rank}" if device.startswith("cuda") else device
-    follow(build_model(hp, device), PageStore(cfg.data, hp), hp, dist)
+    follow(build_model(hp, device), PageStore(cfg.data, hp), hp, dist, cfg.train_settings())
     return 0
 
 
@@ -43,4 +43,5 @@ def run_cli(args: argparse.Namespace) -> int:
     dist = init_distributed()
     if not dist.is_main:
         return _follow(cfg, dist)
-    return asyncio.run(run_node(cfg, "miner", lambda node, state_dir: Miner(node, state_dir, dist=dist), prog=PROG))
+    return asyncio.run(run_node(cfg, "miner", lambda node, state_dir: Miner(node, state_dir, dist=dist,
+                                                                           train=cfg.train_settings()), prog=PROG))

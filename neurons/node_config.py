@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -129,6 +130,16 @@ class NodeConfig(HParamsChoice):
         "let THIS node's own bucket endpoint be plain http or resolve to a private, loopback or other "
         "non-public address (your own MinIO, split-horizon DNS); peers still apply the network's endpoint "
         "policy to what you commit"))
+    # How this miner computes its inner steps (neurons.training.TrainSettings): node-local, never θ's rule.
+    micro_batch: int | None = Field(None, ge=1, description=(
+        "miner: samples per forward/backward on each rank; gradients accumulate up to the network's "
+        "inner.batch_size (default: the rank's whole share at once). Choose it to fit GPU memory"))
+    precision: Literal["fp32", "bf16"] = Field("fp32", description=(
+        "miner: compute precision, fp32 or bf16 (autocast; master weights, AdamW, error feedback and the outer "
+        "step stay float32, so θ stays bit-identical across nodes)"))
+    activation_checkpointing: bool = Field(False, description=(
+        "miner: recompute decoder-layer activations in the backward pass (less memory, ~30 % more compute)"))
+    compile: bool = Field(False, description="miner: torch.compile the model (GPUs; slow to start on CPU)")
 
     @field_validator("data", "state_dir")
     @classmethod
@@ -167,6 +178,12 @@ class NodeConfig(HParamsChoice):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def train_settings(self):  # -> neurons.training.TrainSettings (imports torch, so only when building the node)
+        from neurons.training import TrainSettings
+
+        return TrainSettings(micro_batch=self.micro_batch, precision=self.precision,
+                             checkpointing=self.activation_checkpointing, compile=self.compile)
 
     def state_folder(self, hotkey: str) -> Path:
         return self.state_dir or Path.home() / ".crucible" / hotkey

@@ -1,0 +1,233 @@
+"""`crucible bench memory`: how much memory a miner needs per rank, and how many GPUs that makes.
+
+    crucible bench memory --preset 8b --ranks 8 --micro-batch 2
+    crucible bench memory --preset tiny --measure        # also measure this process's peak (CPU, 1 rank)
+
+Bytes per rank, by what holds them:
+- parameters, gradients: float32 master weights and their gradients (N·4 each), divided by the ranks
+  when FSDP2-sharded (`--ranks R`, R > 1; 1 means one process holding everything); plus the compute
+  copy: with FSDP two decoder layers all-gathered (the running one and the prefetched one) in the
+  compute dtype, without it under bf16 autocast a bf16 copy of every weight (autocast's cast cache).
+- optimizer: AdamW's two float32 moments (N·8, sharded like the parameters).
+- error feedback: the SparseLoCo buffer (N·4, sharded).
+- window: θ_w kept for the pseudo-gradient and the Δ itself (N·8, sharded): the miner holds both
+  while it compresses.
+- codec: the |x| scratch of the largest tensor (float32) and the encoded pieces (≈ 2.6 % of N bytes).
+- activations: what autograd saves for the backward pass for one micro-batch (seq_len tokens per
+  sample), counted exactly by running one and two decoder layers on the meta device (no memory
+  used) and extrapolating per layer, plus the logits' float32 softmax buffers. With
+  `--checkpointing`, only each layer's input is kept plus one layer's recomputation.
+
+The smallest GPU count is the smallest R whose per-rank total, plus 10 % for allocator
+fragmentation and the CUDA context, fits each GPU size (80 GB, 141 GB by default). Everything is an
+estimate; `--measure` compares it against a real run on this machine (RSS high-water mark of one
+inner window on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import Any
+
+from bench.cli import add_json_flag, print_json
+
+GB = 10**9
+GPU_SIZES_GB = (80, 141)
+OVERHEAD = 1.10  # allocator fragmentation, CUDA context, NCCL buffers
+RANK_CHOICES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="hparams preset or file (default tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override one hyperparameter")
+    parser.add_argument("--ranks", type=int, default=1, help="FSDP2 ranks sharing the model (default 1)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="samples per forward/backward on each rank (default: the rank's whole share of "
+                             "inner.batch_size)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                        help="compute precision of activations (default bf16; master weights stay fp32)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    parser.add_argument("--gpu-gb", type=float, action="append", default=None,
+                        help=f"GPU memory sizes to plan for, GB (repeatable; default {', '.join(map(str, GPU_SIZES_GB))})")
+    parser.add_argument("--measure", action="store_true",
+                        help="also run one inner step here (CPU, 1 rank) and report the measured peak")
+    add_json_flag(parser)
+
+
+def _saved_bytes(hp, layers: int, micro: int, precision: str) -> int:
+    """Bytes autograd saves for one forward of `micro` samples through a `layers`-layer model (meta device)."""
+    from unittest import mock
+
+    import torch
+    from transformers import LlamaForCausalLM, masking_utils
+
+    from protocol.model import llama_config
+
+    config = llama_config(hp)
+    config.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    params = {id(p) for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    seq = hp.model.seq_len
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) in params:
+            return t  # a weight (or its transpose): counted as parameters
+        if base.dim() == 2 and (tuple(base.shape) in weight_shapes or tuple(base.shape[::-1]) in weight_shapes):
+            return t  # autocast's bf16 copy of a weight: counted with the parameters (`compute_copy`)
+        if base.dim() >= 2 and tuple(base.shape[-2:]) == (seq, seq):
+            return t  # attention scores/probabilities: meta runs the math kernel; the fused (flash)
+            # kernels CPUs and GPUs run keep only O(seq) per head instead
+        seen[id(base)] = base  # keeps it alive, so ids stay unique; a tensor saved twice counts once
+        return t
+
+    ids = torch.zeros(micro, seq, dtype=torch.long, device="meta")
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    # the packed-sequence check reads position ids (.item()), which meta tensors cannot; training
+    # inputs are never packed, so skip it
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast, \
+            mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
+        model(input_ids=ids, labels=ids)
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def activation_bytes(hp, micro: int, precision: str = "bf16", checkpointing: bool = False) -> dict[str, int]:
+    """Saved activations for one micro-batch: per layer and the rest (embeddings, norm, logits, loss)."""
+    one, two = _saved_bytes(hp, 1, micro, precision), _saved_bytes(hp, 2, micro, precision)
+    per_layer, rest = two - one, 2 * one - two
+    # the loss's backward materialises the float32 logits' gradient next to the saved logits
+    logits_grad = micro * hp.model.seq_len * hp.model.vocab_size * 4
+    layers = hp.model.num_layers
+    if checkpointing:
+        act_bf = 2 if precision == "bf16" else 4
+        layer_inputs = layers * micro * hp.model.seq_len * hp.model.hidden_size * act_bf
+        total = layer_inputs + per_layer + rest + logits_grad
+    else:
+        total = layers * per_layer + rest + logits_grad
+    return {"per_layer": per_layer, "other": rest + logits_grad, "total": total}
+
+
+def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", checkpointing: bool = False,
+         gpu_sizes_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, Any]:
+    from protocol.codec import ChunkLayout
+    from protocol.model import param_shapes
+
+    shapes = param_shapes(hp)
+    n = sum(math.prod(s) for s in shapes.values())
+    largest = max(math.prod(s) for s in shapes.values())
+    layer0 = sum(math.prod(s) for name, s in shapes.items() if ".layers.0." in name)
+    wire = sum(ChunkLayout.for_shape(s, hp.sparseloco).wire_bytes for s in shapes.values())
+    per_rank_rows = math.ceil(hp.inner.batch_size / ranks)
+    micro = min(micro or per_rank_rows, per_rank_rows)
+
+    acts = activation_bytes(hp, micro, precision, checkpointing)["total"]
+
+    def per_rank(r: int) -> dict[str, int]:
+        shard = math.ceil(n / r)
+        if r == 1:  # autocast keeps a bf16 copy of every weight it used until the backward is done
+            gathered = 2 * n if precision == "bf16" else 0
+        else:  # FSDP2 all-gathers the running layer and prefetches the next, in the compute dtype
+            gathered = 2 * layer0 * (2 if precision == "bf16" else 4)
+        parts = {
+            "parameters": 4 * shard + gathered,
+            "gradients": 4 * shard,
+            "optimizer": 8 * shard,
+            "error_feedback": 4 * shard,
+            "window_buffers": 8 * shard,
+            "codec": 4 * min(largest, shard if r > 1 else largest) + wire,
+            "activations": acts,
+        }
+        resident = parts["parameters"] + parts["gradients"] + parts["optimizer"] + parts["error_feedback"]
+        # training holds θ_w (half the window buffers) and the activations; publishing holds θ_w, Δ and
+        # the codec's buffers after the activations are gone: the peak is the larger phase
+        parts["peak_training"] = resident + parts["window_buffers"] // 2 + acts
+        parts["peak_publishing"] = resident + parts["window_buffers"] + parts["codec"]
+        parts["total"] = max(parts["peak_training"], parts["peak_publishing"])
+        return parts
+
+    def gpus_needed(size_gb: float) -> int | None:
+        for r in RANK_CHOICES:
+            if per_rank(r)["total"] * OVERHEAD <= size_gb * GB:
+                return r
+        return None
+
+    return {
+        "preset": hp.name, "parameters": n, "ranks": ranks, "micro_batch": micro, "batch_size": hp.inner.batch_size,
+        "accumulation_steps": math.ceil(per_rank_rows / micro), "precision": precision, "checkpointing": checkpointing,
+        "bytes_per_rank": per_rank(ranks),
+        "gb_per_rank": round(per_rank(ranks)["total"] / GB, 3),
+        "gpus_needed": {f"{g:g}GB": gpus_needed(g) for g in gpu_sizes_gb},
+        "overhead_factor": OVERHEAD,
+    }
+
+
+def _rss_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(hp, micro: int | None, precision: str, checkpointing: bool = False, steps: int = 2) -> dict[str, int]:
+    """Peak RSS above the baseline over a window of `steps` inner steps and its encode, CPU, one process.
+
+    Counts what the estimate counts: model, AdamW (from the second step on), gradients, error feedback
+    (allocated first, as in a miner's steady state), activations, θ_w + Δ and the codec."""
+    import torch
+
+    from neurons.training import TrainSettings, inner_train, make_inner_optimizer, prepare_model
+    from protocol.codec import Compressor
+    from protocol.model import build_model
+
+    settings = TrainSettings(micro_batch=micro, precision=precision, checkpointing=checkpointing)
+    hp = hp.model_copy(update={"inner": hp.inner.model_copy(update={"steps": steps})})
+    samples = torch.randint(0, hp.model.vocab_size, (hp.inner.batch_size * steps, hp.model.seq_len))
+    try:  # reset the high-water mark (Linux ≥ 4.0); without it the baseline is the process's peak so far
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _rss()
+    started = time.perf_counter()
+    model = prepare_model(build_model(hp), settings)
+    optimizer = make_inner_optimizer(model, hp)
+    compressor = Compressor(hp.sparseloco)
+    compressor.load_state_dict({name: torch.ones_like(p) for name, p in model.named_parameters()})
+    theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
+    inner_train(model, optimizer, samples, hp, 0, settings=settings)
+    with torch.no_grad():
+        delta = {name: theta_w[name] - p for name, p in model.named_parameters()}
+    compressor.encode_all(delta)
+    return {"peak_bytes": _rss_hwm() - base, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from protocol.hparams import load_hparams
+
+    hp = load_hparams(args.preset, args.overrides)
+    sizes = tuple(args.gpu_gb) if args.gpu_gb else GPU_SIZES_GB
+    result = plan(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing, sizes)
+    if args.measure:
+        if args.ranks != 1:
+            raise SystemExit("--measure runs one process: use --ranks 1")
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        measured = measure(hp, args.micro_batch, args.precision, args.checkpointing)
+        estimate = result["bytes_per_rank"]["total"]
+        result["measured"] = {**measured, "estimate_bytes": estimate,
+                              "estimate_over_measured": round(estimate / max(1, measured["peak_bytes"]), 3)}
+    return print_json(result, args)
