@@ -101,8 +101,9 @@ def activation_bytes(hp, micro: int, precision: str = "bf16", checkpointing: boo
     """Saved activations for one micro-batch: per layer and the rest (embeddings, norm, logits, loss)."""
     one, two = _saved_bytes(hp, 1, micro, precision), _saved_bytes(hp, 2, micro, precision)
     per_layer, rest = two - one, 2 * one - two
-    # the loss's backward materialises the float32 logits' gradient next to the saved logits
-    logits_grad = micro * hp.model.seq_len * hp.model.vocab_size * 4
+    # the loss's backward materialises float32 logits-sized buffers next to the saved logits (the
+    # gradient through the loss and through log-softmax, and its input): three, measured on tiny
+    logits_grad = 3 * micro * hp.model.seq_len * hp.model.vocab_size * 4
     layers = hp.model.num_layers
     if checkpointing:
         act_bf = 2 if precision == "bf16" else 4
@@ -183,6 +184,24 @@ def _rss() -> int:
     return 0
 
 
+def _warm_up(hp, settings) -> None:
+    """One step of a small model through the same code (autocast, AdamW, codec), then freed."""
+    import torch
+
+    from neurons.training import inner_train, make_inner_optimizer
+    from protocol.codec import Compressor
+    from protocol.model import build_model
+
+    small = hp.model_copy(update={
+        "model": hp.model.model_copy(update={"hidden_size": 64, "intermediate_size": 128, "num_layers": 1,
+                                             "num_heads": 2, "num_kv_heads": 2, "vocab_size": 512, "seq_len": 32}),
+        "inner": hp.inner.model_copy(update={"steps": 1, "batch_size": 2})})
+    model = build_model(small)
+    inner_train(model, make_inner_optimizer(model, small), torch.randint(0, 512, (2, 32)), small, 0,
+                settings=settings)
+    Compressor(small.sparseloco).encode_all({n: p.detach() for n, p in model.named_parameters()})
+
+
 def measure(hp, micro: int | None, precision: str, checkpointing: bool = False, steps: int = 2) -> dict[str, int]:
     """Peak RSS above the baseline over a window of `steps` inner steps and its encode, CPU, one process.
 
@@ -197,6 +216,7 @@ def measure(hp, micro: int | None, precision: str, checkpointing: bool = False, 
     settings = TrainSettings(micro_batch=micro, precision=precision, checkpointing=checkpointing)
     hp = hp.model_copy(update={"inner": hp.inner.model_copy(update={"steps": steps})})
     samples = torch.randint(0, hp.model.vocab_size, (hp.inner.batch_size * steps, hp.model.seq_len))
+    _warm_up(hp, settings)  # load kernels and code pages first: they are not the model's memory
     try:  # reset the high-water mark (Linux ≥ 4.0); without it the baseline is the process's peak so far
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -229,5 +249,6 @@ def run_cli(args: argparse.Namespace) -> int:
         measured = measure(hp, args.micro_batch, args.precision, args.checkpointing)
         estimate = result["bytes_per_rank"]["total"]
         result["measured"] = {**measured, "estimate_bytes": estimate,
-                              "estimate_over_measured": round(estimate / max(1, measured["peak_bytes"]), 3)}
+                              "estimate_over_measured": round(estimate / max(1, measured["peak_bytes"]), 3),
+                              "with_overhead_over_measured": round(estimate * OVERHEAD / max(1, measured["peak_bytes"]), 3)}
     return print_json(result, args)
