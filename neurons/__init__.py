@@ -11,6 +11,8 @@ Roles:
 - `miner.py`: `Miner.step`: train, compress, sign and upload, then gather and step; `follow` for torchrun ranks.
 - `validator.py`: `Validator.step`: score every miner, set weights, publish peer lists, records, checkpoints.
 - `scoring.py`: `Scorer`, `evaluation_order`: a window's downloads fed to Gauntlet stages 1 and 2.
+- `chain_weights.py`: fit the Gauntlet's weights to the subnet's rules (MinAllowedWeights, MaxWeightsLimit,
+  version key) without paying anyone more than the chain forces.
 - `publisher.py`: `Publisher`: the validator's on-time duty at each deadline: watch uploads, choose
   the window's shards, mirror them and sign the aggregate record.
 - `catchup.py`: `catch_up`: from saved state, a checkpoint or θ_0, replay the windows since.
