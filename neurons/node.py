@@ -236,10 +236,19 @@ class Node:
         return await asyncio.to_thread(self.shard_source(ctx, pinned).fetch, hotkeys)
 
     async def gather_candidates(self, ctx: WindowContext, candidates: list[str], pinned: Mapping[str, str],
-                                ceiling: float) -> GatherResult:
-        """A validator's choice for the window: the first valid pinned shards of the peer list, clipped."""
-        return await asyncio.to_thread(gather, ctx.window, candidates, self.hp.peers.primary,
-                                       self.shard_source(ctx, pinned), self.device, None, None, ceiling)
+                                ceiling: float, seconds: float | None = None) -> GatherResult:
+        """A validator's choice for the window: the first valid pinned shards of the peer list, clipped.
+
+        Candidates not pinned (not seen by the deadline) can never count: they are not downloaded here,
+        so a silent or slow one cannot spend the time the record has before its deadline. `seconds`
+        shortens the download deadline (the record's own deadline is near).
+        """
+        candidates = [hotkey for hotkey in candidates if hotkey in pinned]
+        source = self.shard_source(ctx, pinned)
+        if seconds is not None:
+            source = dataclasses.replace(source, window_seconds=min(source.window_seconds, seconds))
+        return await asyncio.to_thread(gather, ctx.window, candidates, self.hp.peers.primary, source, self.device,
+                                       None, None, ceiling)
 
     async def gather_record(self, ctx: WindowContext, found: FoundRecord,
                             prefetched: Mapping[str, Fetched] | None = None) -> GatherResult:

@@ -8,6 +8,9 @@ Scoring a window may take most of the next one; naming the shards everybody aggr
 2. at the deadline block it takes one more look — that snapshot decides what was on time;
 3. it gathers the window's peer list candidates, pinned to the snapshot's hashes, clips them
    robustly (the ceiling grows at most `outer.clip_growth`× per window from the last clip norm);
+   the downloads get at most half the time left before the record deadline (and never more than a
+   window's download deadline), so a pinned shard that then trickles or hangs costs its miner the
+   window, not the record its deadline;
 4. it copies the chosen shards into its own bucket (`mirror_key`) and publishes the signed
    `AggregateRecord` (hotkeys, content hashes, clip norm) before the record deadline.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -67,9 +71,11 @@ class Publisher:
         cap = self.hp.outer.max_update_norm
         return cap if self.last_clip_norm is None else min(cap, self.hp.outer.clip_growth * self.last_clip_norm)
 
-    def watcher(self, ctx: WindowContext, credentials: Mapping) -> UploadWatcher:
+    def watcher(self, ctx: WindowContext, credentials: Mapping, live: bool = True) -> UploadWatcher:
+        """The window's watcher. Live, a round lasts one poll at most: a slow or silent miner misses rounds,
+        it cannot delay the deadline look; a single look made after the fact may take an object deadline."""
         return UploadWatcher(self.node.pool, credentials, self.node.netuid, ctx.window, self.node.shard_rules,
-                             self.hp.fetch.object_seconds)
+                             self.hp.fetch.object_seconds, round_seconds=self.hp.fetch.poll_seconds if live else None)
 
     async def publication(self, ctx: WindowContext, miners: list[str]) -> Publication:
         """This window's publication: the running task's, or one made now from a single deadline look."""
@@ -82,7 +88,7 @@ class Publisher:
             except Exception as exc:  # the watching task failed for this window: look once now instead
                 log.warning("window %d: watched publication failed (%s); looking once at the deadline",
                             ctx.window, exc)
-        watcher = self.watcher(ctx, ctx.credentials)
+        watcher = self.watcher(ctx, ctx.credentials, live=False)
         await asyncio.to_thread(watcher.poll, miners)
         made = asyncio.get_running_loop().create_future()
         made.set_result(await self.publish(ctx, watcher.snapshot()))
@@ -110,15 +116,24 @@ class Publisher:
         watcher = self.watcher(ctx, credentials)
         while not await node.reached(ctx.bounds.deadline_block, self.hp.fetch.poll_seconds):
             await asyncio.to_thread(watcher.poll, miners)
+        seen = time.monotonic()
         ctx = await node.close_window(ctx, directory)
         await asyncio.to_thread(watcher.poll, miners)  # the look at the deadline decides
-        return await self.publish(ctx, watcher.snapshot())
+        return await self.publish(ctx, watcher.snapshot(), seen + self.record_seconds(ctx))
 
-    async def publish(self, ctx: WindowContext, snapshot: dict[str, Sighting]) -> Publication:
+    def record_seconds(self, ctx: WindowContext) -> float:
+        """Seconds from the deadline block to the record deadline (`fetch.record_grace_blocks`), in chain time."""
+        blocks = ctx.bounds.end_block - ctx.bounds.start_block
+        per_block = ctx.seconds / blocks if ctx.seconds else self.hp.windows.expected_block_time_s
+        return self.hp.fetch.record_grace_blocks * per_block
+
+    async def publish(self, ctx: WindowContext, snapshot: dict[str, Sighting],
+                      record_by: float | None = None) -> Publication:
         """Choose the window's shards from its peer list (pinned to the snapshot), mirror them, sign the record.
 
         With no peer list or no valid shard the record names no peers: θ stays as it is, and every node
         learns so at once instead of waiting out the record deadline (and losing training time).
+        `record_by` (time.monotonic()) is the record deadline: the downloads get half the time left.
         """
         node, window = self.node, ctx.window
         pub = Publication(window, snapshot)
@@ -126,7 +141,8 @@ class Publisher:
         if peers is None:
             log.warning("window %d: no peer list in time; the record names no peers", window)
         else:
-            result = await node.gather_candidates(ctx, peers.candidates, pub.pinned, self.ceiling())
+            seconds = None if record_by is None else max(0.0, record_by - time.monotonic()) / 2
+            result = await node.gather_candidates(ctx, peers.candidates, pub.pinned, self.ceiling(), seconds)
             pub.result, pub.fetched = result, result.fetched
             if not result.used:
                 log.warning("window %d: no valid pinned shard among %d candidates; the record names no peers",

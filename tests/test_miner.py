@@ -49,9 +49,13 @@ async def test_malformed_peer_shard_is_skipped(network_factory, tmp_path):
     # miner c uploads junk (a pickle opcode prefix) inside the window instead of a shard
     c.node.bucket.put(gradient_key(window, c.node.hotkey), b"\x80\x04not a safetensors file")
     *reports, pub = await asyncio.gather(a.step(window), b.step(window), net.publish(validator, window))
-    # the validator saw no signed header from c by the deadline and skipped its bytes; the record omits it
+    # the validator saw no signed header from c by the deadline, so the record's gather does not even
+    # download c (its bytes cannot count); the record omits it, and scoring's fetch says why
     assert c.node.hotkey not in pub.snapshot
-    assert pub.result.skipped.get(c.node.hotkey) == "not_safetensors", pub.result.skipped
+    assert c.node.hotkey not in pub.fetched and c.node.hotkey not in pub.result.used
+    ctx = await validator.node.window(window)
+    scored = await validator.node.fetch(ctx, [c.node.hotkey], pub.pinned)
+    assert scored[c.node.hotkey].reason == "not_safetensors", scored
     for report in reports:
         assert report.stepped
         assert c.node.hotkey not in report.peers_used

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,6 +30,16 @@ from transport.chain import MetagraphSnapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long past its download deadline `ShardSource.fetch` still waits for a shard whose bytes all arrived
+# in time: verifying it (hash, signature, content) is the reader's work, not the sender's delay. A download
+# still in progress at its deadline is given up then; its thread (stuck on a silent server, or about to
+# notice the deadline between two reads of a trickle) is abandoned, never waited for.
+COLLECT_GRACE_S = 1.0
+# A download not finished at its deadline is given up this long after it (scheduling jitter), not a grace.
+GIVE_UP_S = 0.05
+# A pin no bytes can match: the validator saw the hotkey stand behind two different shards during the
+# window's upload phase (`transport.watch`), so none of its bytes count (CHANGED, without downloading).
+CHANGED_PIN = "changed"
 
 
 class BucketPool:
@@ -49,14 +60,20 @@ class BucketPool:
 
 
 def fetch_shard(
-    bucket: Bucket, key: str, expected: ShardExpectation, deadline: float, pinned: str | None
+    bucket: Bucket, key: str, expected: ShardExpectation, deadline: float, pinned: str | None,
+    arrived: Callable[[], None] = lambda: None,
 ) -> Fetched:
     """Download (one GET, capped, by `deadline`) and verify one shard.
 
     `pinned` is the content hash this node already holds for the shard (seen at the deadline, or
-    named by the window's signed record): other bytes are refused as CHANGED, whatever they are.
+    named by the window's signed record): other bytes are refused as CHANGED, whatever they are;
+    `CHANGED_PIN` refuses the shard without asking the server. `arrived()` is called once the bytes are
+    in, before they are verified.
     """
     got = Fetched(expected.hotkey)
+    if pinned == CHANGED_PIN:
+        got.reason, got.detail = FetchOutcome.CHANGED, "showed different shards for this window while it was watched"
+        return got
     try:
         data = bucket.fetch(key, expected.max_bytes, deadline)
     except ObjectNotFound:
@@ -68,6 +85,7 @@ def fetch_shard(
     except StorageError as exc:
         got.reason, got.detail = FetchOutcome.UNREACHABLE, str(exc)
         return got
+    arrived()
     got.size = len(data)
     result = read_shard(data, expected)
     if isinstance(result, Rejection):
@@ -106,38 +124,80 @@ class ShardSource:
         return ShardExpectation(netuid=self.netuid, window=self.window, hotkey=hotkey, rules=self.rules)
 
     def fetch(self, hotkeys: list[str]) -> dict[str, Fetched]:
-        """These hotkeys' shards, downloaded and verified in parallel by the window's deadline; never raises."""
+        """These hotkeys' shards, downloaded and verified in parallel by the window's deadline; never raises.
+
+        At most `max_concurrency` downloads hold a slot at once, and a download holds its slot only
+        until its own deadline: a server that never answers keeps its thread stuck in a socket read
+        until the read timeout, but not its slot, so the next hotkey starts (a silent bucket costs one
+        slot for one deadline, like a trickling one, whatever the socket timeout). A download's deadline
+        is the object deadline, capped by a fair share of the window's time left (that time × slots /
+        hotkeys not yet done), so however many buckets are slow or silent, every hotkey gets its turn
+        before the window deadline. A shard whose bytes are not all in by its deadline is TIMEOUT at
+        that moment (+`GIVE_UP_S`); one whose bytes are in gets `COLLECT_GRACE_S` more to be verified.
+        So `fetch` returns within `window_seconds` (+ that grace when a shard arrived at the last
+        moment), and nothing waits for a stuck thread.
+        """
         if not hotkeys:
             return {}
+        unique = list(dict.fromkeys(hotkeys))
         stop = time.monotonic() + self.window_seconds
-        executor = ThreadPoolExecutor(max_workers=max(1, min(self.pool.storage.max_concurrency, len(hotkeys))))
+        slots = max(1, min(self.pool.storage.max_concurrency, len(unique)))
+        per_hotkey = self.object_seconds * (2 if self.mirror is not None else 1)  # the mirror, then the miner
+        queue = deque(unique)
+        running: dict[Future[Fetched], tuple[str, float]] = {}  # → (hotkey, its download deadline)
+        arrived: set[str] = set()  # bytes all in, being verified
+        out: dict[str, Fetched] = {}
+
+        def give_up_at(hotkey: str, deadline: float) -> float:
+            return deadline + (COLLECT_GRACE_S if hotkey in arrived else GIVE_UP_S)
+
+        executor = ThreadPoolExecutor(max_workers=len(unique))  # threads start on demand, one per slot in use
         try:
-            futures = {h: executor.submit(self._one, h, stop) for h in hotkeys}
-            wait(futures.values(), timeout=self.window_seconds + 1.0)
-            out = {}
-            for hotkey, future in futures.items():
-                if future.done():
-                    out[hotkey] = future.result()
-                else:
-                    out[hotkey] = Fetched(hotkey, reason=FetchOutcome.TIMEOUT, detail="window download deadline passed")
+            while True:
+                now = time.monotonic()
+                for future in [f for f in running if f.done()]:
+                    out[running.pop(future)[0]] = future.result()
+                holding = sum(1 for _, deadline in running.values() if now < deadline)
+                while queue and holding < slots and now < stop:
+                    hotkey = queue.popleft()
+                    # a fair share of the time left: even if every download from now on hangs, each of the
+                    # remaining hotkeys still gets a slot before the window deadline
+                    share = min(stop, now + (stop - now) * slots / (len(queue) + 1 + holding))
+                    future = executor.submit(self._one, hotkey, share, lambda h=hotkey: arrived.add(h))
+                    running[future] = (hotkey, min(share, now + per_hotkey))
+                    holding += 1
+                ends = [give_up_at(h, deadline) for h, deadline in running.values()]
+                if (not queue or now >= stop) and all(now >= end for end in ends):
+                    break  # nothing left to start; whatever is still out has had its time
+                wake = [t for (_, deadline), end in zip(running.values(), ends, strict=True)
+                        for t in (deadline, end) if t > now]
+                wait(list(running), timeout=min(wake, default=now + GIVE_UP_S) - now, return_when=FIRST_COMPLETED)
+            for future, (hotkey, _) in running.items():
+                out[hotkey] = future.result() if future.done() else Fetched(
+                    hotkey, reason=FetchOutcome.TIMEOUT, detail="not delivered by its download deadline")
+            for hotkey in queue:
+                out[hotkey] = Fetched(hotkey, reason=FetchOutcome.TIMEOUT, detail="window download deadline passed")
             return out
-        finally:  # threads still waiting on a hostile server end at their object deadline
+        finally:  # threads still waiting on a hostile server end at their socket timeout; nobody waits
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _one(self, hotkey: str, stop: float) -> Fetched:
+    def _one(self, hotkey: str, stop: float, arrived: Callable[[], None] = lambda: None) -> Fetched:
+        """One hotkey's shard, every request by `stop` (mirror first when the record named it)."""
         try:
             pinned = None if self.pinned is None else self.pinned.get(hotkey)
             expected = self.expectation(hotkey)
             if self.mirror is not None and pinned is not None:
                 deadline = min(stop, time.monotonic() + self.object_seconds)
-                got = fetch_shard(self.pool.get(self.mirror), mirror_key(self.window, hotkey), expected, deadline, pinned)
+                got = fetch_shard(self.pool.get(self.mirror), mirror_key(self.window, hotkey), expected, deadline,
+                                  pinned, arrived)
                 if got.ok:
                     return got
             config = self.credentials.get(hotkey)
             if config is None:
                 return Fetched(hotkey, reason=FetchOutcome.NO_CREDENTIALS, detail="no valid bucket commitment on chain")
             deadline = min(stop, time.monotonic() + self.object_seconds)
-            got = fetch_shard(self.pool.get(config), gradient_key(self.window, hotkey), expected, deadline, pinned)
+            got = fetch_shard(self.pool.get(config), gradient_key(self.window, hotkey), expected, deadline, pinned,
+                              arrived)
             if self.pinned is not None and pinned is None and got.ok:
                 return Fetched(hotkey, reason=FetchOutcome.LATE, detail="not seen by the deadline", size=got.size)
             return got
