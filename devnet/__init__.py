@@ -15,6 +15,8 @@ Launching and watching:
 - `supervisor.py`: `Supervisor`, `ChildSpec`: child processes, restarts, clean shutdown.
 - `bootstrap.py`: `init_devnet`, `DevnetManifest`: wallets, subnet, registrations, stake (genesis).
 - `s3.py`: `S3Server`: `rclone serve s3` over a local folder, one bucket per participant.
+- `hostile_s3.py`: `HostileS3`, `Behaviour`: a lying S3 proxy in front of it (forged times, swapped
+  bodies, trickle, hang, false lengths, redirects) for tests and `crucible bench fetch`.
 - `scoreboard.py`: `Scoreboard`, `WindowSnapshot`: per-uid scores, weights, incentive, held-out loss.
 - `dashboard.py`: `Dashboard`: the live scoreboard in a browser (aiohttp, loopback only).
 - `dashboard_page.py`: the dashboard's single self-contained HTML page.
