@@ -11,6 +11,8 @@ Modules:
 - `convergence_methods.py`: `run_sparseloco`, `run_diloco`, `run_dp_adamw`, `Workload`: the methods.
 - `validator.py`: seconds to evaluate one miner vs four plain forward passes.
 - `storage.py`: put/get throughput through `transport.bucket.Bucket`.
+- `fetch.py`: a validator's `ShardSource.fetch` of N shards when k buckets (behind the hostile proxy)
+  trickle or hang, vs all healthy, against the deadline bound.
 - `dataset.py`: pages/s of `transport.dataset.RemotePageStore` vs the local `PageStore`, window-start
   wait with and without prefetch.
 - `reference_loss.py`: `run_reference`: the tiny SparseLoCo loss curve stored in
