@@ -9,7 +9,8 @@ Modules:
 - `codec.py`: SparseLoCo encode/decode speed and bytes on the wire vs a plain tensor copy.
 - `convergence.py`: SparseLoCo vs DiLoCo vs data-parallel AdamW on equal tokens (`benchmark`).
 - `convergence_methods.py`: `run_sparseloco`, `run_diloco`, `run_dp_adamw`, `Workload`: the methods.
-- `validator.py`: seconds to evaluate one miner vs four plain forward passes.
+- `validator.py`: seconds to evaluate one miner vs its floor (3 passes per miner + 1 per window); `--synthetic`.
+- `memory.py`: bytes per rank (params, grads, AdamW, error feedback, activations, codec) and GPUs needed.
 - `storage.py`: put/get throughput through `transport.bucket.Bucket`.
 - `fetch.py`: a validator's `ShardSource.fetch` of N shards when k buckets (behind the hostile proxy)
   trickle or hang, vs all healthy, against the deadline bound.

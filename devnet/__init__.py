@@ -33,6 +33,7 @@ The simulated chain:
 - `chain_views.py`: `query`, `runtime_call`, `metagraph`: the state as the SDK's decoded values.
 - `chain_wire.py`: `signing_payload`, `canonical_json`, `block_hash`: what client and chain agree on.
 - `chain_store.py`: `save_state`/`load_state`: the chain's state file, replaced atomically.
+- `chain_validators.py`: per-validator stake share, vtrust and weight spread read from the chain each window.
 - `chain_server.py`: `ChainServer`: the chain process (aiohttp), blocks and signed extrinsics.
 - `substrate.py`: `DevnetSubstrate`, `devnet_client`: the SDK's `Substrate` seam backed by the chain process.
 """
