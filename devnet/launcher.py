@@ -87,14 +87,14 @@ class DevnetConfig(BaseModel):
     validator_stakes: list[float] = Field(
         default_factory=list,
         description="Genesis stake in TAO of validator-0, validator-1, … (e.g. 6000 3000 1000); the last repeats.")
-    kill: list[str] = Field(
-        default_factory=list,
-        description="NAME@WINDOW: kill that node (SIGKILL, not restarted) once the chain reaches the window, "
-                    "e.g. validator-0@8 to see the next validator's records take over.")
     miner_profile: list[float] = Field(
         default_factory=list,
         description="Update quality in (0, 1] of honest miner 0, 1, … (devnet/profiles.py; the last repeats; "
                     "none: all 1), for pay-versus-contribution tests.")
+    kill: list[str] = Field(
+        default_factory=list,
+        description="NAME@WINDOW: kill that node (SIGKILL, not restarted) once the chain reaches the window, "
+                    "e.g. validator-0@8 to see the next validator's records take over.")
     state: Path = Field(Path(".devnet"), description="Devnet folder (chain, s3, data, nodes, logs).")
     report: Path | None = Field(None, description="Report folder (default STATE/report).")
     preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
@@ -473,11 +473,13 @@ class Devnet:
         return 0 if report.windows >= cfg.windows else 1
 
 
-DEVNET_FLAGS = Flags(DevnetConfig, names={"miner_profile": ("--miner-profile",), "adversaries": ("--adversary",), "overrides": ("--set",),
+DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",),
                                           "subnet_params": ("--subnet-param",),
-                                          "validator_stakes": ("--validator-stake",), "kill": ("--kill",)},
-                     metavars={"miner_profile": "Q", "adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
-                               "subnet_params": "NAME=VALUE", "validator_stakes": "TAO", "kill": "NAME@WINDOW"})
+                                          "validator_stakes": ("--validator-stake",), "kill": ("--kill",),
+                                          "miner_profile": ("--miner-profile",)},
+                     metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
+                               "subnet_params": "NAME=VALUE", "validator_stakes": "TAO", "kill": "NAME@WINDOW",
+                               "miner_profile": "Q"})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
