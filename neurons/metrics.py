@@ -120,7 +120,7 @@ class NodeMetrics:
         self.window_seconds.set(seconds)
 
     def observe_miner(self, report, buckets: list[Bucket]) -> None:
-        self._window(report.window, report.window_s, report.in_sync)
+        self._window(report.window, report.window_s, getattr(report, "in_sync", True))
         if report.train_loss is not None:
             self.loss.set(report.train_loss)
         self.tokens_per_s.set(report.tokens_per_s)
@@ -137,7 +137,7 @@ class NodeMetrics:
         self._storage(buckets)
 
     def observe_validator(self, report, state: ScoringState, buckets: list[Bucket]) -> None:
-        self._window(report.window, report.seconds, report.in_sync)
+        self._window(report.window, report.seconds, getattr(report, "in_sync", True))
         self.weights_set.set(1 if report.weights_set else 0)
         if not report.weights_set:
             self.chain_failures.labels(call="set_weights").inc()

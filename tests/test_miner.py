@@ -79,6 +79,7 @@ async def test_restarted_miner_catches_up_in_sync(network_factory, tmp_path):
 
 async def test_a_drifted_miner_notices_and_recovers(network_factory, tmp_path):
     net, validator, (a, b), window = await _setup(network_factory, tmp_path)
+    await validator.publish_initial_peer_list(window + 1)  # window + 1 has a peer list too: its record steps
     await asyncio.gather(a.step(window), b.step(window), validator.step(window))
     assert param_digest(a.node.model) == param_digest(b.node.model) == param_digest(validator.node.model)
     with torch.no_grad():  # b's θ drifts, as if it had applied a wrong aggregate
