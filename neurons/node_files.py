@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,16 @@ STATE_FILE = "node-state.safetensors"
 SCORES_FILE = "scores.json"
 SECRET_FILE = "secret.bin"
 METRICS_FILE = "metrics.jsonl"
+
+
+def local_secret(folder: Path) -> bytes:
+    """The validator's local secret (`secret.bin`, 32 random bytes, mode 0600), made on first use."""
+    path = folder / SECRET_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(32))
+        path.chmod(0o600)
+    return path.read_bytes()
 
 
 def append_metrics(folder: Path, record: Mapping[str, Any]) -> None:

@@ -24,14 +24,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from neurons.node import Node, WindowContext
 from protocol.gather import Fetched, GatherResult
+from protocol.model import checkpoint_files, save_checkpoint
 from protocol.peers import AggregateRecord
-from protocol.storage_keys import aggregate_key, mirror_key
+from protocol.storage_keys import aggregate_key, checkpoint_key, mirror_key
 from transport.bucket import StorageError
 from transport.watch import Sighting, UploadWatcher
 
@@ -163,3 +166,14 @@ class Publisher:
             self.last_clip_norm = clip_norm
         pub.published = True
         return pub
+
+    async def publish_checkpoint(self, window: int) -> None:
+        """θ at the start of `window`, as a transformers-loadable folder in our bucket."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(self.node.model, tmp, self.hp, tokenizer=self.node.store.tokenizer_path)
+            for name in checkpoint_files(tmp):
+                try:
+                    await asyncio.to_thread(self.node.bucket.put_file, checkpoint_key(window, name), Path(tmp) / name)
+                except StorageError as exc:
+                    log.warning("could not publish checkpoint %d: %s", window, exc)
+                    return

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +28,13 @@ from neurons.chain_weights import conform_weights
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import Node, WindowContext
-from neurons.node_files import SCORES_FILE, SECRET_FILE
+from neurons.node_files import SCORES_FILE, local_secret
 from neurons.publisher import Publisher
 from neurons.scoring import Scorer
-from protocol.model import checkpoint_files, param_digest, save_checkpoint
+from protocol.model import param_digest
 from protocol.peers import make_peer_list
 from protocol.sample import debug_positions, gather_sample
 from protocol.storage_keys import (
-    checkpoint_key,
     peers_key,
 )
 from protocol.windows import window_bounds
@@ -69,22 +66,13 @@ class ValidatorReport:
     note: str = ""
 
 
-def _local_secret(folder: Path) -> bytes:
-    path = folder / SECRET_FILE
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(32))
-        path.chmod(0o600)
-    return path.read_bytes()
-
-
 class Validator:
     def __init__(self, node: Node, state_dir: str | Path):
         self.node = node
         self.hp = node.hp
         self.state_dir = Path(state_dir)
         self.keypair = node.chain.wallet.hotkey
-        self.secret = _local_secret(self.state_dir)
+        self.secret = local_secret(self.state_dir)
         self.state: ScoringState = load_state(self.state_dir / SCORES_FILE)
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
         self.scorer = Scorer(node.model, node.store, self.hp, self.secret)
@@ -140,7 +128,7 @@ class Validator:
         self.model_window = window + 1
         self.publisher.digests[window + 1] = param_digest(node.model)  # goes in window w + 1's record
         if (window + 1) % hp.checkpoints.every_windows == 0:
-            await self.publish_checkpoint(window + 1)
+            await self.publisher.publish_checkpoint(window + 1)
         await asyncio.to_thread(self.save)
         report.seconds = time.perf_counter() - started
         return report
@@ -207,17 +195,6 @@ class Validator:
             await asyncio.to_thread(self.node.bucket.put, key, data)
         except StorageError as exc:
             log.warning("could not publish %s: %s", key, exc)
-
-    async def publish_checkpoint(self, window: int) -> None:
-        """θ at the start of `window`, as a transformers-loadable folder in our bucket."""
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(self.node.model, tmp, self.hp, tokenizer=self.node.store.tokenizer_path)
-            for name in checkpoint_files(tmp):
-                try:
-                    await asyncio.to_thread(self.node.bucket.put_file, checkpoint_key(window, name), Path(tmp) / name)
-                except StorageError as exc:
-                    log.warning("could not publish checkpoint %d: %s", window, exc)
-                    return
 
     async def publish_initial_peer_list(self, window: int) -> None:
         """With no scores yet, every miner with a bucket commitment is a peer (uid order)."""
