@@ -29,6 +29,8 @@ The simulated chain:
 
 - `chain_state.py`: `ChainState`, `dispatch`: subtensor's state and rules for the parts Crucible uses.
 - `chain_epoch.py`: `produce_block`, `run_epoch`: blocks, tempos and emission.
+- `chain_commit_reveal.py`: `commit_timelocked`, `reveal_due`: timelocked weight commits and their reveal.
+- `chain_pulses.py`: `RecordedPulses`, `DrandRelay`: where the chain gets drand pulses to reveal with.
 - `chain_yuma.py`: `yuma`: Yuma-style consensus from weights to incentive and dividends.
 - `chain_views.py`: `query`, `runtime_call`, `metagraph`: the state as the SDK's decoded values.
 - `chain_wire.py`: `signing_payload`, `canonical_json`, `block_hash`: what client and chain agree on.

@@ -1,5 +1,8 @@
 """Blocks and epochs of the devnet chain: time advances, tempos come due, weights become emission.
 
+Each block first reveals the timelocked weight commits that are due (`chain_commit_reveal.reveal_due`),
+then runs the epochs that are due, like subtensor's `block_step`.
+
 `produce_block` is what the chain process calls once per block; `run_epoch` is subtensor's epoch for
 one subnet — consensus over the stored weights (`chain_yuma.yuma`), one tempo of emission paid into
 stake by incentive (miners) and dividends (validators), and validator permits re-assigned from
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from devnet.chain_commit_reveal import reveal_due
 from devnet.chain_state import ChainState, Event, Subnet, make_event
 from devnet.chain_yuma import yuma
 
@@ -24,6 +28,7 @@ def produce_block(state: ChainState, time_ms: int) -> list[Event]:
         state.ts_base += excess
     events: list[Event] = []
     for sn in state.subnets.values():
+        events.extend(reveal_due(state, sn))  # before the epoch, as subtensor's block_step does
         if state.block - sn.last_epoch_block >= sn.params.tempo:
             events.extend(run_epoch(state, sn.netuid))
     return events
@@ -35,6 +40,7 @@ def run_epoch(state: ChainState, netuid: int) -> list[Event]:
     p = sn.params
     blocks = max(0, state.block - sn.last_epoch_block)
     sn.last_epoch_block = state.block
+    sn.epoch_index += 1
     n = len(sn.neurons)
     if n == 0:
         return []

@@ -7,7 +7,7 @@ when its tempo is due, and saves the state atomically (`chain_store.py`) so a re
 from the same block. Clients reach it only through `devnet.substrate.DevnetSubstrate`, the SDK's
 `Substrate` seam, via JSON POSTs to `/rpc`. It binds 127.0.0.1 only.
 
-    crucible devnet chain --state DIR [--port P] [--block-time 1.0]
+    crucible devnet chain --state DIR [--port P] [--block-time 1.0] [--drand-pulses FILE] [--drand-url URL]
     → {"event": "chain_started", "url": "devnet://127.0.0.1:P", "block": …}
 """
 
@@ -30,7 +30,9 @@ from bittensor.keyfiles import Keypair
 from pydantic import BaseModel, ConfigDict, Field
 
 from devnet import chain_views as views
+from devnet.chain_commit_reveal import feed_pulses
 from devnet.chain_epoch import produce_block
+from devnet.chain_pulses import pulse_source
 from devnet.chain_state import ChainState, DispatchError, dispatch, validate_call
 from devnet.chain_store import ChainStoreError, load_state, save_state
 from devnet.chain_wire import DevnetCall, block_hash, block_number_of, extrinsic_hash, hex_bytes
@@ -47,6 +49,8 @@ class ChainServerConfig(BaseModel):
     persist_interval_s: float = Field(1.0, ge=0, description="Longest time an unchanged head goes unsaved.")
     receipts_kept: int = Field(2048, ge=16, description="Blocks whose extrinsic receipts stay queryable.")
     inclusion_timeout_s: float = Field(120.0, gt=0, description="Longest a submit waits for its block.")
+    drand_pulses: Path | None = Field(None, description="Recorded drand quicknet pulses (JSON) for reveals.")
+    drand_url: str | None = Field(None, description="drand HTTP relay asked for pulses (online use only).")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ChainServer:
         self._producer: asyncio.Task | None = None
         self._stopping = False
         self.port = config.port
+        self._pulses = pulse_source(config.drand_pulses, config.drand_url)
         self._methods = {
             "info": self._info, "block_hash": self._block_hash, "header": self._header,
             "wait_block": self._wait_block, "get_block": self._get_block, "query": self._query,
@@ -140,6 +145,8 @@ class ChainServer:
         """Build the next block: timestamp, pool extrinsics in order, due epochs; save; wake waiters."""
         st = self.state
         now_ms = int(time.time() * 1000)
+        if self._pulses is not None and st.timelocked:
+            feed_pulses(st, self._pulses.signature)  # the drand pallet's write_pulse, for rounds in use
         epoch_events = produce_block(st, now_ms)
         number, bh = st.block, block_hash(st.genesis, st.block)
         receipts = [{"index": 0, "hash": None, "success": True, "events": [
@@ -326,6 +333,10 @@ def add_cli(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--state", required=True, type=Path, help="Devnet state folder (from `crucible devnet init`).")
     parser.add_argument("--port", type=int, default=0, help="Port on 127.0.0.1 (default: a free one).")
     parser.add_argument("--block-time", type=float, default=1.0, help="Seconds per block (0 = as fast as possible).")
+    parser.add_argument("--drand-pulses", type=Path, default=None,
+                        help="JSON of recorded drand quicknet pulses used to reveal timelocked weight commits.")
+    parser.add_argument("--drand-url", default=None,
+                        help="drand HTTP relay for pulses (online only; without a source commits stay pending).")
     return parser
 
 
@@ -353,7 +364,8 @@ async def serve(config: ChainServerConfig, ready: asyncio.Event | None = None) -
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    config = ChainServerConfig(state_dir=args.state, port=args.port, block_time=args.block_time)
+    config = ChainServerConfig(state_dir=args.state, port=args.port, block_time=args.block_time,
+                               drand_pulses=args.drand_pulses, drand_url=args.drand_url)
     return asyncio.run(serve(config))
 
 

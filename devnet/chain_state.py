@@ -14,6 +14,7 @@ zero, bonds are instantaneous (see `chain_yuma.py`), and stake is per (netuid, h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from devnet.chain_wire import RAO_PER_TAO, U16_MAX, genesis_hash, hex_bytes
 
 STATE_VERSION = 1
+MAX_CRV3_COMMIT_SIZE_BYTES = 5000  # pallets/subtensor/src/lib.rs
 Event = dict[str, Any]
 
 
@@ -76,7 +78,8 @@ class SubnetParams(_Model):
     max_registrations_per_block: int = Field(64, ge=1, description="Registrations accepted per block.")
     emission_per_block: int = Field(RAO_PER_TAO, ge=0, description="Alpha (rao) emitted to the subnet per block.")
     validator_share: float = Field(0.5, ge=0, le=1, description="Share of emission paid as validator dividends.")
-    commit_reveal_enabled: bool = Field(False, description="Commit-reveal weights; the devnet supports only off.")
+    commit_reveal_enabled: bool = Field(False, description="Commit-reveal (timelocked) weights; see chain_commit_reveal.")
+    reveal_period_epochs: int = Field(1, ge=1, le=100, description="Epochs between a timelocked commit and its reveal.")
 
 
 # The real chain's initial values (opentensor/subtensor `runtime/src/lib.rs`, `parameter_types!`:
@@ -93,7 +96,8 @@ REAL_CHAIN_DEFAULTS: dict[str, tuple[str, int | bool]] = {
     "max_allowed_uids": ("MaxAllowedUids", 256),  # SubtensorInitialMaxAllowedUids
     "max_allowed_validators": ("MaxAllowedValidators", 128),  # SubtensorInitialMaxAllowedValidators
     "activity_cutoff": ("ActivityCutoff", 5000),  # SubtensorInitialActivityCutoff
-    "commit_reveal_enabled": ("CommitRevealWeightsEnabled", True),  # on for new subnets; not simulated here
+    "commit_reveal_enabled": ("CommitRevealWeightsEnabled", True),  # on for new subnets (chain_commit_reveal.py)
+    "reveal_period_epochs": ("RevealPeriodEpochs", 1),  # DefaultRevealPeriodEpochs (pallets/subtensor/src/lib.rs)
 }
 
 # Other spellings a subnet operator knows: the SDK's hyperparameter names (`get_subnet_hyperparams`,
@@ -101,6 +105,7 @@ REAL_CHAIN_DEFAULTS: dict[str, tuple[str, int | bool]] = {
 _PARAM_ALIASES: dict[str, str] = {
     "weights_version": "weights_version_key", "weights_set_rate_limit": "weights_rate_limit",
     "max_weight_limit": "max_weights_limit", "commit_reveal_weights_enabled": "commit_reveal_enabled",
+    "commit_reveal_period": "reveal_period_epochs",
     **{storage.lower(): field for field, (storage, _) in REAL_CHAIN_DEFAULTS.items()},
 }
 
@@ -171,6 +176,7 @@ class Subnet(_Model):
     neurons: list[Neuron] = Field(default_factory=list)
     registrations_block: int = -1
     registrations_this_block: int = 0
+    epoch_index: int = 0  # SubnetEpochIndex: epochs run so far (commit-reveal keys commits by it)
 
     def uid_of(self, hotkey: str) -> int | None:
         for n in self.neurons:
@@ -183,6 +189,15 @@ class Commitment(_Model):
     block: int
     deposit: int = 0
     fields: list[dict[str, str]]
+
+
+class TimelockedCommit(_Model):
+    """One entry of subtensor's `TimelockedWeightCommits[netuid][epoch]`: (who, commit_block, commit, reveal_round)."""
+
+    hotkey: str
+    block: int
+    commit: str  # 0x-hex of the compressed TLE ciphertext, as submitted
+    reveal_round: int
 
 
 class SpaceUsage(_Model):
@@ -203,6 +218,9 @@ class ChainState(_Model):
     subnets: dict[int, Subnet] = Field(default_factory=dict)
     commitments: dict[int, dict[str, Commitment]] = Field(default_factory=dict)
     space: dict[int, dict[str, SpaceUsage]] = Field(default_factory=dict)
+    timelocked: dict[int, dict[int, list[TimelockedCommit]]] = Field(default_factory=dict)  # netuid → epoch → queue
+    pulses: dict[int, str] = Field(default_factory=dict)  # Drand.Pulses: round → BLS signature hex (only rounds in use)
+    last_stored_round: int = 0  # Drand.LastStoredRound
 
     # --- reads -------------------------------------------------------------------------------------------
 
@@ -317,13 +335,16 @@ def add_stake(state: ChainState, coldkey: str, hotkey: str, netuid: int, rao: in
 def set_weights(
     state: ChainState, hotkey: str, netuid: int, uids: list[int], values: list[int], version_key: int
 ) -> list[Event]:
-    """subtensor's `do_set_weights` checks, in its order, then store max-upscaled u16 weights."""
+    """subtensor's `internal_set_weights` checks, then store max-upscaled u16 weights.
+
+    Also the path a revealed timelocked commit takes (`chain_commit_reveal.reveal_due`): with commit-reveal
+    on, the rate limit is not checked here and LastUpdate is not touched (the commit already did both);
+    the plain extrinsic is refused with CommitRevealEnabled in `dispatch`, as subtensor's dispatchable does.
+    """
     sn = state.subnet(netuid, missing="MechanismDoesNotExist")
     p = sn.params
     if len(uids) != len(values):
         raise _sub("WeightVecNotEqualSize")
-    if p.commit_reveal_enabled:
-        raise _sub("CommitRevealEnabled")
     if version_key < p.weights_version_key:
         raise _sub("IncorrectWeightVersionKey")
     uid = sn.uid_of(hotkey)
@@ -332,7 +353,7 @@ def set_weights(
     if state.hotkey_stake(netuid, hotkey) < p.weights_min_stake:
         raise _sub("NotEnoughStakeToSetWeights")
     neuron = sn.neurons[uid]
-    if p.weights_rate_limit and state.block - neuron.last_update < p.weights_rate_limit:
+    if not p.commit_reveal_enabled and p.weights_rate_limit and state.block - neuron.last_update < p.weights_rate_limit:
         raise _sub("SettingWeightsTooFast", f"last update at block {neuron.last_update}")
     if len(set(uids)) != len(uids):
         raise _sub("DuplicateUids")
@@ -351,7 +372,8 @@ def set_weights(
         raise _sub("MaxWeightExceeded")
     top = max(values) if values else 0
     neuron.weights = [(u, round(v * U16_MAX / top)) for u, v in zip(uids, values, strict=True) if top and v > 0]
-    neuron.last_update = state.block
+    if not p.commit_reveal_enabled:
+        neuron.last_update = state.block
     return [make_event("WeightsSet", {"netuid": netuid, "uid": uid})]
 
 
@@ -409,7 +431,11 @@ def dispatch(state: ChainState, signer: str, module: str, function: str, params:
             raise _sub("MechanismDoesNotExist", "the devnet runs mechanism 0 only")
         uids = [int(u) for u in params["dests"]]
         values = [int(v) for v in params["weights"]]
+        if state.subnet(int(params["netuid"]), missing="MechanismDoesNotExist").params.commit_reveal_enabled:
+            raise _sub("CommitRevealEnabled")
         return set_weights(state, signer, int(params["netuid"]), uids, values, int(params.get("version_key", 0)))
+    if key in CALL_HANDLERS:  # calls whose rules live in modules built on this one (chain_commit_reveal)
+        return CALL_HANDLERS[key](state, signer, params)
     if key == ("Commitments", "set_commitment"):
         return set_commitment(state, signer, int(params["netuid"]), params["info"])
     if key == ("SubtensorModule", "burned_register"):
@@ -420,8 +446,15 @@ def dispatch(state: ChainState, signer: str, module: str, function: str, params:
     raise KeyError(f"{module}.{function} is not simulated by the devnet chain")
 
 
+COMMIT_CALLS = (("SubtensorModule", "commit_timelocked_mechanism_weights"),
+                ("SubtensorModule", "commit_timelocked_weights"))
+# (module, function) → handler(state, signer, params); chain_commit_reveal registers the commit calls on import.
+CALL_HANDLERS: dict[tuple[str, str], Callable[[ChainState, str, dict[str, Any]], list[Event]]] = {}
+
 # The calls the devnet executes, with the parameters each needs (integers unless noted).
 CALL_PARAMS: dict[tuple[str, str], tuple[str, ...]] = {
+    COMMIT_CALLS[0]: ("netuid", "mecid", "commit", "reveal_round", "commit_reveal_version"),
+    COMMIT_CALLS[1]: ("netuid", "commit", "reveal_round", "commit_reveal_version"),
     ("SubtensorModule", "set_mechanism_weights"): ("netuid", "mecid", "dests", "weights", "version_key"),
     ("SubtensorModule", "set_weights"): ("netuid", "dests", "weights", "version_key"),
     ("SubtensorModule", "burned_register"): ("netuid", "hotkey"),
@@ -441,7 +474,7 @@ def validate_call(state: ChainState, module: str, function: str, params: Any) ->
         raise LookupError(f"{module}.{function} is not simulated by the devnet chain")
     if not isinstance(params, dict) or any(k not in params for k in names):
         raise ValueError(f"{module}.{function} needs parameters {', '.join(names)}")
-    for name in ("netuid", "mecid", "version_key", "amount_staked"):
+    for name in ("netuid", "mecid", "version_key", "amount_staked", "reveal_round", "commit_reveal_version"):
         if name in params and (not isinstance(params[name], int) or isinstance(params[name], bool)):
             raise ValueError(f"{module}.{function}: {name} must be an integer")
     for name in ("dests", "weights"):
@@ -453,3 +486,7 @@ def validate_call(state: ChainState, module: str, function: str, params: Any) ->
         raise ValueError(f"{module}.{function}: hotkey must be an ss58 address")
     if (module, function) == ("Commitments", "set_commitment"):
         _parse_fields(params["info"], state.params.commitment_raw_max)
+    if (module, function) in COMMIT_CALLS:
+        commit = hex_bytes(params["commit"])
+        if not commit or len(commit) > MAX_CRV3_COMMIT_SIZE_BYTES:  # BoundedVec<u8, ConstU32<5000>> decode
+            raise ValueError(f"{module}.{function}: commit must be 1..{MAX_CRV3_COMMIT_SIZE_BYTES} bytes")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from devnet.chain_commit_reveal import COMMIT_REVEAL_WEIGHTS_VERSION
 from devnet.chain_state import ChainState, Neuron, Subnet
 from devnet.chain_wire import RAO_PER_TAO, U16_MAX
 
@@ -33,7 +34,8 @@ _SUBNET_SCALARS: dict[str, Callable[[ChainState, Subnet], Any]] = {
     "LastEpochBlock": lambda s, sn: sn.last_epoch_block,
     "BlocksSinceLastStep": lambda s, sn: s.block - sn.last_epoch_block,
     "PendingEpochAt": lambda s, sn: 0,
-    "SubnetEpochIndex": lambda s, sn: s.block // sn.params.tempo,
+    "SubnetEpochIndex": lambda s, sn: sn.epoch_index,
+    "RevealPeriodEpochs": lambda s, sn: sn.params.reveal_period_epochs,
     "SubnetworkN": lambda s, sn: len(sn.neurons),
     "MaxAllowedUids": lambda s, sn: sn.params.max_allowed_uids,
     "ImmunityPeriod": lambda s, sn: sn.params.immunity_period,
@@ -67,6 +69,12 @@ _SUBNET_SCALARS: dict[str, Callable[[ChainState, Subnet], Any]] = {
     "ValidatorTrust": lambda s, sn: [_u16(n.validator_trust) for n in sn.neurons],
     "Emission": lambda s, sn: [n.emission for n in sn.neurons],
 }
+
+
+def _timelocked(state: ChainState, netuid: int, epoch: int) -> list:
+    """`TimelockedWeightCommits[netuid][epoch]`: (who, commit_block, commit bytes, reveal_round) tuples."""
+    queue = state.timelocked.get(int(netuid), {}).get(int(epoch), [])
+    return [(c.hotkey, c.block, c.commit, c.reveal_round) for c in queue]
 
 
 def _neuron_at(state: ChainState, netuid: int, uid: int) -> Neuron | None:
@@ -135,6 +143,15 @@ def query(state: ChainState, module: str, name: str, params: list, block: int) -
         return None if u is None else {"last_epoch": u.epoch, "used_space": u.used}
     if key == ("MevShield", "NextKey"):
         return None
+    if key == ("SubtensorModule", "CommitRevealWeightsVersion"):
+        return COMMIT_REVEAL_WEIGHTS_VERSION
+    if key == ("SubtensorModule", "TimelockedWeightCommits"):
+        return _timelocked(state, p[0], p[1])
+    if key == ("Drand", "LastStoredRound"):
+        return state.last_stored_round
+    if key == ("Drand", "Pulses"):
+        sig = state.pulses.get(int(p[0]))
+        return None if sig is None else {"round": int(p[0]), "randomness": None, "signature": "0x" + sig}
     raise LookupError(f"storage {module}.{name} is not simulated by the devnet chain")
 
 
@@ -148,6 +165,8 @@ def query_map(state: ChainState, module: str, name: str, params: list) -> list[t
         return [(hk, _commitment(state, p[0], hk)) for hk in state.commitments.get(int(p[0]), {})]
     if key == ("Commitments", "RevealedCommitments"):
         return []
+    if key == ("SubtensorModule", "TimelockedWeightCommits") and len(p) == 1:
+        return [(epoch, _timelocked(state, p[0], epoch)) for epoch in sorted(state.timelocked.get(int(p[0]), {}))]
     sn = state.subnets.get(int(p[0])) if p else None
     if key == ("SubtensorModule", "Uids") and len(p) == 1:
         return [] if sn is None else [(n.hotkey, n.uid) for n in sn.neurons]
@@ -222,6 +241,7 @@ def _hyperparams(sn: Subnet) -> dict[str, Any]:
         "immunity_period": p.immunity_period, "max_validators": p.max_allowed_validators,
         "activity_cutoff": p.activity_cutoff, "kappa": _u16(p.kappa), "registration_allowed": p.registration_allowed,
         "min_burn": p.burn, "max_burn": p.burn, "commit_reveal_weights_enabled": p.commit_reveal_enabled,
+        "commit_reveal_period": p.reveal_period_epochs,
     }
 
 

@@ -15,6 +15,7 @@ Wallets follow the bittensor convention (`--wallet.name/--wallet.hotkey/--wallet
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,8 @@ from protocol.chain_commitment import (
 from protocol.endpoint_policy import STRICT, EndpointAllowance
 from protocol.storage_config import BucketConfig, BucketCredentials
 from transport.chain_config import DEVNET_SCHEME, NETWORK_NAMES, ChainConfig  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 class ChainAccessError(RuntimeError):
@@ -315,14 +318,33 @@ class Chain:
                            version_key=await item("WeightsVersionKey", 0))
 
     async def set_weights(self, uids: Sequence[int], weights: Sequence[float], version_key: int = 0) -> ExtrinsicResult:
-        """Set this validator's weights through the SDK's `SetWeights` (clip, u16, preflight); check the result."""
+        """Set this validator's weights through the SDK's `SetWeights` (clip, u16, preflight); check the result.
+
+        On a subnet with commit-reveal on, the SDK sends a timelocked commit instead (`result.data["reveal_round"]`):
+        success means the commit is stored; the chain applies the weights itself once the drand pulse of that
+        round is on chain (logged here as pending). A too-early commit is named CommittingWeightsTooFast, as the
+        chain names it (the SDK's preflight says only "rate limited")."""
         if len(uids) != len(weights):
             raise ValueError(f"{len(uids)} uids but {len(weights)} weights")
         if any(not isfinite(w) or w < 0 for w in weights):
             raise ValueError("weights must be finite and non-negative")
         intent = bt.SetWeights(netuid=self.config.netuid, uids=[int(u) for u in uids],
                                weights=[float(w) for w in weights], version_key=version_key)
-        return await self._execute(intent, "set_weights")
+        try:
+            result = await self._execute(intent, "set_weights")
+        except ChainCallFailed as exc:
+            if exc.name == "SettingWeightsTooFast" and exc.code == "rate_limited" and await self.commit_reveal():
+                exc.name = "CommittingWeightsTooFast"
+            raise
+        reveal_round = (result.data or {}).get("reveal_round")
+        if reveal_round is not None:
+            log.info("set_weights: timelocked commit of %d weights stored (%s); pending reveal at drand round %s",
+                     len(uids), result.extrinsic_id or "included", reveal_round)
+        return result
+
+    async def commit_reveal(self) -> bool:
+        """Whether the subnet runs commit-reveal of weights (`SubtensorModule.CommitRevealWeightsEnabled`)."""
+        return bool(await self.client.query(("SubtensorModule", "CommitRevealWeightsEnabled"), [self.config.netuid]))
 
     async def register(self) -> int:
         """Burned registration of this wallet's hotkey (signed by the coldkey); returns the uid.
