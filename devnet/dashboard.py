@@ -3,8 +3,9 @@
 The terminal scoreboard shows one window at a time; a browser can show how the run evolves. The
 launcher owns a `Dashboard`: `await start()` serves, on loopback only, a self-contained page (`GET /`,
 inline CSS and JS, plots drawn as inline SVG, no network access needed) and its data (`GET
-/api/state`, JSON). The launcher calls `publish(snapshot)` each scored window, `note(message)` for
-events and `set_status(text)` at the end; the page polls `/api/state?since=N` and redraws without
+/api/state`, JSON). The launcher calls `publish(snapshot)` each scored window, `publish_validators(seen)`
+with several validators (per-validator vtrust and the spread of their weights, `chain_validators.py`),
+`note(message)` for events and `set_status(text)` at the end; the page polls `/api/state?since=N` and redraws without
 reloading. Everything is read-only: the page cannot change the run, and no keys ever reach it.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from devnet.chain_validators import ValidatorWindow
 from devnet.dashboard_page import PAGE
 from devnet.scoreboard import WindowSnapshot
 
@@ -75,6 +77,7 @@ class Dashboard:
         self.summary: dict[str, Any] = dict(summary or {})  # shown in the header; JSON-able values
         self.snapshots: list[dict[str, Any]] = []  # WindowSnapshot as JSON (non-finite floats -> null)
         self.notes: deque[dict[str, Any]] = deque(maxlen=self.config.max_notes)
+        self.validators: list[dict[str, Any]] = []  # ValidatorWindow per scored window (several validators)
         self.status = "starting"
         self.version = 0  # bumped on every change, so the page can skip redraws
         self._runner: web.AppRunner | None = None
@@ -111,6 +114,11 @@ class Dashboard:
         self.snapshots.append(json.loads(snapshot.model_dump_json()))
         self.version += 1
 
+    def publish_validators(self, seen: ValidatorWindow) -> None:
+        """Several validators: their trust, stake share and weight spread read from the chain after a window."""
+        self.validators.append(_finite(seen.model_dump(exclude={"weights"})))
+        self.version += 1
+
     def note(self, message: str) -> None:
         self.notes.append({"time": time.time(), "message": message})
         self.version += 1
@@ -144,6 +152,7 @@ class Dashboard:
             "since": since,
             "snapshots": self.snapshots[since:],
             "notes": list(self.notes),
+            "validators": self.validators,
         }
 
     @web.middleware

@@ -4,7 +4,8 @@ Kept apart from the server (devnet/dashboard.py) because it is mostly page text.
 network beyond its own origin: no CDN, no fonts, no images. It polls `/api/state?since=N` (only new
 snapshots travel) and redraws in place. Stable hooks for tests and scripts: `tr[data-uid]` rows,
 `circle.loss-point`, `polyline.weight-line[data-uid]`, `rect.incentive-bar[data-uid]`, `text.y-tick` /
-`text.x-tick`, and a `data-points` count on every plot's `<svg>`; `body[data-count]` is the number of
+`text.x-tick`, `circle.vtrust-point` / `circle.spread-point` and `tr[data-validator]` (several validators),
+and a `data-points` count on every plot's `<svg>`; `body[data-count]` is the number of
 snapshots shown. Axes span the data (weights never beyond [0, 1]) with round ticks (1-2-2.5-5 steps,
 whole windows); times are 24-hour HH:MM:SS, like the terminal's.
 """
@@ -84,6 +85,14 @@ PAGE = r"""<!doctype html>
     <div id="weight-legend" class="legend"></div></section>
   <section class="card"><h2>Incentive per uid (latest)</h2>
     <svg id="incentive-plot" data-points="0" viewBox="0 0 560 240" role="img"></svg></section>
+  <section class="card" id="validators-card"><h2>Validators: trust (vtrust) per window</h2>
+    <svg id="vtrust-plot" data-points="0" viewBox="0 0 560 240" role="img"></svg>
+    <table id="validators">
+      <thead><tr><th>validator</th><th>stake share</th><th>permit</th><th>vtrust</th><th>last weights</th></tr></thead>
+      <tbody id="validator-rows"></tbody>
+    </table></section>
+  <section class="card"><h2>Spread between validators' weight vectors, per window (L1, 0 = agree, 2 = disjoint)</h2>
+    <svg id="spread-plot" data-points="0" viewBox="0 0 560 240" role="img"></svg></section>
   <section class="card"><h2>Events</h2><ul id="notes"></ul></section>
 </main>
 <script>
@@ -92,7 +101,7 @@ const NS = "http://www.w3.org/2000/svg";
 const W = 560, H = 240, M = {l: 60, r: 12, t: 10, b: 30};
 const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                  "#17becf", "#bcbd22", "#7f7f7f"];
-const S = {snaps: [], version: -1, poll: 1000, config: {}, status: ""};
+const S = {snaps: [], version: -1, poll: 1000, config: {}, status: "", validators: []};
 
 function make(ns, tag, attrs, text) {
   const e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
@@ -307,6 +316,34 @@ function render() {
   document.body.dataset.count = String(snaps.length);
 }
 
+// Several validators: vtrust per validator per window, the weight spread per window, the latest read as a table.
+function renderValidators(reads) {
+  const names = [...new Set(reads.flatMap(r => Object.keys(r.vtrust || {})))].sort();
+  const series = names.map((name, i) => ({
+    uid: name, label: name, color: PALETTE[i % PALETTE.length], dashed: false,
+    pts: reads.filter(r => r.vtrust && r.vtrust[name] !== undefined && r.vtrust[name] !== null)
+              .map(r => [r.window, r.vtrust[name]])}));
+  linePlot(document.getElementById("vtrust-plot"), series, "vtrust", v => v.toFixed(3), [],
+           "one validator: no consensus to trust", 0, 1);
+  const spread = reads.filter(r => r.spread !== null && r.spread !== undefined).map(r => [r.window, r.spread]);
+  linePlot(document.getElementById("spread-plot"), [{label: "weight spread", color: PALETTE[1], pts: spread}],
+           "spread", v => v.toFixed(3), [], "fewer than two validators with weights", 0, 2);
+  const body = document.getElementById("validator-rows");
+  clear(body);
+  const last = reads.length ? reads[reads.length - 1] : null;
+  for (const name of names) {
+    const tr = htmlEl("tr", {"data-validator": name});
+    const trust = last && last.vtrust ? last.vtrust[name] : null;
+    const cells = [name, fix(last && last.stake_share ? last.stake_share[name] : null, 3),
+                   last && last.permit && last.permit[name] !== undefined ? (last.permit[name] ? "yes" : "no") : "-",
+                   trust === undefined ? "-" : fix(trust, 3),
+                   last && last.last_update && last.last_update[name] !== undefined
+                     ? "block " + last.last_update[name] : "-"];
+    cells.forEach(text => tr.appendChild(htmlEl("td", {}, text)));
+    body.appendChild(tr);
+  }
+}
+
 function renderNotes(notes) {
   const list = document.getElementById("notes");
   clear(list);
@@ -330,7 +367,9 @@ async function poll() {
     } else if (d.version !== S.version) {
       S.snaps.push(...d.snapshots);
       S.version = d.version; S.config = d.config || {}; S.status = d.status || "";
+      S.validators = d.validators || [];
       render();
+      renderValidators(S.validators);
       renderNotes(d.notes || []);
     }
   } catch (err) {

@@ -372,6 +372,7 @@ class Devnet:
             self.note(f"validators not readable after window {window}: {type(exc).__name__}")
             return
         self.validator_windows.append(seen)
+        self.dash.publish_validators(seen)
         trust = ", ".join(f"{name} {v:.3f}" for name, v in seen.vtrust.items())
         spread = "n/a" if seen.spread is None else f"{seen.spread:.3f}"
         self.note(f"window {window}: vtrust {trust}; weight spread {spread}")

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from pydantic import ValidationError
 
+from devnet.chain_validators import ValidatorWindow
 from devnet.dashboard import Dashboard, DashboardConfig
 from devnet.scoreboard import UidRow, WindowSnapshot
 
@@ -42,6 +43,21 @@ def _snapshot(window: int, loss: float | None = None) -> WindowSnapshot:
     held = 6.0 - 0.1 * window if loss is None else loss
     return WindowSnapshot(window=window, block=10 * window, time=1000.0 + window, heldout_loss=held,
                           model_window=window + 1, rows=rows)
+
+
+VALIDATORS = {"validator-0": 0.6, "validator-1": 0.3, "validator-2": 0.1}
+
+
+def _validators(window: int, gone: tuple[str, ...] = ()) -> ValidatorWindow:
+    """What the launcher reads from the chain after a window with three validators (chain_validators.py)."""
+    names = [n for n in VALIDATORS if n not in gone]
+    total = sum(VALIDATORS[n] for n in names)
+    return ValidatorWindow(
+        window=window, block=10 * window + 3, vtrust={n: 1.0 - 0.02 * i - 0.001 * window for i, n in enumerate(names)},
+        stake_share={n: VALIDATORS[n] / total for n in names}, permit={n: True for n in names},
+        last_update={n: 10 * window for n in names},
+        weights={n: {1: 0.5 + 0.01 * i, 2: 0.5 - 0.01 * i} for i, n in enumerate(names)},
+        spread=0.04 if len(names) > 1 else None)
 
 
 @pytest.fixture
@@ -104,6 +120,20 @@ async def test_api_state_serves_snapshots_notes_and_status(dash):
     dash.set_status("stopped: 5 windows scored")
     _, _, text = await _get(base + "api/state")
     assert json.loads(text)["status"] == "stopped: 5 windows scored"
+
+
+async def test_api_state_serves_validator_trust_and_weight_spread(dash):
+    assert (json.loads((await _get(dash.url + "api/state"))[2]))["validators"] == []  # one validator: none
+    dash.publish_validators(_validators(3))
+    lone = _validators(4, gone=("validator-0", "validator-1"))
+    lone.vtrust["validator-2"] = float("nan")  # non-finite must not break the JSON
+    dash.publish_validators(lone)
+    state = json.loads((await _get(dash.url + "api/state"))[2])
+    first, second = state["validators"]
+    assert first["window"] == 3 and first["vtrust"]["validator-1"] == pytest.approx(0.977)
+    assert first["stake_share"]["validator-0"] == pytest.approx(0.6) and first["spread"] == pytest.approx(0.04)
+    assert "weights" not in first  # the panel shows trust and spread; the rows stay on chain and in the report
+    assert second["spread"] is None and second["vtrust"] == {"validator-2": None}
 
 
 async def test_page_is_self_contained(dash):
@@ -286,6 +316,38 @@ async def test_page_in_headless_chromium_updates_live(dash, browser, tmp_path):
     await dash.stop()  # the page says so instead of freezing silently
     await _wait_for(browser, "return document.getElementById('conn').textContent.includes('not answering')",
                     True, "notice that the server is gone")
+
+
+async def test_validator_panel_in_headless_chromium(dash, browser):
+    for w in (5, 6, 7):
+        dash.publish(_snapshot(w))
+        dash.publish_validators(_validators(w))
+    await asyncio.to_thread(browser.get, dash.url)
+    await _wait_for(browser, _count("#vtrust-plot circle.vtrust-point"), 9, "vtrust points after load")
+    await asyncio.to_thread(browser.get_log, "browser")  # drop what an earlier test's stopped page logged
+    assert await _js(browser, _count("#vtrust-plot polyline.vtrust-line")) == 3
+    assert await _js(browser, _count("#spread-plot circle.spread-point")) == 3
+    rows = await _js(browser, "return [...document.querySelectorAll('#validator-rows tr')]"
+                              ".map(r => [...r.cells].map(c => c.textContent))")
+    assert rows == [["validator-0", "0.600", "yes", "0.993", "block 70"],
+                    ["validator-1", "0.300", "yes", "0.973", "block 70"],
+                    ["validator-2", "0.100", "yes", "0.953", "block 70"]]
+    spread = await _js(browser, "return [...document.querySelectorAll('#spread-plot circle.spread-point')]"
+                                ".map(c => Number(c.dataset.value))")
+    assert spread == [0.04, 0.04, 0.04]
+    vtrust_ticks = await _js(browser, "return [...document.querySelectorAll('#vtrust-plot text.y-tick')]"
+                                      ".map(t => Number(t.textContent))")
+    assert vtrust_ticks and max(vtrust_ticks) <= 1.0
+
+    dash.publish(_snapshot(8))  # validator-0 killed: the next reads have two validators
+    dash.publish_validators(_validators(8, gone=("validator-0",)))
+    await _wait_for(browser, _count("#vtrust-plot circle.vtrust-point"), 11, "vtrust points after the kill")
+    cells = await _js(browser, "return [...document.querySelectorAll('#validator-rows tr')]"
+                               ".map(r => r.dataset.validator + ':' + r.cells[3].textContent)")
+    assert cells == ["validator-0:-", "validator-1:0.992", "validator-2:0.972"]
+    assert await _js(browser, _count("#spread-plot circle.spread-point")) == 4
+    errors = [e for e in await asyncio.to_thread(browser.get_log, "browser") if e["level"] == "SEVERE"]
+    assert errors == []
 
 
 def test_devnet_flags_reach_the_dashboard_and_notes_go_to_both(tmp_path):
