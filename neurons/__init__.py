@@ -18,6 +18,7 @@ Roles:
 - `catchup.py`: `catch_up`: from saved state, a checkpoint or θ_0, replay the windows since.
 - `training.py`: `inner_train`, `make_inner_optimizer`, `mean_loss`: the inner AdamW loop.
 - `distributed.py`: `DistContext`, `broadcast_work`: data-parallel inner steps under torchrun.
+- `sharding.py`: `shard_model`, `ShardedCompressor`, `aggregate_rows`: FSDP2 row shards, compressed and stepped per rank.
 - `local_state.py`: `save_local_state`/`load_local_state`: θ, error feedback and AdamW, atomically.
 - `node_files.py`: the state folder's file names, `append_metrics`/`read_metrics`.
 - `metrics.py`: `NodeMetrics`: Prometheus gauges and counters from each window's report.

@@ -129,7 +129,7 @@ def inner_train(
         loss_sum = 0.0
         for first in range(0, max(1, len(ids)), micro):
             part = ids[first : first + micro]
-            with settings.autocast(device):
+            with settings.autocast(device) if not dist.sharded else contextlib.nullcontext():  # FSDP2 casts
                 loss = model(input_ids=part, labels=part).loss
             value = loss.item()
             if not math.isfinite(value):

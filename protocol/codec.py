@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +197,38 @@ def quantize(values: torch.Tensor, levels: int, range_sigma: float) -> tuple[tor
     return codes, lookup.to(torch.float32)
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a float64 vector over every holder of a tensor's pieces (identity for a whole tensor)."""
+
+
+def quantize_shared(
+    values: torch.Tensor, levels: int, range_sigma: float, reduce: Reduce
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` for a tensor whose kept values are split across processes (FSDP2 row shards).
+
+    Every statistic the table needs is a sum, so each holder computes its local sums and `reduce`
+    adds them up (an all-reduce): count and Σv give the mean, Σ(v − mean)² the standard deviation,
+    and the per-bin Σv and counts the centroids. Every holder builds the same table from the same
+    reduced sums and codes its own values against it. The statistics are the same as `quantize`'s up
+    to float64 summation order (a table entry may differ in its last bits, which can move a value
+    lying exactly on a bin edge); `quantize` itself stays the single-process rule.
+    """
+    v = values.reshape(-1).to(torch.float64)
+    first = reduce(torch.stack([v.new_tensor(float(v.numel())), v.sum()]))
+    count = first[0].clamp_min(1)
+    mean = first[1] / count
+    std = (reduce(((v - mean) ** 2).sum().reshape(1))[0] / count).sqrt()
+    lo = mean - range_sigma * std
+    width = (2 * range_sigma * std / levels).clamp_min(torch.finfo(torch.float64).tiny)
+    codes = ((v - lo) / width).floor_().clamp_(0, levels - 1).to(torch.uint8)
+    hit = [codes == level for level in range(levels)]
+    bins = reduce(torch.stack([torch.where(h, v, 0.0).sum() for h in hit] + [h.sum().to(v.dtype) for h in hit]))
+    sum_t, count_t = bins[:levels], bins[levels:]
+    centres = lo + (torch.arange(levels, device=v.device, dtype=torch.float64) + 0.5) * width
+    lookup = torch.where(count_t > 0, sum_t / count_t.clamp_min(1), centres)
+    return codes, lookup.to(torch.float32)
+
+
 # ---- encoded tensors -----------------------------------------------------------------------------
 
 
@@ -247,14 +279,16 @@ class EncodedTensor:
 
 @torch.no_grad()
 def _compress(
-    x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams, scratch: torch.Tensor | None = None
+    x: torch.Tensor, layout: ChunkLayout, hp: SparseLoCoHParams, scratch: torch.Tensor | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[EncodedTensor, torch.Tensor, torch.Tensor]:
     """Encoded tensor, kept flat positions and the residual there (kept value − sent value), float32.
 
     |x| is written block by block straight from x into `scratch` (float32, ≥ numel elements, reused
     across calls) or a fresh buffer, so x is never copied into chunks; the kept values are then read
     from x by flat position. The top-k input is the same |x| chunk matrix as a chunk copy's, so the
-    selection is bit-identical to chunking x first.
+    selection is bit-identical to chunking x first. With `reduce`, x is one holder's rows of a
+    sharded tensor and the table comes from the shared sums (`quantize_shared`).
     """
     if tuple(x.shape) != layout.shape:
         raise ValueError(f"tensor of shape {tuple(x.shape)} does not match layout {layout.shape}")
@@ -269,7 +303,10 @@ def _compress(
     idx = idx.sort(dim=1).values
     positions = layout.flat_positions(idx).reshape(-1)
     kept = xf.reshape(-1)[positions]
-    codes, lookup = quantize(kept, layout.levels, hp.quant_range_sigma)
+    if reduce is None:
+        codes, lookup = quantize(kept, layout.levels, hp.quant_range_sigma)
+    else:
+        codes, lookup = quantize_shared(kept, layout.levels, hp.quant_range_sigma, reduce)
     encoded = EncodedTensor(pack12(idx), pack2(codes), lookup, layout)
     return encoded, positions, kept - lookup[codes.to(torch.int64)]
 
@@ -328,7 +365,9 @@ class Compressor:
         return _layout_cached(tuple(int(s) for s in shape), self.hp)
 
     @torch.no_grad()
-    def encode(self, name: str, delta: torch.Tensor) -> EncodedTensor:
+    def encode(self, name: str, delta: torch.Tensor, reduce: Reduce | None = None) -> EncodedTensor:
+        """Fold Δ into e, compress e, keep the residual. With `reduce`, Δ is this holder's rows of a
+        sharded tensor (`neurons.sharding`): the quantisation table comes from the shared sums."""
         # One reduction instead of isfinite's four passes: a NaN or ±inf anywhere makes the sum
         # non-finite (so does an overflowing sum, which no sane pseudo-gradient has).
         if not bool(torch.isfinite(delta.sum(dtype=torch.float32))):
@@ -340,7 +379,8 @@ class Compressor:
             raise ValueError(f"{name}: shape {tuple(delta.shape)} differs from its error buffer")
         self._error[name] = error = error.to(delta.device)
         error.mul_(self.hp.error_decay).add_(delta.to(torch.float32))
-        encoded, positions, residual = _compress(error, self.layout(delta.shape), self.hp, self._scratch_for(error))
+        encoded, positions, residual = _compress(error, self.layout(delta.shape), self.hp, self._scratch_for(error),
+                                                 reduce)
         error.view(-1)[positions] = residual  # e ← e − decode(encoded): only kept positions change
         return encoded
 
