@@ -221,3 +221,13 @@ async def test_validator_commits_through_the_sdk(chain_factory):
         assert await raw(bt.calls.SubtensorModule.commit_timelocked_mechanism_weights(
             netuid=1, mecid=0, commit=b"\x01" * 64, reveal_round=10**9, commit_reveal_version=3)) \
             == "IncorrectCommitRevealVersion"
+
+
+def test_commit_reveal_is_a_subnet_param_in_its_real_spellings():
+    from devnet.chain_state import parse_subnet_params, subnet_param_name
+
+    assert parse_subnet_params(["CommitRevealWeightsEnabled=true", "RevealPeriodEpochs=2"]) == {
+        "commit_reveal_enabled": "true", "reveal_period_epochs": "2"}
+    assert subnet_param_name("commit_reveal_period") == "reveal_period_epochs"  # the SDK's hyperparameter name
+    with pytest.raises(ValueError):
+        parse_subnet_params(["RevealPeriodEpochs=0"])
