@@ -13,6 +13,10 @@ Launching and watching:
   chain client and, optionally, an adversary plugged in.
 - `adversaries.py`: `make_adversary`, `NoiseMiner`, `CopycatMiner`, ...: `Miner` subclasses that cheat.
 - `supervisor.py`: `Supervisor`, `ChildSpec`: child processes, restarts, clean shutdown.
+- `faults.py`: `parse_fault`, `FaultRunner`, `FaultyPool`: the `--fault` plan (kill -9, storage or chain
+  stall, one peer unreachable for one node, a shard deleted), applied at chain windows.
+- `fault_report.py`: `summarize_faults`, `final_digests`: windows lost and time to recover per fault,
+  every honest node's final θ digest against the validator's (the report's `faults`, `final_digests`).
 - `bootstrap.py`: `init_devnet`, `DevnetManifest`: wallets, subnet, registrations, stake (genesis).
 - `s3.py`: `S3Server`: `rclone serve s3` over a local folder, one bucket per participant.
 - `hostile_s3.py`: `HostileS3`, `Behaviour`: a lying S3 proxy in front of it (forged times, swapped

@@ -46,6 +46,8 @@ from devnet.chain_state import SubnetParams, parse_subnet_params
 from devnet.chain_store import load_state, save_state
 from devnet.chain_validators import ValidatorWindow, read_validators, summarize
 from devnet.dashboard import Dashboard, DashboardConfig
+from devnet.fault_report import final_digests, summarize_faults
+from devnet.faults import GRAMMAR, FaultRunner, check_plan, parse_plan
 from devnet.report import build_report, read_miner_metrics, write_report
 from devnet.s3 import HOST, free_port
 from devnet.scoreboard import (
@@ -62,6 +64,7 @@ from devnet.substrate import devnet_chain
 from devnet.supervisor import ChildSpec, ChildState, Supervisor, SupervisorConfig, json_event
 from neurons.flags import Flags
 from neurons.node_config import ENV_PREFIX, NODE_FLAGS, BucketSettings, NodeConfig
+from neurons.node_files import read_metrics
 from protocol.data import DatasetError, PageStore
 from protocol.hparams import HParams, load_hparams
 from transport.chain import Chain, ChainConfig
@@ -95,6 +98,12 @@ class DevnetConfig(BaseModel):
         default_factory=list,
         description="NAME@WINDOW: kill that node (SIGKILL, not restarted) once the chain reaches the window, "
                     "e.g. validator-0@8 to see the next validator's records take over.")
+    faults: list[str] = Field(
+        default_factory=list,
+        description=f"A planned fault, {GRAMMAR}, repeatable (devnet/faults.py): kill:NODE@W[+Ns] (kill -9 at "
+                    "window W, restarted N s later, default 2), storage-stall@W+Ns / chain-stall@W+Ns (SIGSTOP the "
+                    "S3 server / chain for N s), unreachable:NODE:PEER@W (NODE alone cannot read PEER's window-W "
+                    "shard), delete-shard:NODE@W (its window-W shard deleted at W+2); the report says what each cost.")
     state: Path = Field(Path(".devnet"), description="Devnet folder (chain, s3, data, nodes, logs).")
     report: Path | None = Field(None, description="Report folder (default STATE/report).")
     preset: str = Field("tiny", description="Hyperparameter preset or file, passed to every node.")
@@ -126,6 +135,7 @@ class DevnetConfig(BaseModel):
             name, sep, window = item.partition("@")
             if not sep or not name or not window.isdigit():
                 raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
+        parse_plan(self.faults)  # a bad fault fails here, as one line
         if any(not 0.0 < q <= 1.0 for q in self.miner_profile):
             raise ValueError("--miner-profile: each quality must be in (0, 1]")
         if self.miners + len(self.adversaries) == 0:
@@ -280,6 +290,8 @@ class Devnet:
         self.validator_windows: list[ValidatorWindow] = []
         self.validators_summary: dict | None = None
         self.killed: set[str] = set()
+        self.faults: FaultRunner | None = None
+        self.events_seen: list[str] = []  # fault runner lines already shown
         shown = {"preset", "miners", "validators", "adversaries", "windows"}
         summary = cfg.model_dump(mode="json", include=shown)
         self.dash = Dashboard(DashboardConfig(enabled=cfg.dashboard, port=cfg.dashboard_port), summary)
@@ -333,6 +345,12 @@ class Devnet:
             if block is not None:
                 window = block // self.hp.windows.blocks_per_window
                 self.kill_due(window)
+                if self.faults is not None:
+                    self.faults.tick(window)
+                    for line in self.faults.log[len(self.events_seen):]:
+                        self.note(line)
+                        self.events.append(line)
+                    self.events_seen = list(self.faults.log)
                 cap = window + cfg.windows + cfg.slack_windows if cap is None else cap
                 if window >= cap:
                     return f"window cap {cap} reached with {len(self.snapshots)} windows scored"
@@ -408,6 +426,9 @@ class Devnet:
         os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", child_env(cfg)["BTCLI_TOKEN_SYMBOLS_CACHE"])
         manifest = prepare_state(cfg, hp)
         participants = plan_participants(cfg, manifest)
+        plan = parse_plan(cfg.faults)
+        check_plan(plan, {p.name: p.role for p in participants})
+        watched_name = next((p.name for p in participants if p.role == "validator"), None)
         self.note(f"devnet in {cfg.state}: {cfg.validators} validators, {cfg.miners} honest miners, "
                   f"adversaries: {', '.join(cfg.adversaries) or 'none'}")
         reason, chain, loop = "setup failed", None, asyncio.get_running_loop()
@@ -421,6 +442,9 @@ class Devnet:
                 loop.add_signal_handler(sig, self.stop.set)
             with board:
                 url, s3 = await self.start_network(participants)
+                if plan:
+                    self.faults = FaultRunner(plan, self.sup, cfg.state, {p.name: p.hotkey for p in participants}, s3,
+                                              [p.name for p in participants if p.role == "validator"])
                 chain = devnet_chain(ChainConfig(network=url, netuid=cfg.netuid, wallet_path=manifest.wallet_path))
                 await chain.connect()
                 nodes_cfg, nodes_data = cfg, data
@@ -431,12 +455,17 @@ class Devnet:
                     self.hp = evaluator.hp = load_hparams(str(pinned_hp))  # the pin is in the revision
                     self.note(f"dataset published to s3://{DATASET_BUCKET}/dataset/{pinned[:16]}/ "
                               f"(manifest {pinned[:16]}…); nodes read their pages from there")
+                faulty = self.faults.nodes_with_fault_file() if self.faults is not None else {}
                 for p in participants:  # validators first: they publish the first peer list
-                    self.sup.start(node_spec(nodes_cfg, p, url, manifest.wallet_path, nodes_data, s3))
+                    spec = node_spec(nodes_cfg, p, url, manifest.wallet_path, nodes_data, s3)
+                    if p.name in faulty:  # devnet/faults.py: this node alone cannot read a peer for a window
+                        spec = spec.model_copy(update={"argv": [*spec.argv, "--fault-file", str(faulty[p.name])]})
+                    self.sup.start(spec)
                 self.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
                 doomed = {k.partition("@")[0] for k in cfg.kill}  # watch a validator that stays up
                 watched = next((p for p in participants if p.role == "validator" and p.name not in doomed),
                                participants[0])
+                watched_name = watched.name
                 watcher = ScoreWatcher(cfg.state / "nodes" / watched.name, participants, evaluator)
                 reason = await self.monitor(chain, watcher)
                 self.note(f"stopping: {reason}")
@@ -453,6 +482,8 @@ class Devnet:
             self.dash.set_status(f"stopped: {reason}")
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if self.faults is not None:
+                self.faults.release()  # continue what is stopped: stop_all must find it running
             if chain is not None:
                 await chain.close()
             self.sup.stop_all(names=[p.name for p in participants])  # nodes first, then chain and S3
@@ -466,6 +497,13 @@ class Devnet:
             report.validators = self.validators_summary or summarize(self.validator_windows, participants)
             report.weight_spread_per_window = {w.window: w.spread for w in self.validator_windows
                                                if w.spread is not None}
+        honest = [p.name for p in participants if p.kind in (HONEST, "validator")]
+        report.final_digests = final_digests(cfg.state, honest, watched_name) if watched_name else None
+        if self.faults is not None:
+            lines = {p.name: read_metrics(nodes / p.name) for p in participants if p.kind == HONEST and p.role == "miner"}
+            report.faults = summarize_faults(self.faults.events, lines, self.faults.window_times,
+                                             {s.window for s in self.snapshots},
+                                             {h.window: h.loss for h in report.heldout_loss})
         path = write_report(report, cfg.report_dir)
         share = "n/a" if report.honest_incentive_share is None else f"{report.honest_incentive_share:.1%}"
         self.note(f"{report.windows} windows; honest incentive share {share}; report: {path}")
@@ -477,10 +515,10 @@ class Devnet:
 DEVNET_FLAGS = Flags(DevnetConfig, names={"adversaries": ("--adversary",), "overrides": ("--set",),
                                           "subnet_params": ("--subnet-param",),
                                           "validator_stakes": ("--validator-stake",), "kill": ("--kill",),
-                                          "miner_profile": ("--miner-profile",)},
+                                          "miner_profile": ("--miner-profile",), "faults": ("--fault",)},
                      metavars={"adversaries": "KIND", "overrides": "SECTION.FIELD=VALUE",
                                "subnet_params": "NAME=VALUE", "validator_stakes": "TAO", "kill": "NAME@WINDOW",
-                               "miner_profile": "Q"})
+                               "miner_profile": "Q", "faults": "PLAN"})
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

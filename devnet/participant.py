@@ -9,7 +9,9 @@ subclasses in place of the honest miner. One hparams setting is added too: the d
 plain http on 127.0.0.1 (devnet/s3.py), which the endpoint policy refuses everywhere else
 (protocol/endpoint_policy.py), so every devnet node, however it is started (`crucible devnet run`,
 docker/compose.devnet.yml, by hand), accepts http on loopback addresses and nothing more
-(`DEVNET_ENDPOINT_OVERRIDES`, before the node's own `--set`s, which may change it).
+(`DEVNET_ENDPOINT_OVERRIDES`, before the node's own `--set`s, which may change it). With `--fault-file`
+(the launcher's fault plan, devnet/faults.py), the node's bucket pool fails reads of the shards the
+file names while it exists: one peer unreachable for this node only, the node's code unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class DevnetNode:
 
     def add_cli(self, parser: argparse.ArgumentParser) -> None:
         NODE_FLAGS.add_to(parser)
+        parser.add_argument("--fault-file", metavar="PATH", type=Path, default=None,
+                            help="devnet fault plan: shards named in this JSON file, while it exists, are "
+                                 "unreachable for this node (devnet/faults.py)")
         if self.role == "miner":
             parser.add_argument("--adversary", metavar="KIND", default=None,
                                 help="run an adversarial miner of this kind (see devnet/adversaries.py)")
@@ -76,7 +81,13 @@ class DevnetNode:
             raise FlagError(f"--quality: must be in (0, 1], got {quality}")
         from devnet.profiles import apply_profile
 
+        fault_file = getattr(args, "fault_file", None)
+
         def build(node: Node, state_dir: Path) -> Miner | Validator:
+            if fault_file is not None:
+                from devnet.faults import FaultyPool
+
+                node.pool = FaultyPool(node.pool, fault_file)
             if self.role == "validator":
                 return Validator(node, state_dir)
             if kind:

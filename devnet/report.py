@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from devnet.chain_validators import ValidatorSummary
 from devnet.fairness import FairnessSummary, summarize
+from devnet.fault_report import FaultOutcome, FinalDigests
 from devnet.scoreboard import HONEST, Participant, UidRow, WindowSnapshot
 from neurons.node_files import read_metrics
 
@@ -81,6 +82,11 @@ class DevnetReport(BaseModel):
     weight_spread_per_window: dict[int, float] = Field(
         default_factory=dict,
         description="Several validators: window -> largest L1 distance between their stored weight vectors.")
+    faults: list[FaultOutcome] = Field(
+        default_factory=list, description="--fault: per planned fault, windows lost and time to recover "
+                                          "(devnet/fault_report.py).")
+    final_digests: FinalDigests | None = Field(
+        None, description="Every honest node's final θ digest against the validator's for the same window.")
 
 
 def read_miner_metrics(node_dir: Path) -> list[MinerWindowMetrics]:

@@ -75,6 +75,7 @@ class Child:
     restarts: int = 0
     last_code: int | None = None
     restart_at: float = 0.0
+    planned: bool = False  # stopped by a fault plan's kill: the coming restart is not counted as a crash's
     pids: list[int] = field(default_factory=list)  # every pid it ran as, for checks
 
     @property
@@ -215,7 +216,8 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children.values():
             if child.state == ChildState.WAITING and now >= child.restart_at and not self.stopping:
-                child.restarts += 1
+                child.restarts += 0 if child.planned else 1
+                child.planned = False
                 self._spawn(child)
                 continue
             if child.state != ChildState.RUNNING or child.proc is None or child.proc.poll() is None:
@@ -314,6 +316,26 @@ class Supervisor:
             if child.state in (ChildState.RUNNING, ChildState.WAITING):
                 child.state = ChildState.STOPPED
         return killed
+
+    def kill(self, name: str, restart_after_s: float | None = None) -> bool:
+        """SIGKILL a running child's whole group now (a fault plan's kill -9, devnet/faults.py) and restart it
+        `restart_after_s` later (None: never); such a restart does not count against max_restarts.
+        False when the child was not running."""
+        child = self.children.get(name)
+        if child is None or child.proc is None or child.proc.poll() is not None:
+            return False
+        self._kill_group(child.proc.pid, signal.SIGKILL)
+        child.proc.wait()
+        child.last_code = child.proc.returncode
+        end = time.monotonic() + 5.0
+        while group_members(child.proc.pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        if restart_after_s is None:
+            child.state = ChildState.STOPPED
+        else:
+            child.state, child.planned = ChildState.WAITING, True
+            child.restart_at = time.monotonic() + restart_after_s
+        return True
 
     def __enter__(self) -> Supervisor:
         return self
