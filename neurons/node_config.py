@@ -10,9 +10,11 @@ own bucket (`--bucket.*`, each with a CRUCIBLE_BUCKET_* environment fallback rea
 pydantic-settings, so the keys need never be on argv, where `ps` shows them).
 
 Defaults that only make sense for a demo apply only off the public networks: on `finney`, `test`
-and `archive` a node refuses to start without an explicit `--preset` and `--data` (the tiny model
-on a real subnet would waste everybody's time); on `local`, `ws://` and `devnet://` they default to
-`tiny` and `data/tiny`. This module imports neither torch, the SDK nor the node, so building a parser
+and `archive` a node refuses to start without an explicit `--preset` (the tiny model on a real subnet
+would waste everybody's time) and without a pinned dataset: either the hparams name the dataset's
+bucket (`data.bucket`, pages are fetched and verified, `--data` is not read) or `--data` is a folder
+checked against the pinned `data.manifest_hash`; on `local`, `ws://` and `devnet://` they default
+to `tiny` and `data/tiny`. This module imports neither torch, the SDK nor the node, so building a parser
 stays cheap; `neurons.node_cli.open_node` does the I/O.
 """
 
@@ -160,12 +162,30 @@ class NodeConfig(HParamsChoice):
         if self.preset is None and self.chain.is_public:
             raise ValueError(f"--preset: required on network {network}: one of {', '.join(PRESETS)} or a .toml/.json "
                              f"file ({DEMO_PRESET} is the default on local networks only)")
-        if self.data is None and self.chain.is_public:
-            raise ValueError(f"--data: required on network {network}: a folder made by `crucible data prepare "
-                             f"--preset {self.preset} --out DIR` ({DEMO_DATA} is the default on local networks only)")
         self.preset = self.preset or DEMO_PRESET
-        self.data = self.data or DEMO_DATA
+        if self.chain.is_public:
+            self._check_public_dataset(network)
+        elif self.data is None:
+            self.data = DEMO_DATA
         return self
+
+    def _check_public_dataset(self, network: str) -> None:
+        """A public network reads one pinned dataset: its bucket (no --data needed) or a checked folder."""
+        try:
+            data = load_hparams(self.preset, self.overrides).data
+        except Exception:  # a bad preset or override is reported with its own line when the node is built
+            return
+        if data.bucket is not None:
+            return  # pages come from the pinned bucket (--data is not read)
+        if self.data is None:
+            raise ValueError(f"--data: required on network {network}: the hparams name no dataset bucket "
+                             f"(data.bucket), so pass a folder made by `crucible data prepare --preset "
+                             f"{self.preset} --out DIR` or fetched from the network ({DEMO_DATA} is the default "
+                             "on local networks only)")
+        if data.manifest_hash is None:
+            raise ValueError(f"--preset: on network {network} the hparams must pin the network's dataset "
+                             "(data.manifest_hash, from the subnet's hparams file): without it two nodes could "
+                             "train on different pages and every stage-2 score would be noise")
 
     def python_log_level(self) -> int:
         """The level for the root logger (TRACE is DEBUG with third-party libraries unmuted)."""

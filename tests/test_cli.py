@@ -64,11 +64,12 @@ def test_flags_round_trip_through_the_config():
     parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
     args = parser.parse_args(["--netuid", "7", "--wallet.name", "v", "--subtensor.network", "test", "--set",
                               "inner.steps=2", "--set=inner.lr=0.001", "--windows", "3", "--metrics.port", "9100",
-                              "--bucket.name", "b", "--log-level", "debug", "--preset", "150m", "--data", "d"])
+                              "--bucket.name", "b", "--log-level", "debug", "--preset", "150m", "--data", "d",
+                              "--set", "data.manifest_hash=" + "0f" * 32])
     cfg = NODE_FLAGS.parse(args)
     assert (cfg.chain.netuid, cfg.chain.network, cfg.chain.wallet_name, cfg.chain.wallet_hotkey) == (7, "test", "v",
                                                                                                     "default")
-    assert cfg.overrides == ["inner.steps=2", "inner.lr=0.001"] and cfg.windows == 3 and cfg.log_level == "DEBUG"
+    assert cfg.overrides[:2] == ["inner.steps=2", "inner.lr=0.001"] and cfg.windows == 3 and cfg.log_level == "DEBUG"
     assert cfg.metrics.port == 9100 and cfg.bucket.name == "b" and cfg.bucket.region == "auto"
     assert NODE_FLAGS.parse(parser.parse_args(NODE_FLAGS.argv(cfg))) == cfg
 
@@ -85,6 +86,16 @@ def test_bittensor_aliases_and_demo_defaults_only_off_the_public_networks():
             NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--data", "d"]))
         with pytest.raises(FlagError, match=f"--data: required on network {network}"):
             NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--preset", "1b"]))
+        with pytest.raises(FlagError, match="must pin the network's dataset"):  # a folder, but which dataset?
+            NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--preset", "1b", "--data", "d"]))
+        pinned = ["--set", "data.manifest_hash=" + "ab" * 32]
+        cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--preset", "1b",
+                                                  "--data", "d", *pinned]))
+        assert str(cfg.data) == "d"  # the folder is checked against the pinned hash when the node opens
+        bucket = [*pinned, "--set", "data.bucket=pages", "--set", "data.endpoint=https://data.example.org",
+                  "--set", "data.read_key=read-key-0123456789", "--set", "data.read_secret=read-secret-0123456789"]
+        cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--preset", "1b", *bucket]))
+        assert cfg.data is None  # pages come from the pinned bucket: no folder needed, none read
 
 
 def test_bucket_settings_fall_back_to_the_environment_and_secrets_stay_off_argv(monkeypatch):
@@ -105,7 +116,8 @@ def test_bucket_settings_fall_back_to_the_environment_and_secrets_stay_off_argv(
     (["validator", "--netuid", "x"], "crucible validator: --netuid: Input should be a valid integer"),
     (["miner", "--netuid", "1", "--windows", "0"], "crucible miner: --windows: Input should be greater than"),
     (["miner", "--netuid", "1", "--network", "mainnet"], "crucible miner: --network: unknown network 'mainnet'"),
-    (["devnet", "miner", "--netuid", "1", "--network", "test", "--preset", "tiny", "--data", "d"],
+    (["devnet", "miner", "--netuid", "1", "--network", "test", "--preset", "tiny", "--data", "d",
+      "--set", "data.manifest_hash=" + "ab" * 32],
      "crucible devnet miner: --network: not a devnet URL"),
     (["devnet", "miner", "--netuid", "1", "--network", "devnet://127.0.0.1:9", "--adversary", "sybil"],
      "crucible devnet miner: --adversary: unknown kind 'sybil'"),
