@@ -2,6 +2,7 @@
 
     crucible bench memory --preset 8b --ranks 8 --micro-batch 2
     crucible bench memory --preset tiny --measure        # also measure this process's peak (CPU, 1 rank)
+    crucible bench memory --preset tiny --ranks 2 --measure   # each FSDP2 rank's peak (gloo, CPU processes)
 
 Bytes per rank, by what holds them:
 - parameters, gradients: float32 master weights and their gradients (N·4 each), divided by the ranks
@@ -21,7 +22,8 @@ Bytes per rank, by what holds them:
 The smallest GPU count is the smallest R whose per-rank total, plus 10 % for allocator
 fragmentation and the CUDA context, fits each GPU size (80 GB, 141 GB by default). Everything is an
 estimate; `--measure` compares it against a real run on this machine (RSS high-water mark of one
-inner window on CPU).
+inner window and its encode on CPU; with `--ranks R` > 1, R gloo processes running the FSDP2 miner's
+sharded window from `neurons.sharding`, the largest rank's peak).
 """
 
 from __future__ import annotations
@@ -133,8 +135,10 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
         shard = math.ceil(n / r)
         if r == 1:  # autocast keeps a bf16 copy of every weight it used until the backward is done
             gathered = 2 * n if precision == "bf16" else 0
-        else:  # FSDP2 all-gathers the running layer and prefetches the next, in the compute dtype
-            gathered = 2 * layer0 * (2 if precision == "bf16" else 4)
+        else:  # FSDP2 all-gathers the running layer and prefetches the next, in the compute dtype; the
+            # root's own parameters (embeddings, final norm, head) stay gathered from forward to backward
+            root = n - hp.model.num_layers * layer0
+            gathered = (2 * layer0 + root) * (2 if precision == "bf16" else 4)
         parts = {
             "parameters": 4 * shard + gathered,
             "gradients": 4 * shard,
@@ -236,6 +240,73 @@ def measure(hp, micro: int | None, precision: str, checkpointing: bool = False, 
     return {"peak_bytes": _rss_hwm() - base, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _measure_rank(rank: int, world: int, port: int, hp_json: str, micro: int | None, precision: str,
+                  checkpointing: bool, steps: int, out: str) -> None:
+    """One FSDP2 rank of `measure_sharded` (torch.multiprocessing.spawn target)."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from neurons.distributed import DistContext
+    from neurons.sharding import ShardedCompressor, deltas, shard_model, snapshot
+    from neurons.sharding import plan as shard_plan
+    from neurons.training import TrainSettings, inner_train, make_inner_optimizer, prepare_model
+    from protocol.hparams import HParams
+    from protocol.model import build_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ctx = DistContext(rank=rank, world=world, sharded=True)
+    hp = HParams.model_validate_json(hp_json)
+    settings = TrainSettings(micro_batch=micro, precision=precision, checkpointing=checkpointing)
+    samples = torch.randint(0, hp.model.vocab_size, (hp.inner.batch_size * steps, hp.model.seq_len),
+                            generator=torch.Generator().manual_seed(0))
+    _warm_up(hp, TrainSettings(micro_batch=micro, precision=precision))
+    base = _rss()
+    model = shard_model(prepare_model(build_model(hp), settings), settings)
+    try:  # the high-water mark from here: the whole model existed only until fully_shard took the rows
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    started = time.perf_counter()
+    slots = shard_plan(model, ctx, hp.sparseloco)
+    optimizer = make_inner_optimizer(model, hp)
+    compressor = ShardedCompressor(hp.sparseloco, ctx, slots)
+    compressor.inner.load_state_dict({n: torch.ones(s.rows if s.aligned else s.shape[0], *s.shape[1:])
+                                      for n, s in slots.items()})
+    theta_w = snapshot(model)
+    inner_train(model, optimizer, samples, hp, 0, ctx, settings)
+    compressor.encode_all(deltas(model, theta_w, slots))
+    result = {"peak_bytes": _rss_hwm() - base, "seconds": round(time.perf_counter() - started, 1)}
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def measure_sharded(hp, ranks: int, micro: int | None, precision: str, checkpointing: bool = False,
+                    steps: int = 2) -> dict[str, Any]:
+    """Per-rank peak RSS of an FSDP2 window (`ranks` gloo processes on CPU): inner steps and the sharded encode."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    hp = hp.model_copy(update={"inner": hp.inner.model_copy(update={"steps": steps})})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_measure_rank, args=(ranks, port, hp.model_dump_json(), micro, precision, checkpointing, steps, out),
+                 nprocs=ranks, join=True)
+        per_rank = [json.load(open(f"{out}/rank{r}.json")) for r in range(ranks)]
+    return {"peak_bytes": max(r["peak_bytes"] for r in per_rank), "per_rank_peak_bytes": [r["peak_bytes"] for r in
+                                                                                             per_rank],
+            "seconds": max(r["seconds"] for r in per_rank)}
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from protocol.hparams import load_hparams
 
@@ -243,10 +314,11 @@ def run_cli(args: argparse.Namespace) -> int:
     sizes = tuple(args.gpu_gb) if args.gpu_gb else GPU_SIZES_GB
     result = plan(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing, sizes)
     if args.measure:
-        if args.ranks != 1:
-            raise SystemExit("--measure runs one process: use --ranks 1")
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-        measured = measure(hp, args.micro_batch, args.precision, args.checkpointing)
+        if args.ranks == 1:
+            measured = measure(hp, args.micro_batch, args.precision, args.checkpointing)
+        else:
+            measured = measure_sharded(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing)
         estimate = result["bytes_per_rank"]["total"]
         result["measured"] = {**measured, "estimate_bytes": estimate,
                               "estimate_over_measured": round(estimate / max(1, measured["peak_bytes"]), 3),
