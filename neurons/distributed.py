@@ -84,7 +84,10 @@ def init_distributed() -> DistContext:
 
 
 def broadcast_work(ctx: DistContext, message: dict | None) -> dict:
-    """Rank 0 sends the next instruction ({"op": "train", "window", "indices"} / {"op": "stop"})."""
+    """Rank 0 sends the next instruction ({"op": "train", "window", "samples"} / "sync" / "stop").
+
+    `broadcast_object_list` pickles: fine between the ranks of one operator's own process group, never
+    for anything that came from a bucket (those are raw token pages, already checked by the store)."""
     box = [message if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]

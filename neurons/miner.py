@@ -141,7 +141,8 @@ class Miner:
         samples = self.node.store.pages(indices)
         theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
         if self.dist.active:
-            broadcast_work(self.dist, {"op": "train", "window": window, "indices": indices})
+            # the pages themselves, not their indices: follower ranks hold no dataset (pinned bucket or folder)
+            broadcast_work(self.dist, {"op": "train", "window": window, "samples": samples})
         stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window, self.dist,
                                         self.train)
         report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
@@ -219,14 +220,17 @@ class Miner:
             broadcast_work(self.dist, {"op": "stop"})
 
 
-def follow(model: torch.nn.Module, store, hp, dist: DistContext, train: TrainSettings = FP32) -> None:
-    """Ranks > 0 under torchrun: train on rank 0's instructions, take θ from rank 0 after each window."""
+def follow(model: torch.nn.Module, hp, dist: DistContext, train: TrainSettings = FP32) -> None:
+    """Ranks > 0 under torchrun: train on the pages rank 0 sends, take θ from rank 0 after each window.
+
+    Rank 0 reads the window's pages (from the pinned dataset bucket or a folder) and sends them with the
+    instruction, so a follower needs no dataset, cache or bucket credentials of its own."""
     prepare_model(model, train)
     optimizer = make_inner_optimizer(model, hp)
     while True:
         message = broadcast_work(dist, None)
         if message["op"] == "train":
-            inner_train(model, optimizer, store.pages(message["indices"]), hp, message["window"], dist, train)
+            inner_train(model, optimizer, message["samples"], hp, message["window"], dist, train)
         elif message["op"] == "sync":
             if message.get("optimizer") is not None:
                 optimizer.load_state_dict(message["optimizer"])

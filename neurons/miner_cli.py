@@ -23,14 +23,13 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _follow(cfg: NodeConfig, dist: DistContext) -> int:
-    """A torchrun rank > 0: no chain, no bucket; trains on rank 0's instructions."""
+    """A torchrun rank > 0: no chain, no bucket, no dataset; trains on the pages rank 0 sends."""
     from neurons.miner import follow
-    from protocol.data import PageStore
     from protocol.model import build_model
 
     hp, device = cfg.hparams(), cfg.torch_device()
     device = f"cuda:{dist.local_rank}" if device.startswith("cuda") else device
-    follow(build_model(hp, device), PageStore(cfg.data, hp), hp, dist, cfg.train_settings())
+    follow(build_model(hp, device), hp, dist, cfg.train_settings())
     return 0
 
 

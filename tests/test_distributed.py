@@ -1,4 +1,5 @@
-"""Data-parallel miners: 2 gloo ranks on CPU compute what one process computes on the same samples."""
+"""Data-parallel miners: 2 gloo ranks on CPU (rank 1 the production follower loop, with no dataset of its own)
+compute what one process computes on the same samples."""
 
 import os
 import socket
