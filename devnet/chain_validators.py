@@ -5,6 +5,8 @@ stake, permit, validator trust (Yuma's `ValidatorTrust`, the share of its weight
 consensus clip) and its stored weight row (`SubtensorModule.Weights`). `weight_spread` compares the rows
 over miner uids (self-weights and weights on validators left out, each row normalised to sum 1): the
 largest L1 distance between any two validators' vectors, 0 when they agree and 2 when they share nothing.
+On a commit-reveal subnet it also counts each validator's timelocked commits still waiting for their reveal
+(`TimelockedWeightCommits`): weights that Yuma does not see yet.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class ValidatorWindow(BaseModel):
     weights: dict[str, dict[int, float]] = Field(
         default_factory=dict, description="Validator name → miner uid → normalised weight stored on chain.")
     spread: float | None = Field(None, description="Largest pairwise L1 distance between the validators' weights.")
+    pending_commits: dict[str, int] = Field(
+        default_factory=dict, description="Validator name → timelocked weight commits not revealed yet (commit-reveal).")
 
 
 class ValidatorSummary(BaseModel):
@@ -35,6 +39,7 @@ class ValidatorSummary(BaseModel):
     stake_share: float | None = Field(description="Share of the validators' stake at the end.")
     vtrust: float | None = Field(description="Validator trust at the end of the run.")
     vtrust_per_window: dict[int, float] = Field(description="window → validator trust read after it.")
+    pending_commits: int = Field(0, description="Its weight commits still waiting for their drand pulse at the end.")
 
 
 def weight_spread(vectors: dict[str, dict[int, float]]) -> float | None:
@@ -73,6 +78,12 @@ async def read_validators(chain: Chain, participants: list[Participant], window:
         raw = await chain.client.query(("SubtensorModule", "Weights"), [chain.config.netuid, uid])
         out.weights[name] = _row(raw, miners)
     out.spread = weight_spread(out.weights)
+    queued = await chain.client.query_map(("SubtensorModule", "TimelockedWeightCommits"), [chain.config.netuid])
+    by_hotkey: dict[str, int] = {}
+    for _epoch, queue in queued or []:
+        for entry in queue or []:
+            by_hotkey[str(entry[0])] = by_hotkey.get(str(entry[0]), 0) + 1
+    out.pending_commits = {p.name: by_hotkey[p.hotkey] for p in validators if by_hotkey.get(p.hotkey)}
     return out
 
 
@@ -89,5 +100,6 @@ def summarize(windows: list[ValidatorWindow], participants: list[Participant],
             stake_share=last.stake_share.get(p.name) if last else None,
             vtrust=last.vtrust.get(p.name) if last else None,
             vtrust_per_window={w.window: w.vtrust[p.name] for w in windows if p.name in w.vtrust},
+            pending_commits=last.pending_commits.get(p.name, 0) if last else 0,
         )
     return out

@@ -33,7 +33,9 @@ from devnet.chain_state import (
     new_chain,
     register,
 )
+from devnet.chain_validators import read_validators
 from devnet.chain_wire import RAO_PER_TAO
+from devnet.scoreboard import Participant
 from neurons.validator import Validator, ValidatorReport
 from protocol.hparams import load_hparams
 from transport.chain import ChainCallFailed
@@ -187,7 +189,8 @@ def test_revealed_weights_face_set_weights_checks(case):
 
 async def test_validator_commits_through_the_sdk(chain_factory):
     subnet = SubnetParams(tempo=5, weights_rate_limit=5, immunity_period=20, max_allowed_uids=16,
-                          validator_min_stake=100 * RAO_PER_TAO, commit_reveal_enabled=True)
+                          validator_min_stake=100 * RAO_PER_TAO, commit_reveal_enabled=True,
+                          reveal_period_epochs=50)  # commits outlive the test: none expires mid-way
     proc = chain_factory(BootstrapConfig(miners=3, validators=1, subnet=subnet))
     async with proc.chain("validator-0") as chain:
         v = Validator.__new__(Validator)
@@ -211,6 +214,10 @@ async def test_validator_commits_through_the_sdk(chain_factory):
         assert await v.set_weights(window, list(miners), [0.5, 0.3, 0.2], ValidatorReport(window), miners)
         queued = await chain.client.query_map(("SubtensorModule", "TimelockedWeightCommits"), [1])
         assert sum(len(queue) for _, queue in queued) == 2
+        me_p = Participant(name="validator-0", role="validator", kind="validator", wallet="validator-0",
+                           hotkey=chain.hotkey)
+        seen = await read_validators(chain, [me_p], window)  # what the devnet report shows: pending reveal
+        assert seen.pending_commits == {"validator-0": 2} and seen.weights == {"validator-0": {}}
 
         async def raw(call):  # past the SDK's preflight: the chain itself decides
             result = await chain.client.submit_call(call, chain.wallet, signer="hotkey")
