@@ -5,13 +5,17 @@ module turns that and the honest miners' `metrics.jsonl` lines (`window`, `stepp
 never parsed) into the report's `faults` entries:
 
 - the network *stepped* in window w when some honest miner applied w's record (`stepped`);
-- a node is *in step* in w when it has a line for w, was in sync and stepped; a window it has no
-  line for (it was down) or in which it did not step while the network did counts as out of sync;
+- a node is *in step* in w when it has a line for w and stepped: a miner applies a record only to the θ
+  the record names (`Miner.ensure_in_sync`), so a node that found itself out of sync at w's start,
+  recovered and stepped ends w in sync; a window it has no line for (it was down), in which it found
+  itself out of sync (`in_sync` false), or did not step while the network did, is listed as out of sync;
 - a fault is *recovered* at the first window r ≥ its end window in which the network stepped and
   every honest miner was in step; `windows_to_recover` = r − end window, `seconds_to_recover` = from
   the fault's end to the start of r + 1 (when r's step was done), as the launcher saw the chain;
 - the held-out loss (the validator's θ, from the launcher's snapshots) *steps again* at the first
   model window m ≥ the end window whose loss differs from m − 1's.
+
+Faults whose spans overlap share the windows lost between them: space them to tell their costs apart.
 
 Final digests are `protocol.model.param_digest` of θ in each honest node's saved state
 (`node-state.safetensors`, window and `model.*` tensors), compared with the reference validator's
@@ -75,7 +79,7 @@ def _steps(metrics: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[int
 
 
 def _in_step(line: dict | None) -> bool:
-    return line is not None and bool(line.get("stepped")) and line.get("in_sync", True) is not False
+    return line is not None and bool(line.get("stepped"))
 
 
 def summarize_faults(events: list[FaultEvent], metrics: dict[str, list[dict[str, Any]]],
@@ -92,8 +96,8 @@ def summarize_faults(events: list[FaultEvent], metrics: dict[str, list[dict[str,
                               and all(_in_step(per.get(w)) for per in lines.values())), None)
         span_end = recovered if recovered is not None else (last if last is not None else ev.started_window)
         span = range(ev.started_window, span_end + 1)
-        out_of_sync = {name: [w for w in span if not _in_step(per.get(w)) and (w in stepped or per.get(w) is None
-                                                                              or per[w].get("in_sync") is False)]
+        out_of_sync = {name: [w for w in span if per.get(w) is None or per[w].get("in_sync") is False
+                              or (w in stepped and not _in_step(per[w]))]
                        for name, per in sorted(lines.items())}
         moved = None
         if end is not None:
