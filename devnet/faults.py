@@ -193,6 +193,7 @@ class FaultRunner:
         self._timers: list[threading.Timer] = []
         self._lock = threading.Lock()
         self.window = -1  # the chain's window, as last seen
+        self._blocks: dict[str, list[dict]] = {}  # node -> the shards it cannot read now (its fault file)
         self.log: list[str] = []
 
     def nodes_with_fault_file(self) -> dict[str, Path]:
@@ -236,9 +237,8 @@ class FaultRunner:
             self._timers.append(timer)
             timer.start()
         elif f.kind == FaultKind.UNREACHABLE:
-            path = fault_file(self.state, f.node)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"blocked": [{"hotkey": self.hotkeys[f.peer], "window": f.window}]}))
+            self._blocks.setdefault(f.node, []).append({"hotkey": self.hotkeys[f.peer], "window": f.window})
+            self._write_blocks(f.node)
             event.detail = f"{f.node} cannot read {f.peer}'s window-{f.window} shard"
         self._note(f"fault {f.spec} applied at window {event.started_window}: {event.detail or 'waiting'}")
 
@@ -250,13 +250,25 @@ class FaultRunner:
                     f.seconds is None or time.time() >= event.started_at + f.seconds):
                 self._end(event, f"{f.node} restarted")
         elif f.kind == FaultKind.UNREACHABLE and window >= f.window + 2:
-            fault_file(self.state, f.node).unlink(missing_ok=True)
+            self._blocks[f.node].remove({"hotkey": self.hotkeys[f.peer], "window": f.window})
+            self._write_blocks(f.node)
             self._end(event, "block lifted")
             event.ended_window = f.window + 1  # it hit one window, W; W + 1 is the first unaffected one
         elif f.kind == FaultKind.DELETE_SHARD and window >= f.window + 2:
             self._end(event, self._delete(f))
         if event.ended_at is not None and event in self._open:
             self._open.remove(event)
+
+    def _write_blocks(self, node: str) -> None:
+        """The node's fault file: written whole and renamed (the node reads it at any moment); none when empty."""
+        path = fault_file(self.state, node)
+        if not self._blocks.get(node):
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"blocked": self._blocks[node]}))
+        tmp.replace(path)
 
     def _delete(self, f: Fault) -> str:
         hotkey = self.hotkeys[f.node]

@@ -100,7 +100,7 @@ def test_kill_restarts_the_node_and_stalls_stop_then_continue(tmp_path):
         sup.start(_sleeper(tmp_path, "miner-1"))
         sup.start(_sleeper(tmp_path, "s3"))
         first, s3_pid = sup.children["miner-1"].pid, sup.children["s3"].pid
-        plan = parse_plan(["kill:miner-1@2+0.3s", "storage-stall@3+0.6s"])
+        plan = parse_plan(["kill:miner-1@2+0.3s", "storage-stall@3+4s"])
         runner = FaultRunner(plan, sup, tmp_path, {}, {}, [])
         runner.tick(1)
         assert sup.children["miner-1"].pid == first and not runner.events  # not yet
@@ -115,7 +115,10 @@ def test_kill_restarts_the_node_and_stalls_stop_then_continue(tmp_path):
         assert not Path(f"/proc/{first}").exists() or _proc_state(first) == "Z"
         runner.tick(3)
         assert runner.events[0].ended_at is not None and "restarted" in runner.events[0].detail
-        assert _proc_state(s3_pid) == "T"  # SIGSTOPped
+        deadline = time.monotonic() + 2.5  # the signal is delivered asynchronously
+        while _proc_state(s3_pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _proc_state(s3_pid) == "T" and runner.events[1].ended_at is None  # SIGSTOPped, for now
         deadline = time.monotonic() + 10
         while runner.events[1].ended_at is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -149,6 +152,37 @@ def test_faulty_pool_makes_one_peer_unreachable_only_while_the_file_says_so(s3_s
     path.unlink()  # the launcher lifts the block
     assert bucket.fetch(gradient_key(7, "peerB"), 1 << 20, far) == b"shard of B"
     assert bucket.stats is pool.all()[0].stats  # the node's metrics see the same bucket
+
+
+def test_delete_shard_removes_the_shard_and_its_mirrors_two_windows_later(s3_server, tmp_path):
+    for name in ("miner-1", "validator-0"):
+        s3_server.ensure_bucket(name)
+    miner, validator = Bucket(s3_server.bucket_config("miner-1")), Bucket(s3_server.bucket_config("validator-0"))
+    miner.put(gradient_key(5, "hk1"), b"shard")
+    miner.put(gradient_key(6, "hk1"), b"next shard")
+    validator.put(mirror_key(5, "hk1"), b"shard")
+    s3 = {"endpoint": s3_server.endpoint, "region": s3_server.bucket_config("miner-1").region,
+          "write": {"access_key_id": s3_server.write_key.access_key, "secret_access_key": s3_server.write_key.secret_key}}
+    runner = FaultRunner(parse_plan(["delete-shard:miner-1@5", "unreachable:miner-0:miner-1@5",
+                                     "unreachable:miner-0:miner-1@6"]), Supervisor(), tmp_path,
+                         {"miner-1": "hk1"}, s3, ["validator-0"])
+    runner.tick(5)
+    assert miner.get(gradient_key(5, "hk1"), 100) == b"shard"  # everyone still has to apply window 5
+    blocked = json.loads((tmp_path / "faults" / "miner-0.json").read_text())["blocked"]
+    assert blocked == [{"hotkey": "hk1", "window": 5}]
+    runner.tick(6)
+    assert len(json.loads((tmp_path / "faults" / "miner-0.json").read_text())["blocked"]) == 2  # both at once
+    runner.tick(7)
+    for bucket, key in ((miner, gradient_key(5, "hk1")), (validator, mirror_key(5, "hk1"))):
+        with pytest.raises(ObjectNotFound):
+            bucket.get(key, 100)
+    assert miner.get(gradient_key(6, "hk1"), 100) == b"next shard"
+    assert json.loads((tmp_path / "faults" / "miner-0.json").read_text())["blocked"] == [{"hotkey": "hk1",
+                                                                                          "window": 6}]
+    delete = runner.events[0]
+    assert delete.ended_window == 7 and "not deleted" not in delete.detail and "mirror/5/hk1" in delete.detail
+    runner.tick(8)
+    assert not (tmp_path / "faults" / "miner-0.json").exists()
 
 
 def _event(spec: str, start: int, end: int, started_at: float, ended_at: float) -> FaultEvent:
