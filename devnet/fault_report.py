@@ -12,8 +12,13 @@ never parsed) into the report's `faults` entries:
 - a fault is *recovered* at the first window r ≥ its end window in which the network stepped and
   every honest miner was in step; `windows_to_recover` = r − end window, `seconds_to_recover` = from
   the fault's end to the start of r + 1 (when r's step was done), as the launcher saw the chain;
-- the held-out loss (the validator's θ, from the launcher's snapshots) *steps again* at the first
-  model window m ≥ the end window whose loss differs from m − 1's.
+- a fault's span starts one window before the window it was applied in: window w's record is
+  published and applied early in w + 1, so a fault at W can cost W − 1's step (and a node killed at W
+  loses the W − 1 it was finishing); it ends at the recovery (or the last window with metrics);
+- the held-out loss (the validator's θ, from the launcher's snapshots) *steps again* by window
+  m − 1 − end for the first snapshot m (model window, with m − 1 ≥ the end window) whose loss differs
+  from the snapshot before it: where the validator scored no window in between, that is the latest
+  window the step can have been in (an upper bound).
 
 Faults whose spans overlap share the windows lost between them: space them to tell their costs apart.
 
@@ -43,10 +48,11 @@ class FaultOutcome(BaseModel):
     ended_window: int | None = Field(description="Chain window when it ended (None: it never did).")
     fault_seconds: float | None = Field(description="Seconds from applied to ended.")
     windows_not_stepped: list[int] = Field(
-        description="Windows from the start to the recovery in which no honest node stepped (held-out loss flat).")
+        description="Windows from the one before the start to the recovery in which no honest node stepped "
+                    "(held-out loss flat).")
     out_of_sync: dict[str, list[int]] = Field(
-        description="Per honest miner, windows from the start to the recovery it was out of sync, down, or did "
-                    "not step while the network did.")
+        description="Per honest miner, windows in that span it was down, found itself out of sync, or did not "
+                    "step while the network did.")
     windows_not_scored: list[int] = Field(description="Windows in that span the validator did not score.")
     recovered_window: int | None = Field(
         description="First window ≥ the end in which the network stepped and every honest miner was in step.")
@@ -54,7 +60,8 @@ class FaultOutcome(BaseModel):
     seconds_to_recover: float | None = Field(
         description="Seconds from the fault's end to the start of recovered_window + 1 (launcher's clock).")
     heldout_steps_again: int | None = Field(
-        description="Model windows after the end until the held-out loss moved again (0: at once).")
+        description="Windows after the end until the held-out loss moved again (0: at once; an upper bound "
+                    "where the validator scored no window in between).")
     detail: str = Field("", description="What the runner did.")
 
 
@@ -95,14 +102,15 @@ def summarize_faults(events: list[FaultEvent], metrics: dict[str, list[dict[str,
             recovered = next((w for w in range(end, last + 1) if w in stepped
                               and all(_in_step(per.get(w)) for per in lines.values())), None)
         span_end = recovered if recovered is not None else (last if last is not None else ev.started_window)
-        span = range(ev.started_window, span_end + 1)
+        span = range(max(0, ev.started_window - 1), span_end + 1)
         out_of_sync = {name: [w for w in span if per.get(w) is None or per[w].get("in_sync") is False
                               or (w in stepped and not _in_step(per[w]))]
                        for name, per in sorted(lines.items())}
         moved = None
         if end is not None:
-            moved = next((m - 1 - end for m in sorted(heldout) if m - 1 >= end and m - 1 in heldout
-                          and heldout[m] != heldout[m - 1]), None)
+            points = sorted(heldout)
+            moved = next((m - 1 - end for p, m in zip(points, points[1:], strict=False) if m - 1 >= end
+                          and heldout[m] != heldout[p]), None)
         seconds = None
         if recovered is not None and ev.ended_at is not None and recovered + 1 in window_times:
             seconds = max(0.0, window_times[recovered + 1] - ev.ended_at)

@@ -194,15 +194,16 @@ def test_windows_lost_and_time_to_recover_from_metrics_lines():
     def line(w, stepped=True, in_sync=True):
         return {"window": w, "stepped": stepped, "in_sync": in_sync}
 
-    metrics = {  # a storage stall over windows 5-6, then miner-1 killed in window 8 and back out of sync in 9
-        "miner-0": [line(w, stepped=w not in (5, 6)) for w in range(3, 12)],
-        "miner-1": [line(w, stepped=w not in (5, 6, 9), in_sync=w != 9) for w in range(3, 12) if w != 8],
+    lost = (4, 5, 6)  # a storage stall over windows 5-6 (window 4's record was due in 5), then miner-1 killed
+    metrics = {       # in window 8 and back out of sync in 9
+        "miner-0": [line(w, stepped=w not in lost) for w in range(3, 12)],
+        "miner-1": [line(w, stepped=w not in (*lost, 9), in_sync=w != 9) for w in range(3, 12) if w != 8],
     }
     times = {w: 100.0 + 10 * w for w in range(3, 13)}
-    heldout = {w: 8.0 - 0.1 * sum(1 for v in range(3, w) if v not in (5, 6)) for w in range(3, 13)}
+    heldout = {w: 8.0 - 0.1 * sum(1 for v in range(3, w) if v not in lost) for w in range(3, 13)}
     events = [_event("storage-stall@5+15s", 5, 6, 150.0, 165.0), _event("kill:miner-1@8+2s", 8, 8, 180.0, 182.0)]
     stall, kill = summarize_faults(events, metrics, times, scored=set(range(3, 12)) - {6}, heldout=heldout)
-    assert stall.windows_not_stepped == [5, 6] and stall.recovered_window == 7 and stall.windows_to_recover == 1
+    assert stall.windows_not_stepped == [4, 5, 6] and stall.recovered_window == 7 and stall.windows_to_recover == 1
     assert stall.seconds_to_recover == pytest.approx(180.0 - 165.0)  # window 8 starts at 180
     assert stall.out_of_sync == {"miner-0": [], "miner-1": []} and stall.windows_not_scored == [6]
     assert stall.heldout_steps_again == 1  # loss of window 8 differs from 7's: window 7 stepped
@@ -211,10 +212,15 @@ def test_windows_lost_and_time_to_recover_from_metrics_lines():
     assert kill.seconds_to_recover == pytest.approx(210.0 - 182.0) and kill.heldout_steps_again == 0
     # found out of sync at the window's start, recovered and stepped in it: back in step in that window
     drift = summarize_faults([_event("unreachable:miner-0:miner-2@7", 7, 8, 170.0, 190.0)],
-                             {"miner-0": [line(7, stepped=False), line(8, in_sync=False)], "miner-2": [line(7), line(8)]},
+                             {"miner-0": [line(6), line(7, stepped=False), line(8, in_sync=False)],
+                              "miner-2": [line(6), line(7), line(8)]},
                              times, scored=set(range(3, 12)), heldout=heldout)[0]
     assert drift.recovered_window == 8 and drift.windows_to_recover == 0 and drift.windows_not_stepped == []
     assert drift.out_of_sync == {"miner-0": [7, 8], "miner-2": []}
+    # no snapshot between model windows 11 and 14: the loss moved somewhere in 11..13, at most 2 after the end
+    gap = summarize_faults([_event("kill:validator-0@11", 11, 11, 1.0, 2.0)], {"m": [line(12)]}, {}, {10, 13},
+                           {10: 7.0, 11: 7.0, 14: 6.8})[0]
+    assert gap.heldout_steps_again == 2 and gap.windows_not_scored == [11, 12]
     never = summarize_faults([_event("kill:miner-1@8", 8, 8, 1.0, 2.0)], {"m": [line(8, stepped=False)]}, {}, set(),
                              {})
     assert never[0].recovered_window is None and never[0].windows_to_recover is None
