@@ -11,6 +11,7 @@ Modules:
 - `convergence_methods.py`: `run_sparseloco`, `run_diloco`, `run_dp_adamw`, `Workload`: the methods.
 - `validator.py`: seconds to evaluate one miner vs its floor (3 passes per miner + 1 per window); `--synthetic`.
 - `memory.py`: bytes per rank (params, grads, AdamW, error feedback, activations, codec) and GPUs needed.
+- `gpu.py`: the device check: one miner window, tokens/s, MFU, peak memory, codec and stage-2 seconds.
 - `storage.py`: put/get throughput through `transport.bucket.Bucket`.
 - `fetch.py`: a validator's `ShardSource.fetch` of N shards when k buckets (behind the hostile proxy)
   trickle or hang, vs all healthy, against the deadline bound.

@@ -26,6 +26,7 @@ from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import FoundRecord, Node, WindowContext
 from neurons.node_files import append_metrics
+from neurons.sharding import ShardedMiner
 from neurons.training import FP32, TrainSettings, inner_train, make_inner_optimizer, prepare_model
 from protocol.codec import Compressor, EncodedTensor
 from protocol.data import assign, samples_digest
@@ -76,6 +77,7 @@ class Miner:
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
         self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None  # θ in memory is the global model at the start of this window
+        self.sharded: ShardedMiner | None = None  # FSDP2 rows (`neurons.sharding`), from the first window on
 
     # --- hooks (overridden by devnet adversaries only) -------------------------------------------------
 
@@ -87,7 +89,14 @@ class Miner:
         return self.compressor.encode_all(delta)
 
     def apply_aggregate(self, result: GatherResult) -> bool:
-        return self.node.apply(result)
+        if self.sharded is None:
+            return self.node.apply(result)
+        if result.aggregated is None:
+            return False
+        shards = {h: result.fetched[h].shard.tensors for h in result.used}
+        broadcast_work(self.dist, {"op": "apply", "shards": shards, "clip": result.clip_norm})
+        self.sharded.apply(shards, result.clip_norm)
+        return True
 
     # --- one window ------------------------------------------------------------------------------------
 
@@ -112,7 +121,7 @@ class Miner:
                 report.peers_used = result.used
                 report.stepped = self.apply_aggregate(result)
         self.model_window = window + 1
-        if self.dist.active:
+        if self.dist.active and self.sharded is None:  # sharded: every rank stepped its own rows
             broadcast_work(self.dist, {"op": "sync"})
             broadcast_params(self.dist, self.node.model)
         report.window_s = time.perf_counter() - started
@@ -122,10 +131,12 @@ class Miner:
 
     async def ensure_in_sync(self, found: FoundRecord, report: MinerReport) -> bool:
         """Check θ against the record's digest; out of sync, recover (checkpoint + verified replay) now."""
-        drift = self.node.drift(found.record)
+        drift = self.node.drift(found.record) if self.sharded is None else self._sharded_drift(found.record)
         if drift is None:
             return True
         report.in_sync = False
+        if self.sharded is not None:
+            raise SystemExit(f"window {report.window}: sharded θ out of sync ({drift}); restart to catch up")
         log.warning("window %d: out of sync (%s); recovering from the latest checkpoint", report.window, drift)
         why = await recover(self.node, report.window)
         if why is None and self.node.drift(found.record) is None:
@@ -134,11 +145,25 @@ class Miner:
         report.note += f"out of sync ({why or drift}); model unchanged, recovery retried next window. "
         return False
 
+    def _sharded_drift(self, record) -> str | None:
+        if record.theta_digest is None:
+            return None
+        broadcast_work(self.dist, {"op": "digest"})
+        mine = self.sharded.digest()
+        return None if mine == record.theta_digest else f"θ digest {mine[:12]}… differs from the record's"
+
     async def _train_and_publish(self, ctx: WindowContext, report: MinerReport) -> None:
         model, window = self.node.model, ctx.window
         started = time.perf_counter()
         indices = self.choose_samples(window)
         samples = self.node.store.pages(indices)
+        if self.sharded is not None:  # the same window, a collective over the ranks' rows
+            broadcast_work(self.dist, {"op": "train", "window": window, "samples": samples, "seed": ctx.seed})
+            encoded, debug, stats = await asyncio.to_thread(self.sharded.window, samples, window, ctx.seed)
+            report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
+            report.tokens_per_s = stats.tokens / max(1e-9, time.perf_counter() - started)
+            await self._sign_and_upload(ctx, report, encoded, debug, indices, started)
+            return
         theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
         if self.dist.active:
             # the pages themselves, not their indices: follower ranks hold no dataset (pinned bucket or folder)
@@ -155,6 +180,11 @@ class Miner:
         encoded = await asyncio.to_thread(self.make_update, window, delta)
         positions = debug_positions(ctx.seed, self.numels, self.hp.shard.debug_sample_size)
         debug = flat_sample(gather_sample(theta_w, positions))
+        await self._sign_and_upload(ctx, report, encoded, debug, indices, started)
+
+    async def _sign_and_upload(self, ctx: WindowContext, report: MinerReport, encoded: dict[str, EncodedTensor],
+                               debug: torch.Tensor, indices: list[int], started: float) -> None:
+        window = ctx.window
         blob = write_shard(
             encoded, keypair=self.keypair, netuid=self.node.netuid, window=window, revision=self.hp.revision(),
             data_digest=samples_digest(indices), debug_values=debug,
@@ -181,6 +211,8 @@ class Miner:
         append_metrics(self.state_dir, line)
 
     def save(self) -> None:
+        if self.sharded is not None:  # not yet: a restarted sharded miner catches θ up, AdamW and EF restart
+            return
         save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model,
                          self.compressor, self.optimizer)
 
@@ -197,10 +229,16 @@ class Miner:
         if self.dist.active:  # every rank starts from rank 0's restored θ and AdamW state
             broadcast_work(self.dist, {"op": "sync", "optimizer": self.optimizer.state_dict()})
             broadcast_params(self.dist, self.node.model)
+            if self.dist.sharded:  # from now on every rank holds only its rows
+                broadcast_work(self.dist, {"op": "shard"})
+                self.sharded = ShardedMiner(self.node.model, self.hp, self.dist, self.train)
+                self.optimizer = self.sharded.optimizer
         done = 0
         while windows is None or done < windows:
             head = await self.node.chain.block()
             current = window_of(head, self.hp.windows)
+            if current > window and self.sharded is not None:
+                raise SystemExit(f"sharded miner fell behind (windows {window}..{current - 1}); restart to catch up")
             if current > window:  # behind (a stall): never train for a window whose deadline has passed
                 log.warning("windows %d..%d passed while this miner was busy; replaying their records", window,
                             current - 1)
@@ -227,9 +265,18 @@ def follow(model: torch.nn.Module, hp, dist: DistContext, train: TrainSettings =
     instruction, so a follower needs no dataset, cache or bucket credentials of its own."""
     prepare_model(model, train)
     optimizer = make_inner_optimizer(model, hp)
+    sharded: ShardedMiner | None = None  # sharded: run rank 0's `ShardedMiner` collectives in the same order
     while True:
         message = broadcast_work(dist, None)
-        if message["op"] == "train":
+        if message["op"] == "shard":
+            sharded = ShardedMiner(model, hp, dist, train)
+        elif message["op"] == "digest":
+            sharded.digest()
+        elif message["op"] == "apply":
+            sharded.apply(message["shards"], message["clip"])
+        elif message["op"] == "train" and sharded is not None:
+            sharded.window(message["samples"], message["window"], message["seed"])
+        elif message["op"] == "train":
             inner_train(model, optimizer, message["samples"], hp, message["window"], dist, train)
         elif message["op"] == "sync":
             if message.get("optimizer") is not None:

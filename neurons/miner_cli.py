@@ -1,7 +1,8 @@
 """`crucible miner`: parse the node flags, build the node, run `Miner` window after window, close.
 
 Under `torchrun --nproc_per_node G`, rank 0 is the miner (chain, bucket, uploads) and every other
-rank only trains, on rank 0's instructions (`neurons.miner.follow`).
+rank only trains, on rank 0's instructions (`neurons.miner.follow`); with `--fsdp` the ranks shard the
+model by rows (`neurons.sharding`) instead of each holding all of it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def run_cli(args: argparse.Namespace) -> int:
     from neurons.node_cli import run_node
 
     dist = init_distributed()
+    if cfg.fsdp and dist.active:
+        from neurons.sharding import sharded_context
+
+        dist = sharded_context(dist)
     if not dist.is_main:
         return _follow(cfg, dist)
     return asyncio.run(run_node(cfg, "miner", lambda node, state_dir: Miner(node, state_dir, dist=dist,

@@ -142,6 +142,9 @@ class NodeConfig(HParamsChoice):
     activation_checkpointing: bool = Field(False, description=(
         "miner: recompute decoder-layer activations in the backward pass (less memory, ~30 % more compute)"))
     compile: bool = Field(False, description="miner: torch.compile the model (GPUs; slow to start on CPU)")
+    fsdp: bool = Field(False, description=(
+        "miner under torchrun: FSDP2-shard the model, gradients, AdamW and error feedback by rows across the "
+        "ranks (neurons.sharding) instead of replicating them; --precision bf16 becomes FSDP2's mixed precision"))
 
     @field_validator("data", "state_dir")
     @classmethod

@@ -1,8 +1,8 @@
 """FSDP2 sharding for a miner under torchrun: parameters, gradients, AdamW and error feedback split by rows.
 
 A data-parallel miner (`neurons.distributed`) holds the whole model, AdamW state and error feedback on
-every rank, which caps it at what one GPU holds. Sharded (`shard_model`), each decoder layer and the
-root are `fully_shard`-ed: rank r holds rows [r·⌈d0/R⌉, …) of every parameter (FSDP2's Shard(0)),
+every rank, which caps it at what one GPU holds. Sharded (`shard_model`), the embeddings, each decoder
+layer, the head and the root are `fully_shard`-ed: rank r holds rows [r·⌈d0/R⌉, …) of every parameter (FSDP2's Shard(0)),
 and with it those rows' gradients (reduce-scattered in float32), AdamW moments and error feedback.
 `--precision bf16` becomes FSDP2's `MixedPrecisionPolicy` (bf16 parameters for compute, float32
 gradient reduction), the master weights stay float32, so θ's rule is unchanged.
@@ -24,10 +24,14 @@ are decoded only where they hit the rank's rows, with exactly `aggregate_encoded
 arithmetic (float64 accumulate in sorted peer order, one divide, one cast), so θ after the step is
 bit-identical to an unsharded node's (`sharded_digest` equals `protocol.model.param_digest`).
 
-Not yet here (say so rather than pretend): the sharded AdamW and error-feedback state are not saved
-to the local state file (a restarted sharded miner restarts them from zero and catches θ up from the
-checkpoint), and the torchrun miner (`crucible miner` under torchrun) still runs data-parallel; these
-pieces are the sharded window that `tests/test_sharding.py` and `crucible bench gpu` exercise.
+The miner (`crucible miner --fsdp` under torchrun) starts like a data-parallel one (rank 0 restores
+or catches θ up on the whole model and broadcasts it), then every rank shards (`ShardedMiner`) and
+from then on rank 0 drives each collective (train, digest, apply) and the other ranks follow in the
+same order (`neurons.miner.follow`). Not yet here (said rather than pretended): the sharded AdamW and
+error-feedback state are not saved to the local state file (a restarted sharded miner catches θ up and
+restarts them from zero), and a sharded miner that falls behind or out of sync exits so that a
+restart catches it up (catch-up and recovery replay on the whole model); the devnet adversaries'
+`make_update` hook is not called on the sharded path (honest miners only).
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from neurons.distributed import DistContext
-from neurons.training import TrainSettings
+from neurons.training import InnerStats, TrainSettings, inner_train, make_inner_optimizer
 from protocol.codec import ChunkLayout, Compressor, EncodedTensor, pack2, pack12
 from protocol.codec_aggregate import apply_outer_step, clip_factors, update_norm
-from protocol.hparams import SparseLoCoHParams
+from protocol.hparams import HParams, SparseLoCoHParams
+from protocol.sample import debug_positions, flat_sample
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,23 @@ def local(p: torch.Tensor) -> torch.Tensor:
 
 
 def shard_model(model: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
-    """`fully_shard` every decoder layer, then the root (in place); bf16 compute when settings ask."""
+    """`fully_shard` the embeddings, every decoder layer, the head, then the root (in place); bf16 compute
+    when settings ask."""
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if settings.precision == "bf16" else None, reduce_dtype=torch.float32
     )
-    layers = model.model.layers if hasattr(model, "model") else []
-    for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    inner = getattr(model, "model", None)
+    # the embeddings and the head get groups of their own: in the root group they would stay gathered
+    # (with their whole gradients and reduce-scatter buffers) from the forward to the end of backward
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(inner, "embed_tokens", None) is not None and \
+            head.weight is inner.embed_tokens.weight:
+        head = None  # tied to the embeddings: one group holds the one tensor
+    groups = [getattr(inner, "embed_tokens", None), *getattr(inner, "layers", []), head]
+    for group in groups:
+        if group is not None and any(True for _ in group.parameters()):
+            fully_shard(group, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
     return model
 
 
@@ -244,3 +258,40 @@ def sharded_digest(model: torch.nn.Module) -> str:
 
 def sharded_context(ctx: DistContext) -> DistContext:
     return DistContext(rank=ctx.rank, world=ctx.world, local_rank=ctx.local_rank, sharded=True)
+
+
+class ShardedMiner:
+    """One rank's sharded miner state (model rows, AdamW, error feedback) and its collective window steps.
+
+    Every rank calls the same methods in the same order (rank 0 from `neurons.miner.Miner`, the
+    others from `neurons.miner.follow` on rank 0's instructions): each is a collective.
+    """
+
+    def __init__(self, model: torch.nn.Module, hp: HParams, ctx: DistContext, settings: TrainSettings):
+        self.model, self.hp, self.ctx, self.settings = shard_model(model, settings), hp, ctx, settings
+        self.slots = plan(model, ctx, hp.sparseloco)
+        self.optimizer = make_inner_optimizer(model, hp)  # AdamW over this rank's rows
+        self.compressor = ShardedCompressor(hp.sparseloco, ctx, self.slots)
+        self.device = local(next(model.parameters())).device
+
+    def window(self, samples: torch.Tensor, window: int, seed: bytes
+               ) -> tuple[dict[str, EncodedTensor] | None, torch.Tensor, InnerStats]:
+        """Train the window, encode Δ: (the whole shard on rank 0, else None; θ_w's debug sample; stats)."""
+        theta_w = snapshot(self.model)
+        numels = {name: _prod(slot.shape) for name, slot in self.slots.items()}
+        positions = debug_positions(seed, numels, self.hp.shard.debug_sample_size)
+        debug = flat_sample(sample_rows(theta_w, self.slots, positions))
+        stats = inner_train(self.model, self.optimizer, samples, self.hp, window, self.ctx, self.settings)
+        update = deltas(self.model, theta_w, self.slots)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                local(p).copy_(theta_w[name])  # the outer step starts from θ_w, like everyone else's
+        del theta_w
+        return self.compressor.encode_all(update), debug, stats
+
+    def apply(self, shards: Mapping[str, Mapping[str, EncodedTensor]], clip_norm: float) -> None:
+        """The window's outer step on this rank's rows (bit-identical to an unsharded node's)."""
+        apply_rows(self.model, aggregate_rows(shards, self.slots, clip_norm, device=self.device), self.hp.outer.lr)
+
+    def digest(self) -> str:
+        return sharded_digest(self.model)

@@ -1,8 +1,10 @@
 """Worker for test_sharding.py: one rank of a 2-process gloo FSDP2 miner window on tiny (CPU).
 
-Trains the window's inner steps sharded, encodes with shared statistics, gathers the shard to rank 0
-(signed, with its debug sample), then applies an outer step on each rank's rows with two peers (this
-shard and a fixed synthetic one) and writes θ's digest.
+Rank 0 drives a `ShardedMiner` as `neurons.miner.Miner` does (each collective announced with
+`broadcast_work`); rank 1 runs the production follower loop (`neurons.miner.follow`). The window is
+trained sharded, encoded with shared statistics and gathered to rank 0 (signed, with its debug
+sample); the outer step runs on each rank's rows with two peers (this shard and a fixed synthetic
+one), and rank 0 writes θ's digest.
 """
 
 import json
@@ -13,27 +15,15 @@ import torch
 import torch.distributed as dist
 from bittensor.sp_core import Keypair
 
-from neurons.distributed import init_distributed
-from neurons.sharding import (
-    ShardedCompressor,
-    aggregate_rows,
-    apply_rows,
-    deltas,
-    local,
-    plan,
-    sample_rows,
-    shard_model,
-    sharded_context,
-    sharded_digest,
-    snapshot,
-)
-from neurons.training import TrainSettings, inner_train, make_inner_optimizer
+from neurons.distributed import broadcast_work, init_distributed
+from neurons.miner import follow
+from neurons.sharding import ShardedMiner, sharded_context
+from neurons.training import TrainSettings
 from protocol.codec import Compressor
 from protocol.codec_aggregate import robust_clip_norm, update_norm
 from protocol.data import PageStore, assign, samples_digest
 from protocol.hparams import load_hparams
 from protocol.model import build_model
-from protocol.sample import debug_positions, flat_sample
 from protocol.wire import write_shard
 
 OVERRIDES = ["inner.steps=4", "inner.batch_size=8"]
@@ -54,36 +44,32 @@ def main(data: str, out: str, precision: str = "fp32") -> None:
     hp = load_hparams("tiny", OVERRIDES)
     store = PageStore(data, hp)
     settings = TrainSettings(precision=precision)
-    model = shard_model(build_model(hp), settings)
-    slots = plan(model, ctx, hp.sparseloco)
-    optimizer = make_inner_optimizer(model, hp)
+    model = build_model(hp)
+    if not ctx.is_main:
+        follow(model, hp, ctx, settings)  # the production follower loop, until rank 0 says stop
+        dist.destroy_process_group()
+        return
+    broadcast_work(ctx, {"op": "shard"})
+    miner = ShardedMiner(model, hp, ctx, settings)
     indices = assign("fsdp", 0, hp.data.seed, hp.samples_per_window, store.num_train)
-    theta_w = snapshot(model)
-    stats = inner_train(model, optimizer, store.pages(indices), hp, 0, ctx, settings)
-    update = deltas(model, theta_w, slots)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            local(p).copy_(theta_w[name])
-    encoded = ShardedCompressor(hp.sparseloco, ctx, slots).encode_all(update)
-    numels = {n: s.row_numel * s.shape[0] for n, s in slots.items()}
-    debug = flat_sample(sample_rows(theta_w, slots, debug_positions(SEED, numels, hp.shard.debug_sample_size)))
-    box = [encoded]
-    dist.broadcast_object_list(box, src=0)
-    shards = {"a-fsdp": box[0], "b-other": other_peer(hp)}
-    norms = {peer: update_norm(tensors) for peer, tensors in shards.items()}
-    clip = robust_clip_norm(norms)
-    apply_rows(model, aggregate_rows(shards, slots, clip, norms), hp.outer.lr)
-    digest = sharded_digest(model)
-    if ctx.is_main:
-        blob = write_shard(encoded, keypair=Keypair.create_from_uri(HOTKEY_URI), netuid=1, window=0,
-                           revision=hp.revision(), data_digest=samples_digest(indices), debug_values=debug)
-        Path(out, "shard.bin").write_bytes(blob)
-    aligned = sorted(n for n, s in slots.items() if s.aligned)
-    Path(out, f"rank{ctx.rank}.json").write_text(json.dumps(
-        {"digest": digest, "clip": clip, "losses": stats.losses, "aligned": aligned,
-         "local_rows": {n: s.rows for n, s in slots.items()}}))
+    samples = store.pages(indices)
+    broadcast_work(ctx, {"op": "train", "window": 0, "samples": samples, "seed": SEED})
+    encoded, debug, stats = miner.window(samples, 0, SEED)
+    shards = {"a-fsdp": encoded, "b-other": other_peer(hp)}
+    clip = robust_clip_norm({peer: update_norm(tensors) for peer, tensors in shards.items()})
+    broadcast_work(ctx, {"op": "apply", "shards": shards, "clip": clip})
+    miner.apply(shards, clip)
+    broadcast_work(ctx, {"op": "digest"})
+    digest = miner.digest()
+    broadcast_work(ctx, {"op": "stop"})
+    blob = write_shard(encoded, keypair=Keypair.create_from_uri(HOTKEY_URI), netuid=1, window=0,
+                       revision=hp.revision(), data_digest=samples_digest(indices), debug_values=debug)
+    Path(out, "shard.bin").write_bytes(blob)
+    Path(out, "rank0.json").write_text(json.dumps(
+        {"digest": digest, "clip": clip, "losses": stats.losses,
+         "aligned": sorted(n for n, s in miner.slots.items() if s.aligned),
+         "local_rows": {n: s.rows for n, s in miner.slots.items()}}))
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
