@@ -94,6 +94,9 @@ class DevnetConfig(BaseModel):
         default_factory=list,
         description="Update quality in (0, 1] of honest miner 0, 1, … (devnet/profiles.py; the last repeats; "
                     "none: all 1), for pay-versus-contribution tests.")
+    miner_ranks: int = Field(1, ge=1, le=8, description=(
+        "Ranks of honest miner-0: above 1 it runs under torchrun as an FSDP2-sharded miner (--fsdp, gloo on CPU), "
+        "to see a sharded miner earn like the others."))
     kill: list[str] = Field(
         default_factory=list,
         description="NAME@WINDOW: kill that node (SIGKILL, not restarted) once the chain reaches the window, "
@@ -270,6 +273,9 @@ def node_spec(cfg: DevnetConfig, p: Participant, url: str, wallet_path: str, dat
         index = int(p.wallet.rsplit("-", 1)[-1]) if p.wallet.rsplit("-", 1)[-1].isdigit() else 0
         adversary = ["--quality", repr(cfg.miner_profile[min(index, len(cfg.miner_profile) - 1)])]
     argv = crucible("devnet", p.role, *NODE_FLAGS.argv(node), *adversary)
+    if p.role == "miner" and p.kind == HONEST and p.wallet.endswith("-0") and cfg.miner_ranks > 1:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.miner_ranks),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv[1:], "--fsdp"]
     keys = {f"{ENV_PREFIX}{side.upper()}_{part}": s3[side][field] for side in ("read", "write")
             for part, field in (("KEY", "access_key_id"), ("SECRET", "secret_access_key"))}
     return ChildSpec(name=p.name, argv=argv, log_path=cfg.state / "logs" / f"{p.name}.log",

@@ -80,6 +80,17 @@ class DevnetNode:
         if quality is not None and not 0.0 < quality <= 1.0:
             raise FlagError(f"--quality: must be in (0, 1], got {quality}")
         from devnet.profiles import apply_profile
+        from neurons.distributed import DistContext, init_distributed
+
+        dist = init_distributed() if self.role == "miner" else DistContext()  # under torchrun: --miner-ranks
+        if cfg.fsdp and dist.active:
+            from neurons.sharding import sharded_context
+
+            dist = sharded_context(dist)
+        if not dist.is_main:
+            from neurons.miner_cli import _follow
+
+            return _follow(cfg, dist)
 
         fault_file = getattr(args, "fault_file", None)
 
@@ -92,7 +103,8 @@ class DevnetNode:
                 return Validator(node, state_dir)
             if kind:
                 return make_adversary(kind, node, state_dir)
-            return apply_profile(Miner(node, state_dir), quality if quality is not None else 1.0)
+            miner = Miner(node, state_dir, dist=dist, train=cfg.train_settings())
+            return apply_profile(miner, quality if quality is not None else 1.0)
 
         return asyncio.run(run_node(cfg, self.role, build, prog=self.prog, client=client))
 

@@ -95,3 +95,23 @@ def test_two_fsdp_ranks_match_one_process(sharded_run, tiny_store):
     shards = {"a-fsdp": shard.tensors, "b-other": other_peer(hp)}
     apply_outer_step(theta_w, aggregate_encoded(shards, clip_norm=ranks[0]["clip"]), hp.outer.lr)
     assert ranks[0]["digest"] == param_digest(theta_w)
+
+
+def test_devnet_miner_ranks_runs_miner_0_under_torchrun_with_fsdp(tmp_path):
+    from devnet.launcher import DevnetConfig, node_spec, plan_participants
+    from neurons.cli import build_parser
+    from neurons.node_config import NODE_FLAGS
+    from tests.test_devnet_launcher import _manifest
+
+    cfg = DevnetConfig(miners=2, validators=1, windows=3, state=tmp_path, miner_ranks=2)
+    people = {p.name: p for p in plan_participants(cfg, _manifest(2, 1))}
+    s3 = {"endpoint": "http://127.0.0.1:9", "region": "us-east-1",
+          "read": {"access_key_id": "R", "secret_access_key": "RS"},
+          "write": {"access_key_id": "W", "secret_access_key": "WS"}}
+    sharded = node_spec(cfg, people["miner-0"], "devnet://127.0.0.1:1", "/w", tmp_path, s3).argv
+    plain = node_spec(cfg, people["miner-1"], "devnet://127.0.0.1:1", "/w", tmp_path, s3).argv
+    assert sharded[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    module = sharded.index("neurons.cli")
+    assert sharded[module - 1] == "-m" and sharded[module + 1 : module + 3] == ["devnet", "miner"]
+    assert NODE_FLAGS.parse(build_parser().parse_args(sharded[module + 1 :])).fsdp
+    assert plain[1:3] == ["-m", "neurons.cli"] and "--fsdp" not in plain
