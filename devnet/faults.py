@@ -195,12 +195,14 @@ class FaultRunner:
         self.window = -1  # the chain's window, as last seen
         self._blocks: dict[str, list[dict]] = {}  # node -> the shards it cannot read now (its fault file)
         self.log: list[str] = []
+        self._shown = 0  # log lines tick() has returned
 
     def nodes_with_fault_file(self) -> dict[str, Path]:
         return {f.node: fault_file(self.state, f.node) for f in self.plan
                 if f.kind == FaultKind.UNREACHABLE and f.node is not None}
 
-    def tick(self, window: int) -> None:
+    def tick(self, window: int) -> list[str]:
+        """Apply and end what is due at the chain's `window`; returns the event lines since the last call."""
         now = time.time()
         self.window = max(self.window, window)
         self.window_times.setdefault(window, now)
@@ -212,6 +214,8 @@ class FaultRunner:
             self._start(event)
         for event in list(self._open):
             self._maybe_end(event, window)
+        lines, self._shown = self.log[self._shown:], len(self.log)
+        return lines
 
     def _note(self, message: str) -> None:
         self.log.append(message)

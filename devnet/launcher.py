@@ -297,7 +297,6 @@ class Devnet:
         self.validators_summary: dict | None = None
         self.killed: set[str] = set()
         self.faults: FaultRunner | None = None
-        self.events_seen: list[str] = []  # fault runner lines already shown
         shown = {"preset", "miners", "validators", "adversaries", "windows"}
         summary = cfg.model_dump(mode="json", include=shown)
         self.dash = Dashboard(DashboardConfig(enabled=cfg.dashboard, port=cfg.dashboard_port), summary)
@@ -351,12 +350,9 @@ class Devnet:
             if block is not None:
                 window = block // self.hp.windows.blocks_per_window
                 self.kill_due(window)
-                if self.faults is not None:
-                    self.faults.tick(window)
-                    for line in self.faults.log[len(self.events_seen):]:
-                        self.note(line)
-                        self.events.append(line)
-                    self.events_seen = list(self.faults.log)
+                for line in self.faults.tick(window) if self.faults is not None else []:
+                    self.note(line)
+                    self.events.append(line)
                 cap = window + cfg.windows + cfg.slack_windows if cap is None else cap
                 if window >= cap:
                     return f"window cap {cap} reached with {len(self.snapshots)} windows scored"

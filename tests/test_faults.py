@@ -285,14 +285,17 @@ async def test_missing_shard_catch_up_refuses_sync_then_recovers_from_the_next_c
 
 @pytest.mark.slow
 def test_fault_plan_devnet_heals_and_every_honest_node_ends_on_the_validators_theta(tmp_path, tiny_dataset):
-    """kill -9 of a miner and of the validator (restarted), a storage stall (20 s here; the issue's 40 s in the
-    full run, devnet README), one peer unreachable for one miner in one window. Slow: ~5 min on 2 shared cores."""
+    """Issue 15's plan: kill -9 of a miner and of the validator (restarted 2 s later), a 40 s storage stall, one peer
+    unreachable for one miner in one window; 20 windows. Slow: ~9 min on 2 cores. 2 s blocks (20 s windows): with
+    the tiny preset's 10 s windows, miners on 2 cores shared with other work often train past the deadline, and
+    windows are then lost to load, not to the faults (measured: a 1 s-block run under load 16 lost 10 windows)."""
     state = tmp_path / "devnet"
-    plan = ["kill:miner-1@4+2s", "unreachable:miner-0:miner-2@7", "storage-stall@10+20s", "kill:validator-0@15+2s"]
+    plan = ["kill:miner-1@4+2s", "unreachable:miner-0:miner-2@7", "storage-stall@11+40s", "kill:validator-0@17+2s"]
     cmd = [sys.executable, "-m", "neurons.cli", "devnet", "run", "--miners", "3", "--validators", "1",
-           "--windows", "18", "--state", str(state), "--data", str(tiny_dataset.path), "--fresh", "--no-dashboard",
+           "--windows", "20", "--block-time", "2", "--state", str(state), "--data", str(tiny_dataset.path), "--fresh",
+           "--no-dashboard",
            *(f"--fault={f}" for f in plan)]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     report = json.loads((state / "report" / "report.json").read_text())
     assert [f["fault"] for f in report["faults"]] == plan
