@@ -23,7 +23,8 @@ The smallest GPU count is the smallest R whose per-rank total, plus 10 % for all
 fragmentation and the CUDA context, fits each GPU size (80 GB, 141 GB by default). Everything is an
 estimate; `--measure` compares it against a real run on this machine (RSS high-water mark of one
 inner window and its encode on CPU; with `--ranks R` > 1, R gloo processes running the FSDP2 miner's
-sharded window from `neurons.sharding`, the largest rank's peak).
+sharded window from `neurons.sharding`, the largest rank's peak; the ranks run with MALLOC_ARENA_MAX=1,
+since glibc's per-thread arenas for gloo's threads otherwise keep freed pages resident, ~15 % on tiny).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
     n = sum(math.prod(s) for s in shapes.values())
     largest = max(math.prod(s) for s in shapes.values())
     layer0 = sum(math.prod(s) for name, s in shapes.items() if ".layers.0." in name)
+    head = max(math.prod(s) for name, s in shapes.items() if "embed_tokens" in name or "lm_head" in name)
     wire = sum(ChunkLayout.for_shape(s, hp.sparseloco).wire_bytes for s in shapes.values())
     per_rank_rows = math.ceil(hp.inner.batch_size / ranks)
     micro = min(micro or per_rank_rows, per_rank_rows)
@@ -135,10 +137,11 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
         shard = math.ceil(n / r)
         if r == 1:  # autocast keeps a bf16 copy of every weight it used until the backward is done
             gathered = 2 * n if precision == "bf16" else 0
-        else:  # FSDP2 all-gathers the running layer and prefetches the next, in the compute dtype; the
-            # root's own parameters (embeddings, final norm, head) stay gathered from forward to backward
-            root = n - hp.model.num_layers * layer0
-            gathered = (2 * layer0 + root) * (2 if precision == "bf16" else 4)
+        else:  # FSDP2 (`neurons.sharding`: embeddings, each layer, the head in groups of their own)
+            # all-gathers the running group and prefetches the next in the compute dtype; the largest
+            # group's backward also holds its whole float32 gradient and the reduce-scatter's copy of it
+            group = max(layer0, head)
+            gathered = (group + layer0) * (2 if precision == "bf16" else 4) + 2 * 4 * group
         parts = {
             "parameters": 4 * shard + gathered,
             "gradients": 4 * shard,
@@ -299,6 +302,9 @@ def measure_sharded(hp, ranks: int, micro: int | None, precision: str, checkpoin
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
+        # glibc gives each gloo thread its own malloc arena, whose freed pages stay resident: one arena
+        # measures what the ranks allocate (a GPU's caching allocator has no such per-thread pools)
+        os.environ.setdefault("MALLOC_ARENA_MAX", "1")
         mp.spawn(_measure_rank, args=(ranks, port, hp.model_dump_json(), micro, precision, checkpointing, steps, out),
                  nprocs=ranks, join=True)
         per_rank = [json.load(open(f"{out}/rank{r}.json")) for r in range(ranks)]
