@@ -238,3 +238,18 @@ def test_commit_reveal_is_a_subnet_param_in_its_real_spellings():
     assert subnet_param_name("commit_reveal_period") == "reveal_period_epochs"  # the SDK's hyperparameter name
     with pytest.raises(ValueError):
         parse_subnet_params(["RevealPeriodEpochs=0"])
+
+
+async def test_chain_process_reveals_with_its_drand_pulses_flag(tmp_path):
+    """The chain process's own block loop (`ChainServer.produce_one`) with `--drand-pulses`: it stores the
+    pulse a queued commit waits on, then reveals it; without the flag the commit only waits."""
+    from devnet.chain_server import ChainServer, ChainServerConfig
+
+    for pulses, revealed in ((PULSES, True), (None, False)):
+        s = cr_chain()
+        commit(s, sealed([1, 2, 3], [65535, 30000, 10000]))
+        server = ChainServer(ChainServerConfig(state_dir=tmp_path / str(revealed), drand_pulses=pulses), state=s)
+        for _ in range(5):
+            server.produce_one()
+        assert (s.subnets[1].neurons[0].weights == [(1, 65535), (2, 30000), (3, 10000)]) is revealed
+        assert pending_commits(s, 1) == ({} if revealed else {HOTKEYS[0]: 1})
