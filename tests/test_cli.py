@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,10 @@ from neurons.cli import COMMANDS, main
 from neurons.flags import FlagError
 from neurons.node_config import NODE_FLAGS
 from neurons.node_files import SCORES_FILE
+from protocol.hparams import HParamsError, load_hparams
 from tests.plugins.network import NET_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
 
 HELP_IMPORTS = """
 import sys
@@ -198,3 +202,19 @@ def test_devnet_validator_runs_one_window_and_serves_its_metrics(network_factory
     page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert scored is not None and f"crucible_window {float(scored)}" in page  # observed after the window
     assert "crucible_miners_evaluated" in page  # the validator's gauges: metrics were built for its role
+
+
+def test_the_subnet_hparams_template_pins_a_dataset_once_filled(tmp_path):
+    """deploy/hparams/network.example.toml: refused as shipped (placeholders), a public node's config once filled."""
+    template = REPO / "deploy" / "hparams" / "network.example.toml"
+    parser = NODE_FLAGS.add_to(argparse.ArgumentParser())
+    with pytest.raises(HParamsError, match="data.manifest_hash"):
+        load_hparams(str(template))
+    text = template.read_text().replace("REPLACE-ME: the 64-hex manifest hash printed by crucible data publish",
+                                        "cd" * 32).replace("REPLACE-ME", "pages-0123456789abcdef")
+    filled = tmp_path / "network.toml"
+    filled.write_text(text)
+    hp = load_hparams(str(filled))
+    assert hp.model.hidden_size == 768 and hp.data.manifest_hash == "cd" * 32 and hp.data.bucket is not None
+    cfg = NODE_FLAGS.parse(parser.parse_args(["--netuid", "3", "--network", "finney", "--preset", str(filled)]))
+    assert cfg.data is None and cfg.hparams().data.manifest_hash == "cd" * 32
