@@ -75,7 +75,11 @@ class NodeDigest(BaseModel):
 class FinalDigests(BaseModel):
     reference: str = Field(description="The validator whose θ is the reference.")
     nodes: dict[str, NodeDigest] = Field(description="Per honest node (miners and validators).")
-    all_equal: bool = Field(description="Every honest node's digest equals the reference's for its window.")
+    all_equal: bool | None = Field(
+        description="True: every honest node's digest equals the reference's for its window; False: one differs or "
+                    "has no saved state; None: none differs, but some stopped at a window the reference has no digest "
+                    "for (e.g. a window ahead of it whose record was not yet published).")
+    same_window_agree: bool = Field(description="Nodes that stopped at the same window hold the same digest.")
 
 
 def _steps(metrics: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[int, dict]], set[int], int | None]:
@@ -164,4 +168,13 @@ def final_digests(state: Path, honest: list[str], reference: str) -> FinalDigest
                                                                                         window)
         nodes[name] = NodeDigest(window=window, digest=digest, reference=expected,
                                  equal=None if expected is None or digest is None else digest == expected)
-    return FinalDigests(reference=reference, nodes=nodes, all_equal=all(n.equal for n in nodes.values()))
+    if any(n.equal is False or n.digest is None for n in nodes.values()):
+        all_equal: bool | None = False
+    else:
+        all_equal = True if all(n.equal for n in nodes.values()) else None
+    by_window: dict[int, set[str]] = {}
+    for n in nodes.values():
+        if n.window is not None and n.digest is not None:
+            by_window.setdefault(n.window, set()).add(n.digest)
+    return FinalDigests(reference=reference, nodes=nodes, all_equal=all_equal,
+                        same_window_agree=all(len(d) == 1 for d in by_window.values()))

@@ -242,7 +242,12 @@ def test_final_digests_are_param_digests_compared_at_the_same_window(tmp_path, t
     record.write_text(json.dumps({"theta_digest": param_digest(model)}))
     out = final_digests(tmp_path, ["validator-0", "miner-0", "miner-1", "miner-2", "miner-3"], "validator-0")
     assert out.nodes["miner-0"].equal and not out.nodes["miner-1"].equal and out.nodes["miner-2"].equal
-    assert out.nodes["miner-3"].window is None and not out.all_equal
+    assert out.nodes["miner-3"].window is None and out.all_equal is False and not out.same_window_agree
+    ahead = final_digests(tmp_path, ["validator-0", "miner-0", "miner-2"], "validator-0")
+    assert ahead.all_equal is True and ahead.same_window_agree
+    save_local_state(tmp_path / "nodes" / "miner-4", 8, "rev", model)  # ahead of the reference, no record yet
+    unknown = final_digests(tmp_path, ["validator-0", "miner-0", "miner-4"], "validator-0")
+    assert unknown.all_equal is None and unknown.nodes["miner-4"].equal is None
 
 
 async def test_missing_shard_catch_up_refuses_sync_then_recovers_from_the_next_checkpoint(network_factory,
@@ -307,6 +312,6 @@ def test_fault_plan_devnet_heals_and_every_honest_node_ends_on_the_validators_th
     assert 7 in unreachable["out_of_sync"]["miner-0"], unreachable
     assert 7 not in unreachable["out_of_sync"]["miner-1"] + unreachable["out_of_sync"]["miner-2"], unreachable
     digests = report["final_digests"]
-    assert digests["all_equal"] and set(digests["nodes"]) == {"validator-0", "miner-0", "miner-1", "miner-2"}, digests
+    assert digests["all_equal"] is True and set(digests["nodes"]) == {"validator-0", "miner-0", "miner-1", "miner-2"}, digests
     leftover = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", leftover.stdout
