@@ -14,7 +14,9 @@ Devnet only, never run by a validator. Two steps, in a process of its own:
   sampling noise from the page choice). A uid's contribution is the mean over the windows it was
   accepted in. Writes OUT/contribution.json ({uid: mean}, plus per-window detail).
 
-`python -m devnet.fairness REPORT.json OUT/contribution.json` then correlates it with pay.
+`crucible devnet run --contribution` (on by default with `--miner-profile`) runs both, `watch` as a
+supervised child during the run and `measure` after it, and the report's `fairness` carries the rank
+correlations; `python -m devnet.fairness REPORT.json OUT/contribution.json` does it for a stored run.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from devnet.supervisor import ChildSpec
 from neurons.node_files import STATE_FILE
+from protocol.hparams import HParams
 
 THETA = "theta-{window}.safetensors"
 
@@ -45,12 +49,20 @@ def _state_window(path: Path) -> int | None:
         return None
 
 
+def _written_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since  # an earlier run's report does not stop this one
+    except OSError:
+        return False
+
+
 def watch(state: Path, out: Path, poll_s: float = 0.5, stop_file: str = "report/report.json") -> None:
-    """Copy the validator's θ per window until STATE/report/report.json appears (or interrupted)."""
+    """Copy the validator's θ per window until a new STATE/report/report.json appears (or interrupted)."""
     out.mkdir(parents=True, exist_ok=True)
     src = state / "nodes" / "validator-0" / STATE_FILE
     seen: tuple[int, int] | None = None
-    while not (state / stop_file).exists():
+    started = time.time()
+    while not _written_since(state / stop_file, started):
         try:
             st = os.stat(src)
             ident = (st.st_ino, st.st_mtime_ns)
@@ -70,8 +82,14 @@ def watch(state: Path, out: Path, poll_s: float = 0.5, stop_file: str = "report/
         time.sleep(poll_s)
 
 
+def watch_spec(state: Path, out: Path) -> ChildSpec:
+    """The `watch` step as a devnet child (`crucible devnet run --contribution` starts it with the nodes)."""
+    return ChildSpec(name="contribution", argv=[sys.executable, "-m", "devnet.contribution", "watch", str(state),
+                                                str(out)], log_path=state / "logs" / "contribution.log")
+
+
 def measure(state: Path, out: Path, preset: str = "tiny", data: Path | None = None,
-            pages: int | None = None) -> dict:
+            pages: int | None = None, hp: HParams | None = None) -> dict:
     from devnet.scoreboard import HeldoutEvaluator
     from gauntlet.state import load_state
     from neurons.training import mean_loss
@@ -81,8 +99,9 @@ def measure(state: Path, out: Path, preset: str = "tiny", data: Path | None = No
     from protocol.storage_keys import gradient_key
     from protocol.wire import Rejection, ShardExpectation, ShardRules, read_shard
 
-    published = state / "hparams-dataset.json"  # the launcher's preset when the dataset is published
-    hp = load_hparams(str(published) if preset == "tiny" and published.is_file() else preset)
+    if hp is None:
+        published = state / "hparams-dataset.json"  # the launcher's preset when the dataset is published
+        hp = load_hparams(str(published) if preset == "tiny" and published.is_file() else preset)
     data = data or state / "data"
     if not data.exists():
         data = Path(__file__).resolve().parent.parent / "data" / hp.name

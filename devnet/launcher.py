@@ -45,6 +45,8 @@ from devnet.bootstrap import (
 from devnet.chain_state import SubnetParams, parse_subnet_params
 from devnet.chain_store import load_state, save_state
 from devnet.chain_validators import ValidatorWindow, read_validators, summarize
+from devnet.contribution import measure as measure_contribution
+from devnet.contribution import watch_spec as contribution_watch
 from devnet.dashboard import Dashboard, DashboardConfig
 from devnet.fault_report import final_digests, summarize_faults
 from devnet.faults import GRAMMAR, FaultRunner, check_plan, parse_plan
@@ -94,6 +96,10 @@ class DevnetConfig(BaseModel):
         default_factory=list,
         description="Update quality in (0, 1] of honest miner 0, 1, … (devnet/profiles.py; the last repeats; "
                     "none: all 1), for pay-versus-contribution tests.")
+    contribution: bool = Field(False, description=(
+        "Measure each miner's contribution (devnet/contribution.py: θ copied per window during the run, each "
+        "accepted update's held-out loss change measured after it) and correlate it with pay in the report "
+        "(always on with --miner-profile)."))
     miner_ranks: int = Field(1, ge=1, le=8, description=(
         "Ranks of honest miner-0: above 1 it runs under torchrun as an FSDP2-sharded miner (--fsdp, gloo on CPU), "
         "to see a sharded miner earn like the others."))
@@ -297,6 +303,8 @@ class Devnet:
         self.validators_summary: dict | None = None
         self.killed: set[str] = set()
         self.faults: FaultRunner | None = None
+        self.measures_contribution = cfg.contribution or bool(cfg.miner_profile)
+        self.contribution_dir = cfg.state / "contribution"
         shown = {"preset", "miners", "validators", "adversaries", "windows"}
         summary = cfg.model_dump(mode="json", include=shown)
         self.dash = Dashboard(DashboardConfig(enabled=cfg.dashboard, port=cfg.dashboard_port), summary)
@@ -464,6 +472,9 @@ class Devnet:
                         spec = spec.model_copy(update={"argv": [*spec.argv, "--fault-file", str(faulty[p.name])]})
                     self.sup.start(spec)
                 self.note(f"started {len(participants)} nodes; logs in {cfg.state / 'logs'}")
+                if self.measures_contribution:  # θ per window, copied as the first validator saves it
+                    shutil.rmtree(self.contribution_dir, ignore_errors=True)
+                    self.sup.start(contribution_watch(cfg.state, self.contribution_dir))
                 doomed = {k.partition("@")[0] for k in cfg.kill}  # watch a validator that stays up
                 watched = next((p for p in participants if p.role == "validator" and p.name not in doomed),
                                participants[0])
@@ -492,9 +503,18 @@ class Devnet:
             self.sup.stop_all()
         nodes = cfg.state / "nodes"
         metrics = {p.name: read_miner_metrics(nodes / p.name) for p in participants if p.role == "miner"}
+        contribution = None
+        if self.measures_contribution and self.snapshots:  # after the run: never on the validator's path
+            self.note("measuring each miner's contribution (held-out loss change of its accepted updates alone)")
+            try:
+                measured = await asyncio.to_thread(measure_contribution, cfg.state, self.contribution_dir,
+                                                   data=data, hp=self.hp)
+                contribution = {int(u): float(c) for u, c in measured["mean"].items()}
+            except Exception as exc:  # the report stands without it
+                self.note(f"contribution not measured: {type(exc).__name__}: {exc}")
         report = build_report(self.snapshots, participants, metrics, final_rows=self.final_rows,
                               initial_loss=initial, wall_s=time.time() - started, stopped_because=reason,
-                              events=self.events)
+                              events=self.events, contribution=contribution)
         if self.validator_windows:
             report.validators = self.validators_summary or summarize(self.validator_windows, participants)
             report.weight_spread_per_window = {w.window: w.spread for w in self.validator_windows

@@ -54,7 +54,7 @@ def test_small_devnet_end_to_end(tmp_path, tiny_dataset):
     state = tmp_path / "devnet"
     cmd = [sys.executable, "-m", "neurons.cli", "devnet", "run", "--miners", "3", "--validators", "1",
            "--windows", "6", "--adversary", "noise", "--adversary", "copycat", "--state", str(state),
-           "--data", str(tiny_dataset.path), "--fresh"]
+           "--data", str(tiny_dataset.path), "--fresh", "--contribution"]
     out_path = tmp_path / "devnet.out"
     with open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -86,6 +86,13 @@ def test_small_devnet_end_to_end(tmp_path, tiny_dataset):
     assert sum(u["incentive"] for u in honest) > 0
     for adv in adversaries:
         assert sum(u["incentive"] for u in honest) / 3 > adv["incentive"], (adv, honest)
+
+    # issue 20's ground truth, measured by the launcher after the run: every honest miner's accepted updates
+    # lower the held-out loss when applied alone at their share of the step
+    contribution = {int(u): c for u, c in report["fairness"]["contribution"].items()}
+    assert {u["uid"] for u in honest} <= set(contribution), (contribution, honest)
+    assert sum(contribution[u["uid"]] for u in honest) > 0, contribution
+    assert "measuring each miner's contribution" in output
 
     digests = [_model_digest(state / "nodes" / u["name"] / "node-state.safetensors") for u in honest]
     last = max(w for w, _ in digests)
