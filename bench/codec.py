@@ -11,8 +11,11 @@ filled with random pseudo-gradients, then times, in the same run and on the same
   dense into one reused buffer per tensor (`decode(out=)`; the fresh-allocation figure is printed too).
 
 Each figure is the MINIMUM of `--repeats` runs after one untimed warm-up round (the least-disturbed
-run on a shared machine; medians are printed too), and ratios and ns/param come from the minima. The wire size is the length of a real signed shard written by `write_shard`, and the reader's
-full verification (`read_shard`) is timed too. Anchor: 146× fewer bytes than dense fp32.
+run on a shared machine; medians are printed too), and ratios and ns/param come from the minima.
+On CPU the fresh decode's peak resident memory (`bench.resident.PeakRSS`) is printed against the
+dense fp32 model size: the decoded update itself is 1×, so anything above is the decoder's
+temporaries. The wire size is the length of a real signed shard written by `write_shard`, and the
+reader's full verification (`read_shard`) is timed too. Anchor: 146× fewer bytes than dense fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from bittensor.sp_core import Keypair
 
 from bench.cli import add_json_flag, print_json
+from bench.resident import PeakRSS
 from protocol.codec import Compressor, decode, layouts_for
 from protocol.hparams import load_hparams
 from protocol.model import param_shapes
@@ -82,15 +86,18 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     copy_s, floor_s, encode_s, decode_s, fresh_s = [], [], [], [], []
     encoded: dict = {}
+    fresh_peak = 0
     for attempt in range(repeats + 1):  # the first round warms up allocator and caches, untimed
         copy_s.append(_timed(copy_all, device)[0])
         floor_s.append(_timed(read_topk, device)[0])
         seconds, encoded = _timed(lambda: compressor.encode_all(deltas), device)
         encode_s.append(seconds)
         decode_s.append(_timed(lambda enc=encoded: [decode(e, out=outs[n]) for n, e in enc.items()], device)[0])
-        seconds, dense = _timed(lambda enc=encoded: {n: decode(e) for n, e in enc.items()}, device)
-        fresh_s.append(seconds)
-        del dense
+        with PeakRSS() as mem:  # the whole update decoded to fresh dense tensors: what a node holds at most
+            seconds, dense = _timed(lambda enc=encoded: {n: decode(e) for n, e in enc.items()}, device)
+            fresh_s.append(seconds)
+            del dense
+        fresh_peak = max(fresh_peak, mem.beyond)
         if attempt == 0:
             for times in (copy_s, floor_s, encode_s, decode_s, fresh_s):
                 times.clear()
@@ -144,6 +151,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "encode_vs_floor": round(enc / floor, 2),
         "decode_vs_copy": round(dec / copy, 2),
         "decode_fresh_vs_copy": round(fresh / copy, 2),
+        "decode_fresh_peak_bytes": fresh_peak if device.type == "cpu" else None,
+        "decode_fresh_peak_vs_fp32_model": round(fresh_peak / dense_bytes, 3) if device.type == "cpu" else None,
     }
 
 

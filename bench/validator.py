@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import add_json_flag, print_json
+from bench.resident import PeakRSS, resident_bytes
 from gauntlet.evaluate import Evaluator, mean_loss, scale_update
 from gauntlet.filters import copy_verdicts
 from neurons.corpus import stdlib_documents
@@ -68,40 +67,11 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 # ---- memory and time -------------------------------------------------------------------------------
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRSS:
-    """Peak resident memory while the block runs, beyond what was resident when it started (bytes)."""
-
-    def __enter__(self) -> _PeakRSS:
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def beyond(self) -> int:
-        return self.peak - self.start
-
-
 def _measure(fn: Callable[[], object], repeats: int) -> tuple[float, int]:
     """Minimum seconds over `repeats` runs and the largest peak memory beyond the start of a run."""
     seconds, peak = [], 0
     for _ in range(max(1, repeats)):
-        with _PeakRSS() as mem:
+        with PeakRSS() as mem:
             started = time.perf_counter()
             out = fn()
             seconds.append(time.perf_counter() - started)
@@ -152,7 +122,7 @@ def synthetic(hp, counts: list[int], repeats: int, device: str) -> dict:
     runs = []
     outs = {name: torch.empty(lay.numel, dtype=torch.float32, device=device) for name, lay in layouts.items()}
     for n in counts:
-        rss_before = _rss()
+        rss_before = resident_bytes()
         shards = synthetic_shards(layouts, hp, n)
         shard_bytes = sum(enc.nbytes for s in shards.values() for enc in s.values())
         times = {uid: float(uid) for uid in shards}
@@ -176,7 +146,7 @@ def synthetic(hp, counts: list[int], repeats: int, device: str) -> dict:
         runs.append({
             "miners": n,
             "shard_bytes": shard_bytes,
-            "resident_growth_with_shards_bytes": _rss() - rss_before,
+            "resident_growth_with_shards_bytes": resident_bytes() - rss_before,
             "stage1_s": round(stage1_s, 4),
             "stage1_s_per_miner": round(stage1_s / n, 5),
             "stage1_peak_beyond_shards_bytes": stage1_mem,

@@ -21,6 +21,18 @@ def test_bench_codec_reports_real_wire_bytes_and_timings():
     assert abs(result["compression_ratio"] - result["dense_fp32_bytes"] / result["wire_bytes"]) < 0.01
     assert result["compression_ratio"] > 100  # tiny's 688-wide MLP chunks at 43, so below the 150m figure
     assert min(result["encode_s"], result["decode_s"], result["copy_s"]) > 0
+    assert result["decode_fresh_peak_bytes"] > 0 and result["decode_fresh_peak_vs_fp32_model"] > 0
+
+
+def test_peak_rss_sees_a_block_allocate_and_touch_memory():
+    import torch
+
+    from bench.resident import PeakRSS
+
+    with PeakRSS() as mem:
+        block = torch.ones(16 << 20)  # 64 MiB, written: resident
+        del block
+    assert mem.beyond >= 60 << 20, mem.beyond
 
 
 def test_bench_codec_through_crucible_prints_one_json_line(capsys):
