@@ -74,7 +74,9 @@ PAGE = r"""<!doctype html>
     <h2>Scoreboard (one row per miner uid; adversaries highlighted)</h2>
     <table id="scoreboard">
       <thead><tr><th>uid</th><th>name</th><th>kind</th><th>shard</th><th>sync</th><th>loss score</th>
-        <th>rating</th><th>weight</th><th>incentive</th></tr></thead>
+        <th title="shrunk average relative score: what pays">value</th>
+        <th title="memory factor: 0 = its update helps its own data no more than a coin flip">memory</th>
+        <th>weight</th><th>incentive</th></tr></thead>
       <tbody id="rows"></tbody>
     </table>
   </section>
@@ -241,10 +243,11 @@ function renderTable(rows) {
   for (const r of rows) {
     const adv = isAdv(r.kind);
     const tr = htmlEl("tr", {"data-uid": r.uid, "data-kind": r.kind, class: adv ? "adversary" : r.kind});
+    if (r.why) tr.title = r.why;  // crucible explain: why the weight is what it is (hover the row)
     const status = r.status === "ok" ? "st-ok" : r.status.startsWith("copy") ? "st-copy"
       : ["missing", "late", "rejected"].includes(r.status) ? "st-bad" : "";
-    const cells = [String(r.uid), r.name, null, r.status, fix(r.sync, 2), sci(r.loss_score), fix(r.rating, 2),
-                   fix(r.weight, 3), fix(r.incentive, 3)];
+    const cells = [String(r.uid), r.name, null, r.status, fix(r.sync, 2), sci(r.loss_score), fix(r.value, 3),
+                   fix(r.memory, 2), fix(r.weight, 3), fix(r.incentive, 3)];
     cells.forEach((text, i) => {
       const td = htmlEl("td", i === 3 && status ? {class: status} : {});
       if (i === 2) {

@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from gauntlet.records import WindowEntry
-from gauntlet.state import ScoringState, StateError, load_state
+from gauntlet.state import ScoringState, StateError, explain, load_state
 from neurons.node_files import SCORES_FILE, STATE_FILE
 from protocol.hparams import HParams
 from transport.chain import Chain, MetagraphSnapshot
@@ -58,7 +58,10 @@ class UidRow(BaseModel):
     loss_score: float | None = Field(
         None, description="Relative loss improvement on random data, if evaluated."
     )
-    rating: float | None = Field(None, description="OpenSkill ordinal μ − 3σ after this window.")
+    rating: float | None = Field(None, description="OpenSkill ordinal μ − 3σ after this window (shown, does not pay).")
+    value: float | None = Field(None, description="Shrunk average relative score after this window (what pays).")
+    memory: float | None = Field(None, description="Memory factor after this window (0 = a coin flip).")
+    why: str | None = Field(None, description="`crucible explain` for this uid and window: every factor, in words.")
     weight: float | None = Field(None, description="Weight the validator set for this uid this window.")
     incentive: float | None = Field(None, description="Incentive from the metagraph when the row was taken.")
 
@@ -112,7 +115,9 @@ def build_rows(
             row.sync = entry.sync
             row.loss_score = entry.losses.loss_score if entry.losses is not None else None
             row.rating = entry.ordinal
+            row.value, row.memory = entry.value, entry.memory
             row.weight = entry.weight
+            row.why = explain(state, uid, window)
         if graph is not None:
             row.incentive = graph.incentive[uid]
         rows.append(row)

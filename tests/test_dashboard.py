@@ -36,7 +36,8 @@ def _snapshot(window: int, loss: float | None = None) -> WindowSnapshot:
             uid=uid, name=f"miner-{uid - 1}" if honest else f"adv-{kind}-0", kind=kind,
             status="ok" if honest else ("rejected" if kind == "noise" else "copy of uid 1"), accepted=honest,
             sync=1.0 if honest else 0.4, loss_score=0.01 * uid if honest else -0.02,
-            rating=10.0 + uid + window if honest else -3.0,
+            rating=10.0 + uid + window if honest else -3.0, value=1.0 if honest else 0.0,
+            memory=0.9 if honest else 0.0, why=f"uid {uid}  window {window}\n  raw score: max(0, value) × memory",
             weight=0.1 * uid + 0.01 * window if honest else 0.0,
             incentive=0.3 if honest else 0.05,
         ))
@@ -268,6 +269,10 @@ async def test_page_in_headless_chromium_updates_live(dash, browser, tmp_path):
     assert adversaries == ["noise", "copycat"]
     badge = await _js(browser, "return document.querySelector('tr[data-uid=\"4\"] .badge').textContent")
     assert badge == "⚠ noise"
+    why = await _js(browser, "return document.querySelector('tr[data-uid=\"2\"]').title")
+    assert why.startswith("uid 2  window 12") and "max(0, value) × memory" in why  # the explain tooltip
+    memory = await _js(browser, "return document.querySelector('tr[data-uid=\"2\"] td:nth-child(8)').textContent")
+    assert memory == "0.90"
     assert await _js(browser, _count("#loss-plot circle.loss-point")) == 3
     assert await _js(browser, "return document.getElementById('loss-plot').dataset.points") == "3"
     assert await _js(browser, _count("#weight-plot polyline.weight-line")) == 5

@@ -232,6 +232,8 @@ def test_build_rows_reads_status_scores_and_incentive():
     assert (rows[1].name, rows[1].status, rows[1].accepted, rows[1].weight) == ("miner-0", "ok", True, 0.6)
     assert rows[1].loss_score == pytest.approx(0.1) and rows[1].rating == pytest.approx(19.0)
     assert rows[1].sync == 0.9 and rows[1].incentive == 0.7
+    assert rows[1].why.startswith("uid 1  hotkey h0  window 7") and "raw score" in rows[1].why  # crucible explain
+    assert rows[1].value == state.entry(1, 7).value and rows[1].memory == state.entry(1, 7).memory
     assert (rows[2].status, rows[2].accepted) == ("late", False)
     assert (rows[3].kind, rows[3].status) == ("noise", "rejected")
     # uid 4's hotkey is not a participant, and its entry belongs to the uid's previous hotkey
