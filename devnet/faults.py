@@ -192,6 +192,7 @@ class FaultRunner:
         self._open: list[FaultEvent] = []
         self._timers: list[threading.Timer] = []
         self._lock = threading.Lock()
+        self._resume_lock = threading.Lock()
         self.window = -1  # the chain's window, as last seen
         self._blocks: dict[str, list[dict]] = {}  # node -> the shards it cannot read now (its fault file)
         self.log: list[str] = []
@@ -298,8 +299,16 @@ class FaultRunner:
                 pass
 
     def _resume(self, event: FaultEvent, name: str) -> None:
-        self._signal(name, signal.SIGCONT)
-        self._end(event, f"SIGCONT {name}")
+        """End a stall; SIGCONT only when no other stall of the same process still holds it (overlapping
+        stalls: the shorter one must not continue the server the longer one stopped)."""
+        with self._resume_lock:  # two timers ending at once: the second one sees the first ended
+            holding = [e.fault.spec for e in self.events if e is not event and e.ended_at is None
+                       and e.fault.kind == event.fault.kind]
+            if holding:
+                self._end(event, f"{name} stays stopped ({', '.join(holding)} still on)")
+            else:
+                self._signal(name, signal.SIGCONT)
+                self._end(event, f"SIGCONT {name}")
 
     def release(self) -> None:
         """End of the run: continue whatever is stopped, lift every block (stop_all must find them running)."""

@@ -144,12 +144,21 @@ class DevnetConfig(BaseModel):
             name, sep, window = item.partition("@")
             if not sep or not name or not window.isdigit():
                 raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
-        parse_plan(self.faults)  # a bad fault fails here, as one line
+        # a bad fault or one naming no node fails here, as one line, before --fresh clears anything
+        check_plan(parse_plan(self.faults), self.node_roles())
         if any(not 0.0 < q <= 1.0 for q in self.miner_profile):
             raise ValueError("--miner-profile: each quality must be in (0, 1]")
         if self.miners + len(self.adversaries) == 0:
             raise ValueError("a devnet needs at least one miner (--miners or --adversary)")
         return self
+
+    def node_roles(self) -> dict[str, str]:
+        """Node name to role, as plan_participants names them (devnet/bootstrap.py's wallet names)."""
+        roles = {f"validator-{i}": "validator" for i in range(self.validators)}
+        roles |= {f"miner-{i}": "miner" for i in range(self.miners)}
+        for i, kind in enumerate(self.adversaries):
+            roles[f"adv-{kind}-{self.adversaries[:i].count(kind)}"] = "miner"
+        return roles
 
     @property
     def report_dir(self) -> Path:

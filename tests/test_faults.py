@@ -83,6 +83,19 @@ def test_the_flag_fails_before_anything_starts(tmp_path):
     assert not (tmp_path / "dn" / "chain").exists()
 
 
+def test_a_fault_on_no_node_fails_before_fresh_clears_the_last_run(tmp_path):
+    """A typo in a node name must not cost the previous run's logs and report (--fresh clears them)."""
+    (tmp_path / "dn" / "logs").mkdir(parents=True)
+    (tmp_path / "dn" / "logs" / "miner-1.log").write_text("the last run\n")
+    run = subprocess.run([sys.executable, "-m", "neurons.cli", "devnet", "run", "--fresh", "--miners", "2",
+                          "--adversary", "zero", "--fault", "kill:miner-9@3", "--state", str(tmp_path / "dn")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "no node named 'miner-9'" in lines[0], run.stderr
+    assert "adv-zero-0" in lines[0]  # the names the launcher gives its nodes
+    assert (tmp_path / "dn" / "logs" / "miner-1.log").exists() and not (tmp_path / "dn" / "chain").exists()
+
+
 def _sleeper(tmp_path: Path, name: str) -> ChildSpec:
     return ChildSpec(name=name, argv=[sys.executable, "-c", "import time\nwhile True: time.sleep(0.05)"],
                      log_path=tmp_path / f"{name}.log")
@@ -124,6 +137,31 @@ def test_kill_restarts_the_node_and_stalls_stop_then_continue(tmp_path):
             time.sleep(0.05)
         assert _proc_state(s3_pid) != "T" and "SIGCONT s3" in runner.events[1].detail
         assert sup.alive() == ["miner-1", "s3"]
+    finally:
+        sup.stop_all()
+    assert sup.alive() == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_shorter_stall_inside_a_longer_one_does_not_continue_the_server(tmp_path):
+    sup = Supervisor(SupervisorConfig(max_restarts=0, stop_timeout_s=2.0))
+    try:
+        sup.start(_sleeper(tmp_path, "s3"))
+        pid = sup.children["s3"].pid
+        runner = FaultRunner(parse_plan(["storage-stall@1+30s", "storage-stall@2+0.2s"]), sup, tmp_path, {}, {}, [])
+        runner.tick(1)
+        runner.tick(2)
+        deadline = time.monotonic() + 10
+        while runner.events[1].ended_at is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a SIGCONT, had one been sent, is delivered by now
+        assert _proc_state(pid) == "T" and "stays stopped" in runner.events[1].detail
+        assert runner.events[0].ended_at is None
+        runner.release()  # the end of the run continues it
+        deadline = time.monotonic() + 2.5
+        while _proc_state(pid) == "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _proc_state(pid) != "T" and "SIGCONT s3" in runner.events[0].detail
     finally:
         sup.stop_all()
     assert sup.alive() == []
