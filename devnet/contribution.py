@@ -89,7 +89,8 @@ def watch_spec(state: Path, out: Path) -> ChildSpec:
 
 
 def measure(state: Path, out: Path, preset: str = "tiny", data: Path | None = None,
-            pages: int | None = None, hp: HParams | None = None) -> dict:
+            pages: int | None = None, hp: HParams | None = None, netuid: int | None = None) -> dict:
+    """`netuid`: the devnet's subnet (default: STATE/chain's manifest); shards made for it are read."""
     from devnet.scoreboard import HeldoutEvaluator
     from gauntlet.state import load_state
     from neurons.training import mean_loss
@@ -97,7 +98,12 @@ def measure(state: Path, out: Path, preset: str = "tiny", data: Path | None = No
     from protocol.codec_aggregate import apply_outer_step, clip_factors, update_norm
     from protocol.hparams import load_hparams
     from protocol.storage_keys import gradient_key
-    from protocol.wire import Rejection, ShardExpectation, ShardRules, read_shard
+    from protocol.wire import Rejection, RejectReason, ShardExpectation, ShardRules, read_shard
+
+    if netuid is None:
+        from devnet.bootstrap import load_manifest
+
+        netuid = load_manifest(state / "chain").netuid
 
     if hp is None:
         published = state / "hparams-dataset.json"  # the launcher's preset when the dataset is published
@@ -125,11 +131,11 @@ def measure(state: Path, out: Path, preset: str = "tiny", data: Path | None = No
             if path is None:
                 continue
             blob = path.read_bytes()
-            shard = read_shard(blob, ShardExpectation(1, window, hotkey, rules))
-            if isinstance(shard, Rejection) and "header says " in str(shard):
+            shard = read_shard(blob, ShardExpectation(netuid, window, hotkey, rules))
+            if isinstance(shard, Rejection) and shard.reason == RejectReason.WRONG_REVISION:
                 # a run of earlier hparams (its revision differs, not its shapes): read it as it was
                 revision = str(shard).split("header says ", 1)[1].split(",", 1)[0].strip()
-                shard = read_shard(blob, ShardExpectation(1, window, hotkey, replace(rules, revision=revision)))
+                shard = read_shard(blob, ShardExpectation(netuid, window, hotkey, replace(rules, revision=revision)))
             if not isinstance(shard, Rejection):
                 shards[uid] = shard.tensors
         if not shards:

@@ -517,7 +517,7 @@ class Devnet:
             self.note("measuring each miner's contribution (held-out loss change of its accepted updates alone)")
             try:
                 measured = await asyncio.to_thread(measure_contribution, cfg.state, self.contribution_dir,
-                                                   data=data, hp=self.hp)
+                                                   data=data, hp=self.hp, netuid=cfg.netuid)
                 contribution = {int(u): float(c) for u, c in measured["mean"].items()}
             except Exception as exc:  # the report stands without it
                 self.note(f"contribution not measured: {type(exc).__name__}: {exc}")
