@@ -310,8 +310,9 @@ class FaultRunner:
                 self._signal(name, signal.SIGCONT)
                 self._end(event, f"SIGCONT {name}")
 
-    def release(self) -> None:
-        """End of the run: continue whatever is stopped, lift every block (stop_all must find them running)."""
+    def release(self) -> list[str]:
+        """End of the run: continue whatever is stopped, lift every block (stop_all must find them running);
+        returns a line for each fault never applied (its window came after the run's last)."""
         for timer in self._timers:
             timer.cancel()
         for event in list(self._open):
@@ -319,3 +320,4 @@ class FaultRunner:
                 self._resume(event, "s3" if event.fault.kind == FaultKind.STORAGE_STALL else "chain")
         for path in self.nodes_with_fault_file().values():
             path.unlink(missing_ok=True)
+        return [f"fault {f.spec} not applied: the run ended at chain window {self.window}" for f in self._pending]

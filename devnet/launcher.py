@@ -505,7 +505,9 @@ class Devnet:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if self.faults is not None:
-                self.faults.release()  # continue what is stopped: stop_all must find it running
+                for line in self.faults.release():  # continue what is stopped: stop_all must find it running
+                    self.note(line)
+                    self.events.append(line)
             if chain is not None:
                 await chain.close()
             self.sup.stop_all(names=[p.name for p in participants])  # nodes first, then chain and S3

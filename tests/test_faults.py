@@ -157,7 +157,7 @@ def test_a_shorter_stall_inside_a_longer_one_does_not_continue_the_server(tmp_pa
         time.sleep(0.3)  # a SIGCONT, had one been sent, is delivered by now
         assert _proc_state(pid) == "T" and "stays stopped" in runner.events[1].detail
         assert runner.events[0].ended_at is None
-        runner.release()  # the end of the run continues it
+        assert runner.release() == []  # the end of the run continues it; every fault was applied
         deadline = time.monotonic() + 2.5
         while _proc_state(pid) == "T" and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -165,6 +165,12 @@ def test_a_shorter_stall_inside_a_longer_one_does_not_continue_the_server(tmp_pa
     finally:
         sup.stop_all()
     assert sup.alive() == []
+
+
+def test_a_fault_after_the_runs_last_window_is_reported_as_not_applied(tmp_path):
+    runner = FaultRunner(parse_plan(["kill:miner-1@40"]), Supervisor(SupervisorConfig()), tmp_path, {}, {}, [])
+    assert runner.tick(12) == [] and not runner.events
+    assert runner.release() == ["fault kill:miner-1@40 not applied: the run ended at chain window 12"]
 
 
 def test_faulty_pool_makes_one_peer_unreachable_only_while_the_file_says_so(s3_server, tmp_path):
