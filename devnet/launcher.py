@@ -144,6 +144,8 @@ class DevnetConfig(BaseModel):
             name, sep, window = item.partition("@")
             if not sep or not name or not window.isdigit():
                 raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
+            if name not in self.node_roles():
+                raise ValueError(f"--kill {item!r}: no node named {name!r} (nodes: {', '.join(self.node_roles())})")
         # a bad fault or one naming no node fails here, as one line, before --fresh clears anything
         check_plan(parse_plan(self.faults), self.node_roles())
         if any(not 0.0 < q <= 1.0 for q in self.miner_profile):

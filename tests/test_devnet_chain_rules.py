@@ -191,6 +191,8 @@ def test_devnet_run_flags():
         DevnetConfig(subnet_params=["Bogus=1"])
     with pytest.raises(ValueError, match="NAME@WINDOW"):
         DevnetConfig(kill=["validator-0"])
+    with pytest.raises(ValueError, match="no node named 'validator-1'"):  # it would have killed nothing
+        DevnetConfig(kill=["validator-1@8"])
 
 
 def test_genesis_stakes_per_validator(tmp_path):
