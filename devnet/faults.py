@@ -205,6 +205,10 @@ class FaultRunner:
     def tick(self, window: int) -> list[str]:
         """Apply and end what is due at the chain's `window`; returns the event lines since the last call."""
         now = time.time()
+        if self.window < 0:  # the first window seen: on a reused devnet (no --fresh) the chain is well past 0
+            self.log.extend(f"fault {f.spec}: window {f.window} had passed when the run started (chain at window "
+                            f"{window}; fault windows are the chain's, not the run's); applied now"
+                            for f in self._pending if f.window < window)
         self.window = max(self.window, window)
         self.window_times.setdefault(window, now)
         for fault in [f for f in self._pending if window >= f.window]:

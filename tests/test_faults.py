@@ -167,6 +167,14 @@ def test_a_shorter_stall_inside_a_longer_one_does_not_continue_the_server(tmp_pa
     assert sup.alive() == []
 
 
+def test_a_fault_whose_window_passed_before_the_run_says_so(tmp_path):
+    runner = FaultRunner(parse_plan(["kill:miner-1@2", "kill:miner-1@9"]),
+                         Supervisor(SupervisorConfig()), tmp_path, {}, {}, [])
+    lines = runner.tick(5)  # a reused devnet: the chain was at window 5 when the run began
+    assert any("kill:miner-1@2: window 2 had passed when the run started (chain at window 5" in line
+               for line in lines) and not any("@9: window" in line for line in lines)
+
+
 def test_a_fault_after_the_runs_last_window_is_reported_as_not_applied(tmp_path):
     runner = FaultRunner(parse_plan(["kill:miner-1@40"]), Supervisor(SupervisorConfig()), tmp_path, {}, {}, [])
     assert runner.tick(12) == [] and not runner.events
