@@ -152,7 +152,7 @@ def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) 
     """
     if keys.size < 2:
         return
-    keys.sort()
+    keys.sort(kind="stable")  # timsort: each miner's keys are already one ascending run, so this is a merge
     pos = keys >> owner_bits
     owner = (keys & ((1 << owner_bits) - 1)).astype(np.int64)
     cand = np.flatnonzero(pos[:-1] == pos[1:])
