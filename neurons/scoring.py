@@ -112,7 +112,9 @@ class Scorer:
             # so no miner's positions are ever held as a whole int64 tensor (bounded stage-1 memory).
             index_sets = {uid: dict(fetched[miners[uid]].shard.tensors) for uid in eligible}
             times = {uid: results[uid].first_seen or 0 for uid in eligible}
-            for uid, verdict in copy_verdicts(index_sets, times, hp).items():
+            # beyond 16 miners the overlaps are read on a position sample only this validator can predict
+            salt = int.from_bytes(hashlib.blake2b(self.secret + b"copy-sample", digest_size=8).digest(), "little")
+            for uid, verdict in copy_verdicts(index_sets, times, hp, salt).items():
                 results[uid].copy_verdict = verdict
         return results
 

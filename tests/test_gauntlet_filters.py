@@ -10,6 +10,7 @@ import torch
 from gauntlet.filters import (
     copy_verdicts,
     overlap_matrix,
+    sample_rate,
     step_change,
     sync_curve,
     sync_score,
@@ -251,3 +252,29 @@ def test_plain_overlap_equals_reference_on_random_sets():
     sets[12] = {"p": sets[3]["p"].clone()}
     sets[13] = torch.randint(0, 50, (0,))
     assert torch.equal(overlap_matrix(sets)[1], _reference_overlap_matrix(sets)[1])
+
+
+def test_beyond_16_miners_overlaps_are_estimated_on_a_secret_sample_within_their_error_bound():
+    """40 miners: overlaps read on a hashed position sample (rate 16/40) stay within 3 standard errors of
+    the exact ones, a copier is still caught whatever the salt, and the sample depends on the salt."""
+    gen = torch.Generator().manual_seed(7)
+    space, k = 1 << 18, 4096
+    sets = {u: torch.randperm(space, generator=gen)[:k].sort().values for u in range(38)}
+    sets[38] = sets[3].clone()  # a full copy of uid 3
+    half = torch.cat([sets[5][: k // 2], torch.randperm(space, generator=gen)[: k // 2]])
+    sets[39] = torch.unique(half)  # half of uid 5, half its own
+    rate = sample_rate(len(sets))
+    assert rate == pytest.approx(16 / 40)
+    exact = {(a, b): len(set(sets[a].tolist()) & set(sets[b].tolist())) / min(len(sets[a]), len(sets[b]))
+             for a, b in ((38, 3), (39, 5), (1, 2), (10, 20))}
+    for salt in (1, 2**40 + 12345):
+        uids, ov = overlap_matrix(sets, salt)
+        for (a, b), p in exact.items():
+            n = rate * min(len(sets[a]), len(sets[b]))
+            assert abs(float(ov[a, b]) - p) <= 3 * math.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-9, (a, b, p, ov[a, b])
+        v = copy_verdicts(sets, {u: float(u) for u in sets}, HP, salt)
+        assert v[38].factor == 0.0 and v[38].copied_from == 3 and v[3].factor == 1.0
+        assert all(v[u].factor == 1.0 for u in range(38))  # honest overlaps (≈ 1.6 %) stay far from any threshold
+    assert not torch.equal(overlap_matrix(sets, 1)[1], overlap_matrix(sets, 2)[1])  # another salt, another sample
+    small = {u: sets[u] for u in range(16)}  # up to 16 miners: exact, whatever the salt
+    assert torch.equal(overlap_matrix(small, 1)[1], overlap_matrix(small, 99)[1])
