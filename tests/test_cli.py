@@ -85,7 +85,7 @@ def test_bittensor_aliases_and_demo_defaults_only_off_the_public_networks():
     assert cfg.chain.network == "ws://10.0.0.1:9944" and cfg.log_level == "TRACE" and cfg.python_log_level() == 10
     assert (cfg.preset, str(cfg.data)) == ("tiny", "data/tiny")  # a private chain: the demo defaults apply
     assert NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", "local", "--logging.debug"])).log_level == "DEBUG"
-    for network in ("finney", "test", "archive"):  # a real subnet: the operator chooses model and data
+    for network in ("finney", "test", "archive", "wss://entrypoint-finney.opentensor.ai:443"):  # a real subnet
         with pytest.raises(FlagError, match=f"--preset: required on network {network}"):
             NODE_FLAGS.parse(parser.parse_args(["--netuid", "1", "--network", network, "--data", "d"]))
         with pytest.raises(FlagError, match=f"--data: required on network {network}"):

@@ -34,5 +34,9 @@ class ChainConfig(BaseModel):
 
     @property
     def is_public(self) -> bool:
-        """finney, test or archive: a real subnet, where demo defaults make no sense."""
-        return self.network in PUBLIC_NETWORKS
+        """finney, test, archive or any wss:// endpoint (a TLS chain endpoint is someone's real network, e.g.
+        wss://entrypoint-finney.opentensor.ai:443): a real subnet, where demo defaults make no sense.
+
+        Plain ws:// (a lite node or a private chain on your own machine or LAN) keeps the defaults: that
+        is a choice of the operator's, not a proof that the chain is private (only its genesis hash is)."""
+        return self.network in PUBLIC_NETWORKS or self.network.startswith("wss://")
