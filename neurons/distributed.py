@@ -12,10 +12,15 @@ on CPUs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Longer than any window of any preset (72b: 125 blocks × 12 s = 25 min) with room for a catch-up.
+CONTROL_TIMEOUT = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,9 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     sharded: bool = False  # the model is FSDP2-sharded (`neurons.sharding`): FSDP reduce-scatters the gradients
+    # gloo group for rank 0's instructions: followers wait in it for a whole window (upload, deadline,
+    # record), far past NCCL's 10-minute watchdog, so instructions never go over NCCL (None: one process)
+    control: Any = field(default=None, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -80,7 +88,8 @@ def init_distributed() -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, control=control)
 
 
 def broadcast_work(ctx: DistContext, message: dict | None) -> dict:
@@ -89,7 +98,7 @@ def broadcast_work(ctx: DistContext, message: dict | None) -> dict:
     `broadcast_object_list` pickles: fine between the ranks of one operator's own process group, never
     for anything that came from a bucket (those are raw token pages, already checked by the store)."""
     box = [message if ctx.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=ctx.control)
     return box[0]
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -257,7 +257,7 @@ def sharded_digest(model: torch.nn.Module) -> str:
 
 
 def sharded_context(ctx: DistContext) -> DistContext:
-    return DistContext(rank=ctx.rank, world=ctx.world, local_rank=ctx.local_rank, sharded=True)
+    return replace(ctx, sharded=True)  # keeps the control group (instructions over gloo)
 
 
 class ShardedMiner:
