@@ -19,7 +19,8 @@ from neurons.node_config import NODE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-FILLED = {"NETUID": "7", "PRESET": "150m", "DATA": "/srv/crucible/data/150m",
+# PRESET: the subnet's hparams file (a preset plus the pinned dataset; deploy/hparams/network.example.toml)
+FILLED = {"NETUID": "7", "PRESET": str(ROOT / "tests" / "assets" / "hparams" / "network-150m.toml"), "DATA": "/srv/crucible/data/150m",
           "CRUCIBLE_BUCKET_ENDPOINT": "https://account.r2.cloudflarestorage.com",
           "CRUCIBLE_BUCKET_NAME": "my-crucible-bucket", "CRUCIBLE_BUCKET_READ_KEY": "R" * 20,
           "CRUCIBLE_BUCKET_READ_SECRET": "r" * 40, "CRUCIBLE_BUCKET_WRITE_KEY": "W" * 20,
@@ -73,7 +74,8 @@ def test_systemd_unit_runs_a_command_the_cli_accepts(role):
     argv, settings = systemd_argv(role, env)
     assert argv[0] == "/opt/crucible/.venv/bin/crucible" and argv[1] == role
     cfg = node_config(argv[1:])
-    assert (cfg.chain.netuid, cfg.preset, str(cfg.data)) == (7, "150m", "/srv/crucible/data/150m")
+    assert (cfg.chain.netuid, cfg.preset, str(cfg.data)) == (7, FILLED["PRESET"], "/srv/crucible/data/150m")
+    assert cfg.hparams().data.manifest_hash == "ab" * 32  # the pinned dataset came with it
     assert cfg.state_dir == Path(os.path.expanduser(f"~/.crucible/state/{role}"))  # one state folder per role
     assert not any("SECRET" in w or FILLED["CRUCIBLE_BUCKET_WRITE_SECRET"] in w for w in argv)  # keys: env only
     assert settings["EnvironmentFile"] == "/etc/crucible/%i.env"
@@ -94,7 +96,7 @@ def test_pm2_ecosystem_runs_commands_the_cli_accepts_with_keys_in_the_environmen
     app = apps[0]
     assert app["script"] == str(ROOT / ".venv" / "bin" / "crucible") and app["interpreter"] == "none"
     cfg = node_config(app["args"])
-    assert (cfg.chain.network, cfg.chain.netuid, cfg.preset, cfg.metrics.port) == ("finney", 7, "150m", 9100)
+    assert (cfg.chain.network, cfg.chain.netuid, cfg.preset, cfg.metrics.port) == ("finney", 7, FILLED["PRESET"], 9100)
     assert cfg.chain.wallet_path == os.path.expanduser("~/.bittensor/wallets")
     assert set(app["env"]) == set(NODE_FLAGS.env.values()) | {"PYTHONUNBUFFERED"}
     assert not any(FILLED["CRUCIBLE_BUCKET_READ_SECRET"] in a for a in app["args"])

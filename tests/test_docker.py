@@ -29,7 +29,7 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 # What an operator fills in where .env.example leaves a value empty (compose refuses to start without).
 OPERATOR = {
     "NETUID": "7",
-    "PRESET": "150m",
+    "PRESET": str(ROOT / "tests" / "assets" / "hparams" / "network-150m.toml"),  # the subnet's hparams file
     "CRUCIBLE_BUCKET_ENDPOINT": "https://account.r2.cloudflarestorage.com",
     "CRUCIBLE_BUCKET_NAME": "my-crucible-bucket",
     "CRUCIBLE_BUCKET_READ_KEY": "R" * 20,
