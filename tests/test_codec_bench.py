@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from bench.codec import add_cli, benchmark
 from neurons.cli import main
@@ -33,8 +34,10 @@ def test_peak_rss_sees_a_block_allocate_and_touch_memory():
 
     with PeakRSS() as mem:
         block = torch.ones(16 << 20)  # 64 MiB, written: resident
+        time.sleep(0.05)  # held for many 2-ms samples, so the sampler must see it
         del block
-    assert mem.beyond >= 60 << 20, mem.beyond
+    # a broken sampler reads ~0; other threads of the test process (GC, pytest) may free a few MiB meanwhile
+    assert mem.beyond >= 48 << 20, mem.beyond
 
 
 def test_bench_codec_through_crucible_prints_one_json_line(capsys):
