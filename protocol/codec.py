@@ -368,19 +368,28 @@ class Compressor:
     def encode(self, name: str, delta: torch.Tensor, reduce: Reduce | None = None) -> EncodedTensor:
         """Fold Δ into e, compress e, keep the residual. With `reduce`, Δ is this holder's rows of a
         sharded tensor (`neurons.sharding`): the quantisation table comes from the shared sums."""
-        # One reduction instead of isfinite's four passes: a NaN or ±inf anywhere makes the sum
-        # non-finite (so does an overflowing sum, which no sane pseudo-gradient has).
-        if not bool(torch.isfinite(delta.sum(dtype=torch.float32))):
-            raise ValueError(f"pseudo-gradient of {name} has non-finite values; refusing to encode")
         error = self._error.get(name)
         if error is None:
-            error = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+            error = torch.empty(delta.shape, dtype=torch.float32, device=delta.device).copy_(delta)  # β·0 + Δ
         elif error.shape != delta.shape:
             raise ValueError(f"{name}: shape {tuple(delta.shape)} differs from its error buffer")
-        self._error[name] = error = error.to(delta.device)
-        error.mul_(self.hp.error_decay).add_(delta.to(torch.float32))
+        else:
+            error = error.to(delta.device)
+            error.mul_(self.hp.error_decay).add_(delta.to(torch.float32))
         encoded, positions, residual = _compress(error, self.layout(delta.shape), self.hp, self._scratch_for(error),
                                                  reduce)
+        # Finiteness without a pass of its own: torch.topk ranks NaN above +inf above every number, so a
+        # chunk holding a non-finite entry of e keeps one, and a non-finite kept value makes the float64
+        # mean, hence the bin edges, NaN: every value then falls in one bin and the others' centres are NaN,
+        # so the table is non-finite. With `reduce` the table comes from shared sums, so every
+        # holder of the tensor sees the same verdict and raises at the same tensor (no rank is left
+        # waiting in a collective). The folded buffer is unusable then: it is dropped (error feedback of
+        # this tensor restarts from zero), never kept poisoned.
+        if not bool(torch.isfinite(encoded.lookup).all()):
+            self._error.pop(name, None)
+            raise ValueError(f"pseudo-gradient of {name} has non-finite values; refusing to encode "
+                             "(its error-feedback buffer is reset)")
+        self._error[name] = error
         error.view(-1)[positions] = residual  # e ← e − decode(encoded): only kept positions change
         return encoded
 

@@ -201,6 +201,23 @@ def test_compressor_refuses_non_finite_and_shape_changes():
         comp.encode("w", torch.ones(4))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 777, 128 * 192 - 1])
+def test_a_single_non_finite_entry_anywhere_is_refused_and_resets_the_buffer(bad, where):
+    """Finiteness is read from the kept values' table (no pass of its own): it must still see ONE bad entry
+    in a chunk whose other entries are large, and leave no poisoned buffer behind."""
+    comp = Compressor(ANCHOR)
+    gen = torch.Generator().manual_seed(3)
+    comp.encode("w", torch.randn(128, 192, generator=gen))
+    delta = torch.randn(128, 192, generator=gen) * 10
+    delta.view(-1)[where] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        comp.encode("w", delta)
+    assert comp.error("w") is None
+    clean = torch.randn(128, 192, generator=gen)
+    assert torch.equal(decode(comp.encode("w", clean)), decode(Compressor(ANCHOR).encode("w", clean)))
+
+
 def test_bf16_deltas_and_full_send_of_tiny_tensors():
     comp = Compressor(ANCHOR)
     x = torch.randn(5, 3).to(torch.bfloat16)
