@@ -26,6 +26,8 @@ from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import FoundRecord, Node, WindowContext
 from neurons.node_files import append_metrics
+from neurons.sharded_init import build_sharded_miner
+from neurons.sharded_state import load_sharded_state, save_sharded_state
 from neurons.sharding import ShardedMiner
 from neurons.training import FP32, TrainSettings, inner_train, make_inner_optimizer, prepare_model
 from protocol.codec import Compressor, EncodedTensor
@@ -211,7 +213,11 @@ class Miner:
         append_metrics(self.state_dir, line)
 
     def save(self) -> None:
-        if self.sharded is not None:  # not yet: a restarted sharded miner catches θ up, AdamW and EF restart
+        if self.sharded is not None:  # each rank its own AdamW and error-feedback rows (`neurons.sharded_state`)
+            message = {"op": "save", "dir": str(self.state_dir), "window": self.model_window or 0,
+                       "revision": self.hp.revision()}
+            broadcast_work(self.dist, message)
+            save_sharded_state(self.state_dir, message["window"], message["revision"], self.sharded)
             return
         save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model,
                          self.compressor, self.optimizer)
@@ -223,16 +229,27 @@ class Miner:
         self.model_window = await sync_to(self.node, saved.window if saved else None, current)
         return current
 
+    def _shard(self) -> None:
+        """Rank 0's whole θ (restored, caught up) becomes every rank's rows, then is freed; resume the
+        ranks' saved AdamW and error-feedback rows if every rank has them (`neurons.sharded_state`)."""
+        message = {"op": "shard", "dir": str(self.state_dir), "revision": self.hp.revision()}
+        broadcast_work(self.dist, message)
+        self.optimizer = self.compressor = None  # their whole-model tensors are not used sharded: free them
+        self.sharded = build_sharded_miner(self.node.model, self.hp, self.dist, self.train, self.node.device)
+        self.node.model = self.sharded.model  # the whole model was spent on the scatter
+        self.optimizer, self.compressor = self.sharded.optimizer, Compressor(self.hp.sparseloco)
+        resumed = load_sharded_state(self.state_dir, message["revision"], self.sharded)
+        if resumed is not None:
+            log.info("sharded AdamW and error feedback resumed from window %d", resumed)
+
     async def run(self, windows: int | None = None) -> None:
         """Step window after window (forever, or `windows` times)."""
         window = await self.start()
-        if self.dist.active:  # every rank starts from rank 0's restored θ and AdamW state
+        if self.dist.sharded:  # from now on every rank holds only its rows
+            self._shard()
+        elif self.dist.active:  # every rank starts from rank 0's restored θ and AdamW state
             broadcast_work(self.dist, {"op": "sync", "optimizer": self.optimizer.state_dict()})
             broadcast_params(self.dist, self.node.model)
-            if self.dist.sharded:  # from now on every rank holds only its rows
-                broadcast_work(self.dist, {"op": "shard"})
-                self.sharded = ShardedMiner(self.node.model, self.hp, self.dist, self.train)
-                self.optimizer = self.sharded.optimizer
         done = 0
         while windows is None or done < windows:
             head = await self.node.chain.block()
@@ -258,18 +275,29 @@ class Miner:
             broadcast_work(self.dist, {"op": "stop"})
 
 
-def follow(model: torch.nn.Module, hp, dist: DistContext, train: TrainSettings = FP32) -> None:
+def follow(model: torch.nn.Module | None, hp, dist: DistContext, train: TrainSettings = FP32,
+           device: torch.device | str | None = None) -> None:
     """Ranks > 0 under torchrun: train on the pages rank 0 sends, take θ from rank 0 after each window.
 
     Rank 0 reads the window's pages (from the pinned dataset bucket or a folder) and sends them with the
-    instruction, so a follower needs no dataset, cache or bucket credentials of its own."""
-    prepare_model(model, train)
-    optimizer = make_inner_optimizer(model, hp)
+    instruction, so a follower needs no dataset, cache or bucket credentials of its own. Sharded
+    (`dist.sharded`), `model` may be None: the rank's rows are made on `device` when rank 0 says
+    "shard" (`neurons.sharded_init`), and a whole model given here is dropped then."""
+    optimizer = None
+    if model is not None:
+        prepare_model(model, train)
+        optimizer = make_inner_optimizer(model, hp)
+        device = device or next(model.parameters()).device
     sharded: ShardedMiner | None = None  # sharded: run rank 0's `ShardedMiner` collectives in the same order
     while True:
         message = broadcast_work(dist, None)
         if message["op"] == "shard":
-            sharded = ShardedMiner(model, hp, dist, train)
+            model = optimizer = None  # this rank's whole copy (if any) is never used sharded
+            sharded = build_sharded_miner(None, hp, dist, train, device or "cpu")
+            if message.get("dir") is not None:
+                load_sharded_state(message["dir"], message["revision"], sharded)
+        elif message["op"] == "save":
+            save_sharded_state(message["dir"], message["window"], message["revision"], sharded)
         elif message["op"] == "digest":
             sharded.digest()
         elif message["op"] == "apply":

@@ -30,7 +30,10 @@ def _follow(cfg: NodeConfig, dist: DistContext) -> int:
 
     hp, device = cfg.hparams(), cfg.torch_device()
     device = f"cuda:{dist.local_rank}" if device.startswith("cuda") else device
-    follow(build_model(hp, device), hp, dist, cfg.train_settings())
+    if dist.sharded:  # no whole model here: this rank's rows come from rank 0 (`neurons.sharded_init`)
+        follow(None, hp, dist, cfg.train_settings(), device=device)
+    else:
+        follow(build_model(hp, device), hp, dist, cfg.train_settings())
     return 0
 
 

@@ -267,8 +267,11 @@ class ShardedMiner:
     others from `neurons.miner.follow` on rank 0's instructions): each is a collective.
     """
 
-    def __init__(self, model: torch.nn.Module, hp: HParams, ctx: DistContext, settings: TrainSettings):
-        self.model, self.hp, self.ctx, self.settings = shard_model(model, settings), hp, ctx, settings
+    def __init__(self, model: torch.nn.Module, hp: HParams, ctx: DistContext, settings: TrainSettings,
+                 presharded: bool = False):
+        # presharded: `model` is already `shard_model`-ed with its rows in place (`neurons.sharded_init`)
+        self.model, self.hp, self.ctx, self.settings = model if presharded else shard_model(model, settings), hp, \
+            ctx, settings
         self.slots = plan(model, ctx, hp.sparseloco)
         self.optimizer = make_inner_optimizer(model, hp)  # AdamW over this rank's rows
         self.compressor = ShardedCompressor(hp.sparseloco, ctx, self.slots)

@@ -5,7 +5,9 @@ rank's mean loss over half the batch, gradients reduce-scattered and averaged, t
 table's sums all-reduced). AdamW divides by √v, which turns that noise on near-zero gradients into
 visible steps on a few elements over H steps (as in test_distributed), so the decoded updates are
 compared as a whole: ‖sharded − single‖ ≤ 2 % of ‖single‖, and ≥ 99 % of the kept top-k positions
-identical. θ after the outer step is compared bit for bit (digest): the aggregation is exact.
+identical. θ after the outer step is compared bit for bit (digest): the aggregation is exact. The same run checks
+that rank 1's rows, scattered from rank 0 onto a meta-built model, are θ_0, and that the ranks'
+saved AdamW and error-feedback rows resume exactly (`neurons.sharded_state`).
 """
 
 import json
@@ -16,10 +18,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from bittensor.sp_core import Keypair
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from gauntlet.evaluate import Evaluator
 from gauntlet.filters import sync_score
+from neurons.sharded_state import sharded_state_path
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor, decode
 from protocol.codec_aggregate import aggregate_encoded, apply_outer_step
@@ -95,6 +101,34 @@ def test_two_fsdp_ranks_match_one_process(sharded_run, tiny_store):
     shards = {"a-fsdp": shard.tensors, "b-other": other_peer(hp)}
     apply_outer_step(theta_w, aggregate_encoded(shards, clip_norm=ranks[0]["clip"]), hp.outer.lr)
     assert ranks[0]["digest"] == param_digest(theta_w)
+
+
+def test_rows_scattered_from_rank_0_are_theta_0(sharded_run):
+    """Rank 1 built its model on the meta device and got its rows from rank 0: θ is the seeded θ_0."""
+    ranks, _ = sharded_run
+    assert ranks[0]["digest0"] == param_digest(build_model(load_hparams("tiny", OVERRIDES)))
+
+
+def test_sharded_state_saved_and_resumed_gives_the_same_next_window(sharded_run):
+    """Each rank's AdamW and error-feedback rows survive a restart: reloaded and saved again they are the
+    same tensors and header, and the restarted ranks encode the same next-window shard, byte for byte."""
+    ranks, out = sharded_run
+    for rank in range(2):
+        saved, again = sharded_state_path(out / "state", rank), sharded_state_path(out / "state-again", rank)
+        first, second = load_file(str(saved)), load_file(str(again))
+        assert sorted(first) == sorted(second)
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        assert any(k.startswith("opt.") and k.endswith(".exp_avg_sq") for k in first)
+        assert any(k.startswith("ef.") for k in first)
+        with safe_open(str(saved), "pt") as a, safe_open(str(again), "pt") as b:
+            header = json.loads(a.metadata()["crucible.sharded"])
+            assert header == json.loads(b.metadata()["crucible.sharded"])
+        assert (header["world"], header["rank"], header["window"]) == (2, rank, 1)
+        assert header["plan"]["model.embed_tokens.weight"] == [[4096, 256], 2048 * rank, 2048, True]
+    assert ranks[0]["next_window_identical"]
+    # a header naming another world size: every rank starts from zero, said in one line by rank 0
+    assert ranks[0]["fallback_state_empty"]
+    assert sum("of 3 ranks" in w for w in ranks[0]["warnings"]) == 1, ranks[0]["warnings"]
 
 
 def test_devnet_miner_ranks_runs_miner_0_under_torchrun_with_fsdp(tmp_path):
