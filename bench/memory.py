@@ -7,8 +7,12 @@
 Bytes per rank, by what holds them:
 - parameters, gradients: float32 master weights and their gradients (N·4 each), divided by the ranks
   when FSDP2-sharded (`--ranks R`, R > 1; 1 means one process holding everything); plus the compute
-  copy: with FSDP two decoder layers all-gathered (the running one and the prefetched one) in the
-  compute dtype, without it under bf16 autocast a bf16 copy of every weight (autocast's cast cache).
+  copy: with FSDP the running group and the prefetched one all-gathered in the compute dtype and the
+  largest group's whole float32 gradient and reduce-scatter copy, without it under bf16 autocast a
+  bf16 copy of every weight (autocast's cast cache). Gradients are set to None at each inner step's
+  start, so at the training peak (the backward's start) only `gradients_at_training_peak` exist: the
+  head's whole gradient (1 rank; under FSDP2 it is in the gathered term), or with accumulation
+  (several micro-batches per step) all of them.
 - optimizer: AdamW's two float32 moments (N·8, sharded like the parameters).
 - error feedback: the SparseLoCo buffer (N·4, sharded).
 - window: θ_w kept for the pseudo-gradient and the Δ itself (N·8, sharded): the miner holds both
@@ -21,10 +25,14 @@ Bytes per rank, by what holds them:
 
 The smallest GPU count is the smallest R whose per-rank total, plus 10 % for allocator
 fragmentation and the CUDA context, fits each GPU size (80 GB, 141 GB by default). Everything is an
-estimate; `--measure` compares it against a real run on this machine (RSS high-water mark of one
-inner window and its encode on CPU; with `--ranks R` > 1, R gloo processes running the FSDP2 miner's
-sharded window from `neurons.sharding`, the largest rank's peak; the ranks run with MALLOC_ARENA_MAX=1,
-since glibc's per-thread arenas for gloo's threads otherwise keep freed pages resident, ~15 % on tiny).
+estimate; `--measure` compares it against a real run on this machine: the RSS high-water mark above
+the process's baseline (torch, gloo and a warm-up window of a small model through the same code,
+reported as `per_rank_baseline_bytes`) of one window of two inner steps and its encode on CPU, per
+phase (`per_rank_phases`: build, step1, step2, deltas, encode). `--ranks 1`: one child process
+holding the whole model; R > 1: R gloo child processes running the FSDP2 miner's path
+(`neurons.sharding.build_sharded_miner` from rank 0's whole θ_0, then the sharded window), each
+rank's peak. Every measured process runs glibc's malloc as `ALLOCATOR_ENV` says (one arena, fixed
+1 MiB mmap threshold; why, with the numbers, at its definition), so 1 and R ranks are measured alike.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-gb", type=float, action="append", default=None,
                         help=f"GPU memory sizes to plan for, GB (repeatable; default {', '.join(map(str, GPU_SIZES_GB))})")
     parser.add_argument("--measure", action="store_true",
-                        help="also run one inner step here (CPU, 1 rank) and report the measured peak")
+                        help="also measure each rank's peak over one window (CPU child processes; gloo FSDP2 when --ranks > 1)")
     add_json_flag(parser)
 
 
@@ -132,6 +140,7 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
     micro = min(micro or per_rank_rows, per_rank_rows)
 
     acts = activation_bytes(hp, micro, precision, checkpointing)["total"]
+    accumulation = math.ceil(per_rank_rows / micro)
 
     def per_rank(r: int) -> dict[str, int]:
         shard = math.ceil(n / r)
@@ -151,10 +160,18 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
             "codec": 4 * min(largest, shard if r > 1 else largest) + wire,
             "activations": acts,
         }
+        # gradients are set to None at each step's start, so the forward's activations meet only the
+        # gradients the backward has made so far: the first (the head's, whole; under FSDP2 already in
+        # `gathered`), or with accumulation (several micro-batches per step) every gradient of the step
+        if accumulation > 1:
+            parts["gradients_at_training_peak"] = parts["gradients"]
+        else:
+            parts["gradients_at_training_peak"] = 4 * head if r == 1 else 0
         resident = parts["parameters"] + parts["gradients"] + parts["optimizer"] + parts["error_feedback"]
         # training holds θ_w (half the window buffers) and the activations; publishing holds θ_w, Δ and
         # the codec's buffers after the activations are gone: the peak is the larger phase
-        parts["peak_training"] = resident + parts["window_buffers"] // 2 + acts
+        parts["peak_training"] = (resident - parts["gradients"] + parts["gradients_at_training_peak"]
+                                  + parts["window_buffers"] // 2 + acts)
         parts["peak_publishing"] = resident + parts["window_buffers"] + parts["codec"]
         parts["total"] = max(parts["peak_training"], parts["peak_publishing"])
         return parts
@@ -167,7 +184,7 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
 
     return {
         "preset": hp.name, "parameters": n, "ranks": ranks, "micro_batch": micro, "batch_size": hp.inner.batch_size,
-        "accumulation_steps": math.ceil(per_rank_rows / micro), "precision": precision, "checkpointing": checkpointing,
+        "accumulation_steps": accumulation, "precision": precision, "checkpointing": checkpointing,
         "bytes_per_rank": per_rank(ranks),
         "gb_per_rank": round(per_rank(ranks)["total"] / GB, 3),
         "gpus_needed": {f"{g:g}GB": gpus_needed(g) for g in gpu_sizes_gb},
@@ -191,70 +208,105 @@ def _rss() -> int:
     return 0
 
 
-def _warm_up(hp, settings) -> None:
-    """One step of a small model through the same code (autocast, AdamW, codec), then freed."""
+class _Phases:
+    """Peak RSS above the baseline (RSS when made) per phase: the high-water mark is reset at each mark."""
+
+    def __init__(self) -> None:
+        self.base, self.peaks, self.started = _rss(), {}, time.perf_counter()
+        self._reset()
+
+    @staticmethod
+    def _reset() -> None:
+        try:  # reset the high-water mark to the RSS now (Linux ≥ 4.0); without it each phase's is the run's so far
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def mark(self, name: str) -> None:
+        self.peaks[name] = _rss_hwm() - self.base
+        self._reset()
+
+    def result(self) -> dict[str, Any]:
+        return {"peak_bytes": max(self.peaks.values()), "phases": self.peaks, "baseline_bytes": self.base,
+                "seconds": round(time.perf_counter() - self.started, 1)}
+
+
+def _small(hp):
+    return hp.model_copy(update={
+        "model": hp.model.model_copy(update={"hidden_size": 64, "intermediate_size": 128, "num_layers": 1,
+                                             "num_heads": 2, "num_kv_heads": 2, "vocab_size": 512, "seq_len": 32}),
+        "inner": hp.inner.model_copy(update={"steps": 1, "batch_size": 2})})
+
+
+def _warm_up(hp, settings, ctx=None) -> None:
+    """One window of a small model through the same code (autocast or FSDP2 and gloo, AdamW, codec), freed."""
     import torch
 
+    from neurons.sharding import build_sharded_miner
     from neurons.training import inner_train, make_inner_optimizer
     from protocol.codec import Compressor
     from protocol.model import build_model
 
-    small = hp.model_copy(update={
-        "model": hp.model.model_copy(update={"hidden_size": 64, "intermediate_size": 128, "num_layers": 1,
-                                             "num_heads": 2, "num_kv_heads": 2, "vocab_size": 512, "seq_len": 32}),
-        "inner": hp.inner.model_copy(update={"steps": 1, "batch_size": 2})})
+    small = _small(hp)
+    samples = torch.randint(0, 512, (2, 32))
+    if ctx is not None:
+        miner = build_sharded_miner(build_model(small) if ctx.is_main else None, small, ctx, settings, "cpu")
+        miner.window(samples, 0, b"warm-up")
+        return
     model = build_model(small)
-    inner_train(model, make_inner_optimizer(model, small), torch.randint(0, 512, (2, 32)), small, 0,
-                settings=settings)
+    inner_train(model, make_inner_optimizer(model, small), samples, small, 0, settings=settings)
     Compressor(small.sparseloco).encode_all({n: p.detach() for n, p in model.named_parameters()})
 
 
-def measure(hp, micro: int | None, precision: str, checkpointing: bool = False, steps: int = 2) -> dict[str, int]:
-    """Peak RSS above the baseline over a window of `steps` inner steps and its encode, CPU, one process.
+def _measure_one(_: int, hp_json: str, micro: int | None, precision: str, checkpointing: bool, steps: int,
+                 out: str) -> None:
+    """One process, the whole model (torch.multiprocessing.spawn target, like the ranks: same allocator)."""
+    import json
 
-    Counts what the estimate counts: model, AdamW (from the second step on), gradients, error feedback
-    (allocated first, as in a miner's steady state), activations, θ_w + Δ and the codec."""
     import torch
 
     from neurons.training import TrainSettings, inner_train, make_inner_optimizer, prepare_model
     from protocol.codec import Compressor
+    from protocol.hparams import HParams
     from protocol.model import build_model
 
+    hp = HParams.model_validate_json(hp_json)
     settings = TrainSettings(micro_batch=micro, precision=precision, checkpointing=checkpointing)
-    hp = hp.model_copy(update={"inner": hp.inner.model_copy(update={"steps": steps})})
-    samples = torch.randint(0, hp.model.vocab_size, (hp.inner.batch_size * steps, hp.model.seq_len))
+    samples = torch.randint(0, hp.model.vocab_size, (hp.inner.batch_size * steps, hp.model.seq_len),
+                            generator=torch.Generator().manual_seed(0))
     _warm_up(hp, settings)  # load kernels and code pages first: they are not the model's memory
-    try:  # reset the high-water mark (Linux ≥ 4.0); without it the baseline is the process's peak so far
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    base = _rss()
-    started = time.perf_counter()
+    phases = _Phases()
     model = prepare_model(build_model(hp), settings)
     optimizer = make_inner_optimizer(model, hp)
-    compressor = Compressor(hp.sparseloco)
+    compressor = Compressor(hp.sparseloco)  # error feedback allocated first, as in a miner's steady state
     compressor.load_state_dict({name: torch.ones_like(p) for name, p in model.named_parameters()})
     theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
-    inner_train(model, optimizer, samples, hp, 0, settings=settings)
+    phases.mark("build")
+    for step in range(steps):
+        batch = samples[step * hp.inner.batch_size : (step + 1) * hp.inner.batch_size]
+        inner_train(model, optimizer, batch, hp, 0, settings=settings)
+        phases.mark(f"step{step + 1}")
     with torch.no_grad():
         delta = {name: theta_w[name] - p for name, p in model.named_parameters()}
+    phases.mark("deltas")
     compressor.encode_all(delta)
-    return {"peak_bytes": _rss_hwm() - base, "seconds": round(time.perf_counter() - started, 1)}
+    phases.mark("encode")
+    with open(f"{out}/rank0.json", "w") as f:
+        json.dump(phases.result(), f)
 
 
 def _measure_rank(rank: int, world: int, port: int, hp_json: str, micro: int | None, precision: str,
                   checkpointing: bool, steps: int, out: str) -> None:
-    """One FSDP2 rank of `measure_sharded` (torch.multiprocessing.spawn target)."""
+    """One FSDP2 rank (torch.multiprocessing.spawn target): the miner's path from rank 0's whole θ."""
     import json
 
     import torch
     import torch.distributed as dist
 
     from neurons.distributed import DistContext
-    from neurons.sharding import ShardedCompressor, deltas, shard_model, snapshot
-    from neurons.sharding import plan as shard_plan
-    from neurons.training import TrainSettings, inner_train, make_inner_optimizer, prepare_model
+    from neurons.sharding import build_sharded_miner, deltas, snapshot
+    from neurons.training import TrainSettings, inner_train
     from protocol.hparams import HParams
     from protocol.model import build_model
 
@@ -265,32 +317,41 @@ def _measure_rank(rank: int, world: int, port: int, hp_json: str, micro: int | N
     settings = TrainSettings(micro_batch=micro, precision=precision, checkpointing=checkpointing)
     samples = torch.randint(0, hp.model.vocab_size, (hp.inner.batch_size * steps, hp.model.seq_len),
                             generator=torch.Generator().manual_seed(0))
-    _warm_up(hp, TrainSettings(micro_batch=micro, precision=precision))
-    base = _rss()
-    model = shard_model(prepare_model(build_model(hp), settings), settings)
-    try:  # the high-water mark from here: the whole model existed only until fully_shard took the rows
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    started = time.perf_counter()
-    slots = shard_plan(model, ctx, hp.sparseloco)
-    optimizer = make_inner_optimizer(model, hp)
-    compressor = ShardedCompressor(hp.sparseloco, ctx, slots)
-    compressor.inner.load_state_dict({n: torch.ones(s.rows if s.aligned else s.shape[0], *s.shape[1:])
-                                      for n, s in slots.items()})
+    _warm_up(hp, settings, ctx)
+    phases = _Phases()  # from here: rank 0 builds θ_0 whole, every rank gets its rows (`build_sharded_miner`)
+    miner = build_sharded_miner(build_model(hp) if ctx.is_main else None, hp, ctx, settings, "cpu")
+    slots, model = miner.slots, miner.model
+    miner.compressor.inner.load_state_dict({n: torch.ones(s.rows if s.aligned else s.shape[0], *s.shape[1:])
+                                            for n, s in slots.items()})
     theta_w = snapshot(model)
-    inner_train(model, optimizer, samples, hp, 0, ctx, settings)
-    compressor.encode_all(deltas(model, theta_w, slots))
-    result = {"peak_bytes": _rss_hwm() - base, "seconds": round(time.perf_counter() - started, 1)}
+    phases.mark("build")
+    for step in range(steps):
+        batch = samples[step * hp.inner.batch_size : (step + 1) * hp.inner.batch_size]
+        inner_train(model, miner.optimizer, batch, hp, 0, ctx, settings)
+        phases.mark(f"step{step + 1}")
+    update = deltas(model, theta_w, slots)
+    phases.mark("deltas")
+    miner.compressor.encode_all(update)
+    phases.mark("encode")
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(result, f)
+        json.dump(phases.result(), f)
     dist.destroy_process_group()
 
 
-def measure_sharded(hp, ranks: int, micro: int | None, precision: str, checkpointing: bool = False,
-                    steps: int = 2) -> dict[str, Any]:
-    """Per-rank peak RSS of an FSDP2 window (`ranks` gloo processes on CPU): inner steps and the sharded encode."""
+# glibc's malloc, as the measured processes run it: one arena (gloo's threads would otherwise each get
+# one whose freed pages stay resident), and a fixed mmap threshold, so a freed tensor of ≥ 1 MiB goes
+# back to the system at once. The default threshold grows to 32 MiB after the first such free, and
+# every smaller freed tensor (activations, gradients) then stays in the heap, resident, for whoever
+# comes next: measured on 150m (seq 256, batch 8, fp32), that kept 0.8-1.5 GB resident that no tensor
+# used, bimodal from run to run (one process 5.7 or 7.2 GB). A GPU's caching allocator reuses such
+# blocks for the next tensors of the same sizes instead.
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def measure(hp, ranks: int, micro: int | None, precision: str, checkpointing: bool = False,
+            steps: int = 2) -> dict[str, Any]:
+    """Per-rank peak RSS over a window of `steps` inner steps and its encode: one process holding the whole
+    model (`ranks` 1) or `ranks` gloo FSDP2 processes on CPU; each in a child process with `ALLOCATOR_ENV`."""
     import json
     import socket
     import tempfile
@@ -301,16 +362,22 @@ def measure_sharded(hp, ranks: int, micro: int | None, precision: str, checkpoin
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    for key, value in ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory() as out:
-        # glibc gives each gloo thread its own malloc arena, whose freed pages stay resident: one arena
-        # measures what the ranks allocate (a GPU's caching allocator has no such per-thread pools)
-        os.environ.setdefault("MALLOC_ARENA_MAX", "1")
-        mp.spawn(_measure_rank, args=(ranks, port, hp.model_dump_json(), micro, precision, checkpointing, steps, out),
-                 nprocs=ranks, join=True)
+        if ranks == 1:
+            mp.spawn(_measure_one, args=(hp.model_dump_json(), micro, precision, checkpointing, steps, out), nprocs=1)
+        else:
+            mp.spawn(_measure_rank, args=(ranks, port, hp.model_dump_json(), micro, precision, checkpointing, steps,
+                                          out), nprocs=ranks, join=True)
         per_rank = [json.load(open(f"{out}/rank{r}.json")) for r in range(ranks)]
-    return {"peak_bytes": max(r["peak_bytes"] for r in per_rank), "per_rank_peak_bytes": [r["peak_bytes"] for r in
-                                                                                             per_rank],
-            "seconds": max(r["seconds"] for r in per_rank)}
+    return {"peak_bytes": max(r["peak_bytes"] for r in per_rank),
+            "per_rank_peak_bytes": [r["peak_bytes"] for r in per_rank],
+            "per_rank_phases": [r["phases"] for r in per_rank],
+            # not in the peaks: each process's RSS before the model (torch, gloo, the warm-up's code pages)
+            "per_rank_baseline_bytes": [r["baseline_bytes"] for r in per_rank],
+            "seconds": max(r["seconds"] for r in per_rank),
+            "allocator": {key: os.environ.get(key) for key in ALLOCATOR_ENV}}
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -321,10 +388,7 @@ def run_cli(args: argparse.Namespace) -> int:
     result = plan(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing, sizes)
     if args.measure:
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-        if args.ranks == 1:
-            measured = measure(hp, args.micro_batch, args.precision, args.checkpointing)
-        else:
-            measured = measure_sharded(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing)
+        measured = measure(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing)
         estimate = result["bytes_per_rank"]["total"]
         result["measured"] = {**measured, "estimate_bytes": estimate,
                               "estimate_over_measured": round(estimate / max(1, measured["peak_bytes"]), 3),

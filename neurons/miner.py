@@ -22,13 +22,11 @@ import torch
 
 from neurons.catchup import recover, sync_to
 from neurons.distributed import DistContext, broadcast_params, broadcast_work
-from neurons.local_state import load_local_state, save_local_state
+from neurons.local_state import load_local_state, load_sharded_state, save_local_state, save_sharded_state
 from neurons.metrics import NodeMetrics
 from neurons.node import FoundRecord, Node, WindowContext
 from neurons.node_files import append_metrics
-from neurons.sharded_init import build_sharded_miner
-from neurons.sharded_state import load_sharded_state, save_sharded_state
-from neurons.sharding import ShardedMiner
+from neurons.sharding import ShardedMiner, build_sharded_miner
 from neurons.training import FP32, TrainSettings, inner_train, make_inner_optimizer, prepare_model
 from protocol.codec import Compressor, EncodedTensor
 from protocol.data import assign, samples_digest
@@ -213,7 +211,7 @@ class Miner:
         append_metrics(self.state_dir, line)
 
     def save(self) -> None:
-        if self.sharded is not None:  # each rank its own AdamW and error-feedback rows (`neurons.sharded_state`)
+        if self.sharded is not None:  # each rank its own AdamW and error-feedback rows (`neurons.local_state`)
             message = {"op": "save", "dir": str(self.state_dir), "window": self.model_window or 0,
                        "revision": self.hp.revision()}
             broadcast_work(self.dist, message)
@@ -231,7 +229,7 @@ class Miner:
 
     def _shard(self) -> None:
         """Rank 0's whole θ (restored, caught up) becomes every rank's rows, then is freed; resume the
-        ranks' saved AdamW and error-feedback rows if every rank has them (`neurons.sharded_state`)."""
+        ranks' saved AdamW and error-feedback rows if every rank has them (`neurons.local_state`)."""
         message = {"op": "shard", "dir": str(self.state_dir), "revision": self.hp.revision()}
         broadcast_work(self.dist, message)
         self.optimizer = self.compressor = None  # their whole-model tensors are not used sharded: free them
@@ -282,7 +280,7 @@ def follow(model: torch.nn.Module | None, hp, dist: DistContext, train: TrainSet
     Rank 0 reads the window's pages (from the pinned dataset bucket or a folder) and sends them with the
     instruction, so a follower needs no dataset, cache or bucket credentials of its own. Sharded
     (`dist.sharded`), `model` may be None: the rank's rows are made on `device` when rank 0 says
-    "shard" (`neurons.sharded_init`), and a whole model given here is dropped then."""
+    "shard" (`neurons.sharding.build_sharded_miner`), and a whole model given here is dropped then."""
     optimizer = None
     if model is not None:
         prepare_model(model, train)

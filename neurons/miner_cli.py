@@ -30,7 +30,7 @@ def _follow(cfg: NodeConfig, dist: DistContext) -> int:
 
     hp, device = cfg.hparams(), cfg.torch_device()
     device = f"cuda:{dist.local_rank}" if device.startswith("cuda") else device
-    if dist.sharded:  # no whole model here: this rank's rows come from rank 0 (`neurons.sharded_init`)
+    if dist.sharded:  # no whole model here: this rank's rows come from rank 0 (`build_sharded_miner`)
         follow(None, hp, dist, cfg.train_settings(), device=device)
     else:
         follow(build_model(hp, device), hp, dist, cfg.train_settings())

@@ -5,7 +5,7 @@ Rank 0 drives a `ShardedMiner` as `neurons.miner.Miner` does (each collective an
 trained sharded, encoded with shared statistics and gathered to rank 0 (signed, with its debug
 sample); the outer step runs on each rank's rows with two peers (this shard and a fixed synthetic
 one), and rank 0 writes θ's digest. Rank 1 holds no whole model: its rows are scattered from rank 0's
-θ_0 (`neurons.sharded_init`). Then the sharded state: the ranks save their AdamW and error-feedback
+θ_0 (`neurons.sharding.build_sharded_miner`). Then the sharded state: the ranks save their AdamW and error-feedback
 rows after window 0 and run window 1; a restart (θ_0 again) loads the rows, saves them again to a
 second folder, and runs window 1 again; a third start finds a header with another world size.
 """
@@ -22,10 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from neurons.distributed import broadcast_work, init_distributed
+from neurons.local_state import load_sharded_state, save_sharded_state, sharded_state_path
 from neurons.miner import follow
-from neurons.sharded_init import build_sharded_miner
-from neurons.sharded_state import load_sharded_state, save_sharded_state, sharded_state_path
-from neurons.sharding import ShardedMiner, sharded_context
+from neurons.sharding import ShardedMiner, build_sharded_miner, sharded_context
 from neurons.training import TrainSettings
 from protocol.codec import Compressor
 from protocol.codec_aggregate import robust_clip_norm, update_norm
@@ -74,7 +73,7 @@ def main(data: str, out: str, precision: str = "fp32") -> None:
     warnings: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("neurons.sharded_state").addHandler(handler)
+    logging.getLogger("neurons.local_state").addHandler(handler)
     state, again, bad = Path(out, "state"), Path(out, "state-again"), Path(out, "state-bad")
     miner = _restart(ctx, hp, settings, state)  # no saved rows yet: zeros
     broadcast_work(ctx, {"op": "digest"})

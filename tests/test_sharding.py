@@ -7,7 +7,7 @@ visible steps on a few elements over H steps (as in test_distributed), so the de
 compared as a whole: ‖sharded − single‖ ≤ 2 % of ‖single‖, and ≥ 99 % of the kept top-k positions
 identical. θ after the outer step is compared bit for bit (digest): the aggregation is exact. The same run checks
 that rank 1's rows, scattered from rank 0 onto a meta-built model, are θ_0, and that the ranks'
-saved AdamW and error-feedback rows resume exactly (`neurons.sharded_state`).
+saved AdamW and error-feedback rows resume exactly (`neurons.local_state`).
 """
 
 import json
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from gauntlet.evaluate import Evaluator
 from gauntlet.filters import sync_score
-from neurons.sharded_state import sharded_state_path
+from neurons.local_state import sharded_state_path
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import Compressor, decode
 from protocol.codec_aggregate import aggregate_encoded, apply_outer_step
