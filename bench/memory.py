@@ -163,7 +163,7 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
         # gradients are set to None at each step's start, so the forward's activations meet only the
         # gradients the backward has made so far: the first (the head's, whole; under FSDP2 already in
         # `gathered`), or with accumulation (several micro-batches per step) every gradient of the step
-        if accumulation > 1:
+        if math.ceil(math.ceil(hp.inner.batch_size / r) / micro) > 1:  # accumulation at r ranks
             parts["gradients_at_training_peak"] = parts["gradients"]
         else:
             parts["gradients_at_training_peak"] = 4 * head if r == 1 else 0
