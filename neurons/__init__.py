@@ -19,6 +19,7 @@ Roles:
 - `training.py`: `inner_train`, `make_inner_optimizer`, `mean_loss`: the inner AdamW loop.
 - `distributed.py`: `DistContext`, `broadcast_work`: data-parallel inner steps under torchrun.
 - `sharding.py`: `shard_model`, `ShardedCompressor`, `aggregate_rows`: FSDP2 row shards, compressed and stepped per rank.
+- `sharded_eval.py`: `ShardedTheta`, `follow_validator`: the validator's θ in FSDP2 rows: stage 2 and the outer step per rank.
 - `local_state.py`: `save_local_state`/`load_local_state`: θ, error feedback and AdamW, atomically.
 - `node_files.py`: the state folder's file names, `append_metrics`/`read_metrics`.
 - `metrics.py`: `NodeMetrics`: Prometheus gauges and counters from each window's report.

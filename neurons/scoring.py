@@ -13,14 +13,21 @@ Evaluation batch choice: `gauntlet.eval_batches` batches of `inner.batch_size` s
 For the tiny preset that is 2 × 8 × 128 = 2,048 tokens per side: measured spread of the loss score
 over random draws is an order of magnitude below the gap between honest and noise updates, and the
 whole evaluation stays inside a devnet window (see gauntlet/evaluate.py for the measurements).
+
+Where the forward passes run is an `EvalBackend`: `LocalBackend` decodes each update whole and runs
+`gauntlet.evaluate.Evaluator` (fp32, or bf16 autocast); a sharded validator (`neurons.sharded_eval`)
+hands each rank the encoded update and evaluates on its rows of θ. The Scorer's choices (who, in which
+order, on which samples, with which clip factor) are the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,7 +36,8 @@ from gauntlet.evaluate import Evaluator, UpdateError, scale_update
 from gauntlet.filters import copy_verdicts, sync_score
 from gauntlet.records import EvalResult, FilterResult
 from neurons.node import WindowContext
-from protocol.codec import decode
+from neurons.training import FP32, TrainSettings
+from protocol.codec import EncodedTensor, decode
 from protocol.codec_aggregate import clip_factors, update_norm
 from protocol.data import PageStore, assign, random_samples
 from protocol.gather import NOT_PRESENT, NOT_TIMELY, Fetched, FetchOutcome
@@ -38,6 +46,18 @@ from protocol.sample import split_sample
 
 log = logging.getLogger(__name__)
 STALENESS_CAP = 20  # windows; a never-evaluated uid counts as this stale
+Encoded = Mapping[str, EncodedTensor]
+
+
+class EvalBackend(Protocol):
+    """Where stage 2's forward passes run: `LocalBackend` (one process) or, under torchrun with --fsdp,
+    `neurons.sharded_eval` (each rank its rows of θ). Same arguments, same arithmetic, same results."""
+
+    def begin(self, random_batches: list[torch.Tensor]) -> None: ...
+
+    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None: ...
+
+    def evaluate(self, tensors: Encoded, factor: float, assigned: list[torch.Tensor], step: float) -> EvalResult: ...
 
 
 def _rng(window_seed: bytes, secret: bytes, purpose: str) -> np.random.Generator:
@@ -72,11 +92,13 @@ def _batches(samples: torch.Tensor, batch: int) -> list[torch.Tensor]:
 class Scorer:
     """Scores one window's miners for one validator: its model, pages, hparams and local secret."""
 
-    def __init__(self, model: torch.nn.Module, store: PageStore, hp: HParams, secret: bytes):
+    def __init__(self, model: torch.nn.Module, store: PageStore, hp: HParams, secret: bytes,
+                 backend: EvalBackend | None = None, settings: TrainSettings = FP32):
         self.model = model
         self.store = store
         self.hp = hp
         self.secret = secret
+        self.backend: EvalBackend = backend or LocalBackend(model, settings)  # a sharded validator swaps it
 
     def filter_window(
         self,
@@ -139,11 +161,11 @@ class Scorer:
         chosen = evaluation_order(eligible, hp.gauntlet.eval_miners_per_window, ctx.seed, self.secret, staleness)
         factors = clip_factors({uid: update_norm(fetched[miners[uid]].shard.tensors) for uid in eligible})
         n_eval = hp.gauntlet.eval_batches * hp.inner.batch_size
-        random_pages = store.pages(random_samples(ctx.seed + self.secret, n_eval, store.num_train))
-        evaluator = Evaluator(self.model, _batches(random_pages, hp.inner.batch_size))
+        backend = self.backend
+        backend.begin(_batches(store.pages(random_samples(ctx.seed + self.secret, n_eval, store.num_train)),
+                               hp.inner.batch_size))
         step = hp.gauntlet.eval_step_scale * hp.outer.lr
-        device = next(self.model.parameters()).device
-        reference = evaluator.reference_score([self._mean_update(eligible, miners, fetched, factors, device)], step)
+        reference = backend.reference([(fetched[miners[uid]].shard.tensors, factors[uid]) for uid in eligible], step)
         results: dict[int, EvalResult] = {}
         stop_at = None if time_budget_s is None else time.monotonic() + time_budget_s
         for uid in chosen:
@@ -152,33 +174,61 @@ class Scorer:
                          window, time_budget_s, len(results), len(chosen))
                 break
             hotkey = miners[uid]
-            update = {name: decode(enc, device) for name, enc in fetched[hotkey].shard.tensors.items()}
-            update = scale_update(update, factors[uid])
             assigned = assign(hotkey, window, hp.data.seed, hp.samples_per_window, store.num_train)
             subset = _rng(ctx.seed, self.secret, f"assigned:{uid}").choice(
                 assigned, size=min(n_eval, len(assigned)), replace=False)
             try:
-                results[uid] = evaluator.evaluate(update, _batches(store.pages(subset.tolist()), hp.inner.batch_size),
-                                                  step)
+                results[uid] = backend.evaluate(fetched[hotkey].shard.tensors, factors[uid],
+                                                _batches(store.pages(subset.tolist()), hp.inner.batch_size), step)
             except UpdateError as exc:
                 log.warning("uid %d: update unusable in evaluation: %s", uid, exc)
                 continue
             results[uid].reference_score = reference
         return results
 
-    @staticmethod
-    def _mean_update(eligible: list[int], miners: Mapping[int, str], fetched: Mapping[str, Fetched],
-                     factors: Mapping[int, float], device: torch.device) -> dict[str, torch.Tensor]:
-        """The window's reference update: the mean of the eligible miners' clipped updates (docs/incentives.md).
 
-        Summed one miner at a time, so it holds one decoded update besides the sum.
-        """
-        total: dict[str, torch.Tensor] = {}
-        for uid in eligible:
-            for name, enc in fetched[miners[uid]].shard.tensors.items():
-                u = decode(enc, device) * factors[uid]
-                if name in total:
-                    total[name].add_(u)
-                else:
-                    total[name] = u.clone()
-        return {name: t / len(eligible) for name, t in total.items()}
+class LocalBackend:
+    """Stage 2 on the whole model in this process (`gauntlet.evaluate.Evaluator`), fp32 or bf16 autocast.
+
+    bf16 autocasts the forward passes only: θ, the applied update and its restoration stay float32
+    (how much bf16 moves the scores: neurons/sharded_eval.py). Autocast's weight-cast cache is off: it
+    keeps the bf16 copy of each weight for the whole autocast block, so the passes after θ − step·u
+    would run on the weights from before it. `neurons.sharded_eval` is the FSDP2 twin."""
+
+    def __init__(self, model: torch.nn.Module, settings: TrainSettings = FP32):
+        self.model, self.settings = model, settings
+        self.device = next(model.parameters()).device
+        self.evaluator: Evaluator | None = None
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self.settings.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def begin(self, random_batches: list[torch.Tensor]) -> None:
+        self.evaluator = Evaluator(self.model, random_batches)
+
+    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None:
+        with self._precision():
+            return self.evaluator.reference_score([_mean_update(updates, self.device)], step)
+
+    def evaluate(self, tensors: Encoded, factor: float, assigned: list[torch.Tensor], step: float) -> EvalResult:
+        update = scale_update({name: decode(enc, self.device) for name, enc in tensors.items()}, factor)
+        with self._precision():
+            return self.evaluator.evaluate(update, assigned, step)
+
+
+def _mean_update(updates: Sequence[tuple[Encoded, float]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The window's reference update: the mean of the eligible miners' clipped updates (docs/incentives.md).
+
+    Summed one miner at a time, so it holds one decoded update besides the sum.
+    """
+    total: dict[str, torch.Tensor] = {}
+    for tensors, factor in updates:
+        for name, enc in tensors.items():
+            u = decode(enc, device) * factor
+            if name in total:
+                total[name].add_(u)
+            else:
+                total[name] = u.clone()
+    return {name: t / len(updates) for name, t in total.items()}

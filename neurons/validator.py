@@ -9,6 +9,12 @@ scores is for window w + peers.lead_windows (2), published as soon as w is score
 validator has a whole window to score w before miners look for that list, and a list uploaded after
 its window's deadline counts for nobody (`Node.find_peer_list`), so a slow validator never steps a
 model the miners did not.
+
+Under `torchrun --nproc_per_node R crucible validator --fsdp`, rank 0 is this validator and every rank
+holds only its FSDP2 rows of θ once `run` has started (`neurons.sharded_eval`): the debug samples, θ's
+digest, stage 2's forward passes, the outer step and checkpoints become collectives rank 0 announces
+(`ShardedValidatorRanks.call`), and the other ranks run them in the same order (`follow_validator`).
+`--precision bf16` evaluates in bf16 (FSDP2 mixed precision, or autocast on one process); θ stays float32.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from gauntlet.state import ScoringState, StateConfig, load_state, save_state
 from gauntlet.weights import score_window
 from neurons.catchup import recover, sync_to
 from neurons.chain_weights import conform_weights
+from neurons.distributed import DistContext, broadcast_params, broadcast_work
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import Node, WindowContext
 from neurons.node_files import SCORES_FILE, local_secret
 from neurons.publisher import Publisher
 from neurons.scoring import Scorer
+from neurons.sharded_eval import ShardedTheta, ShardedValidatorRanks, whole_model
+from neurons.training import TrainSettings
 from protocol.model import param_digest
 from protocol.peers import make_peer_list
 from protocol.sample import debug_positions, gather_sample
@@ -67,15 +76,18 @@ class ValidatorReport:
 
 
 class Validator:
-    def __init__(self, node: Node, state_dir: str | Path):
+    def __init__(self, node: Node, state_dir: str | Path, dist: DistContext | None = None, precision: str = "fp32"):
         self.node = node
+        self.dist = dist or DistContext()
+        self.precision = precision  # stage 2's compute precision (node-local; θ stays float32)
+        self.ranks: ShardedValidatorRanks | None = None  # FSDP2 rows (`neurons.sharded_eval`), once `run` started
         self.hp = node.hp
         self.state_dir = Path(state_dir)
         self.keypair = node.chain.wallet.hotkey
         self.secret = local_secret(self.state_dir)
         self.state: ScoringState = load_state(self.state_dir / SCORES_FILE)
         self.numels = {name: p.numel() for name, p in node.model.named_parameters()}
-        self.scorer = Scorer(node.model, node.store, self.hp, self.secret)
+        self.scorer = Scorer(node.model, node.store, self.hp, self.secret, settings=TrainSettings(precision=precision))
         self.publisher = Publisher(node)
         self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None
@@ -91,9 +103,8 @@ class Validator:
         fetched = dict(pub.fetched)
         fetched.update(await node.fetch(ctx, [hk for hk in miners.values() if hk not in fetched], pub.pinned))
 
-        params = dict(node.model.named_parameters())
         positions = debug_positions(ctx.seed, self.numels, hp.shard.debug_sample_size)
-        own = gather_sample(params, positions)
+        own = self.sample(positions)
         filters = self.scorer.filter_window(miners, fetched, pub.first_seen, own, positions,
                                             self.state.reference_change())
         eval_started = time.perf_counter()
@@ -114,24 +125,68 @@ class Validator:
         found = await node.find_record(ctx)  # the window's update: the highest-stake validator's record
         if found is None:
             report.note += "no aggregate record in time; model unchanged. "
-        elif (drift := node.drift(found.record)) is not None and await recover(node, window) is not None:
+        elif (drift := self.drift(found.record)) is not None and await self.recover(window, drift) is not None:
             report.in_sync = False
             report.note += f"out of sync ({drift}); model unchanged, recovery retried next window. "
         else:
             result = await node.gather_record(ctx, found, prefetched=fetched)
             if result.used == found.record.peers:
-                report.stepped = node.apply(result)
+                report.stepped = self.apply(result)
                 report.peers_used = result.used
             else:
                 report.note += f"could not reproduce the record (skipped {result.skipped}); model unchanged. "
-        self.state.record_step_change(step_change(gather_sample(params, positions), own), StateConfig())
+        self.state.record_step_change(step_change(self.sample(positions), own), StateConfig())
         self.model_window = window + 1
-        self.publisher.digests[window + 1] = param_digest(node.model)  # goes in window w + 1's record
+        self.publisher.digests[window + 1] = self.digest()  # goes in window w + 1's record
         if (window + 1) % hp.checkpoints.every_windows == 0:
-            await self.publisher.publish_checkpoint(window + 1)
+            await self.publish_checkpoint(window + 1)
         await asyncio.to_thread(self.save)
         report.seconds = time.perf_counter() - started
         return report
+
+    # --- θ, whole in this process or in FSDP2 rows over the torchrun ranks ---------------------------------
+
+    def sample(self, positions: dict) -> dict:
+        """θ's values at the window's debug positions (the validator's own sample for stage 1)."""
+        if self.ranks is not None:
+            return self.ranks.call("sample", positions=positions)
+        return gather_sample(dict(self.node.model.named_parameters()), positions)
+
+    def digest(self) -> str:
+        return self.ranks.call("digest") if self.ranks is not None else param_digest(self.node.model)
+
+    def drift(self, record) -> str | None:
+        if self.ranks is None or record.theta_digest is None:
+            return self.node.drift(record)
+        mine = self.digest()
+        return None if mine == record.theta_digest else f"θ digest {mine[:12]}… differs from the record's"
+
+    async def recover(self, window: int, drift: str) -> str | None:
+        if self.ranks is not None:  # recovery replays on the whole model, which no rank holds
+            raise SystemExit(f"window {window}: sharded θ out of sync ({drift}); restart to catch up")
+        return await recover(self.node, window)
+
+    def apply(self, result) -> bool:
+        """The window's outer step: `Node.apply`, or each rank's rows from the record's encoded shards."""
+        if self.ranks is None:
+            return self.node.apply(result)
+        if result.aggregated is None:
+            return False
+        shards = {h: result.fetched[h].shard.tensors for h in result.used}
+        self.ranks.call("apply", shards=shards, clip=result.clip_norm)
+        return True
+
+    async def publish_checkpoint(self, window: int) -> None:
+        """Sharded: θ gathered whole into a CPU model on rank 0 for the checkpoint's files, then dropped."""
+        if self.ranks is None:
+            await self.publisher.publish_checkpoint(window)
+            return
+        whole = whole_model(self.hp, self.ranks.call("gather_whole"))
+        sharded, self.node.model = self.node.model, whole  # the publisher saves node.model
+        try:
+            await self.publisher.publish_checkpoint(window)
+        finally:
+            self.node.model = sharded
 
     def window_seconds(self, ctx: WindowContext) -> float:
         """A window's duration in chain time (start and deadline block timestamps), else the hparams' guess."""
@@ -206,6 +261,8 @@ class Validator:
 
     def save(self) -> None:
         save_state(self.state, self.state_dir / SCORES_FILE)
+        if self.ranks is not None:  # not yet: a restarted sharded validator catches θ up (checkpoint + replay)
+            return
         save_local_state(self.state_dir, self.model_window or 0, self.hp.revision(), self.node.model)
 
     async def start(self) -> int:
@@ -225,12 +282,19 @@ class Validator:
             window = await self.start()
         except VersionKeyMismatch as exc:  # a setting the operator must change: one line, exit 2 (no restart)
             log.error("%s", exc)
+            if self.dist.active:
+                broadcast_work(self.dist, {"op": "stop"})
             raise SystemExit(2) from None
+        if self.dist.active:
+            self.shard()
         publishing = asyncio.create_task(self.publisher.run(window))
         try:
             done = 0
             while windows is None or done < windows:
                 current = await self.node.current_window()
+                if current > window + 1 and self.ranks is not None:
+                    raise SystemExit(f"sharded validator fell behind (windows {window}..{current - 2}); restart "
+                                     "to catch up")
                 if current > window + 1:  # scoring fell behind: skip ahead, keep θ in step with the records
                     log.warning("windows %d..%d not scored (validator behind); replaying their records",
                                 window, current - 2)
@@ -246,3 +310,14 @@ class Validator:
                 window += 1
         finally:
             publishing.cancel()
+            if self.dist.active:
+                broadcast_work(self.dist, {"op": "stop"})
+
+    def shard(self) -> None:
+        """Every rank takes rank 0's restored θ, then holds only its FSDP2 rows (`neurons.sharded_eval`)."""
+        broadcast_work(self.dist, {"op": "sync"})
+        broadcast_params(self.dist, self.node.model)
+        broadcast_work(self.dist, {"op": "shard"})
+        theta = ShardedTheta(self.node.model, self.hp, self.dist, self.precision)
+        self.ranks = ShardedValidatorRanks(theta)
+        self.scorer.backend = self.ranks  # stage 2 on the rows

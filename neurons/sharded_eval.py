@@ -1,0 +1,286 @@
+"""The validator's θ FSDP2-sharded under torchrun: Gauntlet stage 2 and the outer step on each rank's rows.
+
+Why: one 72B θ (288 GB in float32) fits no single accelerator, so `crucible validator --fsdp` under
+`torchrun --nproc_per_node R` holds θ the way the sharded miner does (`neurons.sharding.shard_model`:
+rank r holds rows [r·⌈d0/R⌉, …) of every parameter, FSDP2's Shard(0), float32 master rows). Rank 0 is
+the validator (chain, buckets, stage 1, weights, records); the other ranks only hold rows and run the
+collectives rank 0 announces (`ShardedValidatorRanks.call` → `neurons.distributed.broadcast_work` over the
+control group → `follow_validator`), in the same order: one protocol with the sharded miner's.
+
+How stage 2 runs sharded (`ShardedTheta.evaluate`, the `gauntlet.evaluate.Evaluator` arithmetic):
+- a miner's encoded shard (compact: 12-bit indices, 2-bit codes, a table) goes to every rank; each
+  decodes only the kept positions that fall in its rows (`decode_rows`, as `aggregate_rows` does), so no
+  rank ever holds a dense whole-model update. Per element the values are `decode(enc) * factor` exactly.
+- θ_rows ← θ_rows − step·u_rows on the float32 master rows, forward passes, then the saved rows are
+  copied back: θ is bit-identical after every evaluation (and after the window's reference score).
+- forward passes are data-parallel as well as sharded: each rank runs its rows of every batch
+  (b[r::R]) through the FSDP2 model (parameters all-gathered layer by layer), and the token-weighted
+  loss sums are all-reduced in float64. The losses therefore differ from one process's only in float
+  summation order (smaller per-rank matmuls, the sum across ranks): measured on tiny (2 gloo ranks)
+  |Δ loss| ≲ 1e-6 and |Δ loss score| ≲ 1e-7, far below the score spread between random draws (~1e-3,
+  gauntlet/evaluate.py), so the tests compare scores within 1e-5 absolute.
+- validity (names, shapes, finite values) is checked on the whole encoded update, identically on every
+  rank without a collective, so every rank raises `UpdateError` for the same miner, before touching θ.
+
+bf16 (`--precision bf16`): FSDP2's `MixedPrecisionPolicy(param_dtype=bf16)` when sharded, `torch.autocast`
+otherwise (`neurons.scoring.LocalBackend`); the master rows, the evaluation's θ − step·u and the outer step
+stay float32, so θ stays bit-identical across nodes whatever a validator evaluates in. What bf16 moves is
+the scores only. Measured on tiny (tests/test_sharded_validator.py::test_bf16_moves_scores_little, one
+process, same θ/update/samples; `step` = 0.2 × outer lr): losses move by ~1e-2 absolute (bf16 rounds the
+weights and activations, ~3 significant digits) but mostly by the same amount before and after the step,
+so the loss scores (relative improvements, differences of two losses) move by ~1e-4 to 1e-3 against
+scores of ~1e-2 and an honest-vs-noise gap of ~4e-2 — rankings hold because every miner of a window is
+scored by the same validator in the same precision against the same random batches (a shared bias
+cancels in the comparison), and the remaining noise is of the order of the sampling noise already
+accepted (σ ≈ 1e-3 per draw). A validator that needs its scores closer than that runs fp32.
+
+Not done here (said rather than pretended): θ is restored or caught up on the whole model on rank 0
+before sharding (start-up needs the whole model once, like the sharded miner); a sharded validator that
+falls behind or out of sync exits so a restart catches it up; its θ is not saved to the local state file
+(scores are); `protocol.gather` still builds the dense aggregate on rank 0's device (the outer step itself
+uses only the encoded shards); a checkpoint is gathered whole into rank 0's host memory (θ in float32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gauntlet.evaluate import UpdateError, _check_batches
+from gauntlet.records import EvalResult
+from neurons.distributed import DistContext, broadcast_work
+from neurons.sharding import (
+    Slot,
+    aggregate_rows,
+    apply_rows,
+    local,
+    plan,
+    sample_rows,
+    shard_model,
+    sharded_digest,
+)
+from neurons.training import TrainSettings
+from protocol.codec import EncodedTensor
+from protocol.hparams import HParams
+from protocol.model import build_model
+
+Encoded = Mapping[str, EncodedTensor]
+
+
+def check_encoded(tensors: Encoded, slots: Mapping[str, Slot], factor: float) -> str | None:
+    """`gauntlet.evaluate.check_update` of `decode(tensors) * factor`, read from the encoded form (no collective)."""
+    if not math.isfinite(factor) or factor < 0:
+        return f"scale factor must be finite and ≥ 0, got {factor}"
+    for name, enc in tensors.items():
+        slot = slots.get(name)
+        if slot is None:
+            return f"unknown parameter {name!r}"
+        if tuple(enc.layout.shape) != slot.shape:
+            return f"{name}: shape {tuple(enc.layout.shape)} != parameter shape {slot.shape}"
+        values = enc.lookup.to(torch.float32)[enc.code_values()]
+        if not bool(torch.isfinite(values * factor if factor != 1.0 else values).all()):
+            return f"{name}: non-finite values"
+    return None
+
+
+@torch.no_grad()
+def decode_rows(enc: EncodedTensor, slot: Slot, device: torch.device | str = "cpu") -> torch.Tensor:
+    """This rank's rows of `protocol.codec.decode(enc)`, float32, bit for bit (zeros where nothing was kept)."""
+    enc = enc.to(device)
+    lo, n = slot.start * slot.row_numel, slot.rows * slot.row_numel
+    pos = enc.positions().reshape(-1)
+    mine = (pos >= lo) & (pos < lo + n)
+    flat = torch.zeros(n, dtype=torch.float32, device=device)
+    flat[pos[mine] - lo] = enc.lookup.to(torch.float32)[enc.code_values()][mine]
+    return flat.view(slot.rows, *slot.shape[1:])
+
+
+@torch.no_grad()
+def whole_model(hp: HParams, params: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A whole CPU model holding `params` (from `ShardedTheta.gather_whole`), e.g. to save a checkpoint."""
+    model = build_model(hp, "cpu")
+    for name, p in model.named_parameters():
+        p.copy_(params[name])
+    return model
+
+
+class ShardedTheta:
+    """One rank's rows of the validator's θ and the collectives over them; every rank calls the same
+    methods with the same arguments in the same order (rank 0 through `ShardedValidatorRanks`)."""
+
+    def __init__(self, model: torch.nn.Module, hp: HParams, ctx: DistContext, precision: str = "fp32"):
+        self.model = shard_model(model, TrainSettings(precision=precision))
+        self.hp, self.ctx = hp, ctx
+        self.slots = plan(self.model, ctx, hp.sparseloco)
+        self.params = {name: local(p) for name, p in self.model.named_parameters()}  # the float32 master rows
+        self.device = next(iter(self.params.values())).device
+        emb = self.model.get_input_embeddings()
+        self.vocab: int | None = getattr(emb, "num_embeddings", None)
+        self.random: list[torch.Tensor] = []
+        self._before_random: float | None = None
+
+    # --- θ: digest, debug sample, outer step, whole copy ------------------------------------------------
+
+    def digest(self) -> str:
+        return sharded_digest(self.model)
+
+    def sample(self, positions: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`protocol.sample.gather_sample` of θ (exact values, summed from disjoint rows)."""
+        return sample_rows(self.params, self.slots, positions)
+
+    def apply(self, shards: Mapping[str, Encoded], clip: float) -> None:
+        """The window's outer step on this rank's rows: bit-identical to `apply_outer_step(aggregate_encoded)`."""
+        apply_rows(self.model, aggregate_rows(shards, self.slots, clip, device=self.device), self.hp.outer.lr)
+
+    @torch.no_grad()
+    def gather_whole(self) -> dict[str, torch.Tensor] | None:
+        """θ whole on rank 0 (float32, CPU), one parameter at a time; None elsewhere (a collective)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, slot in self.slots.items():
+            rows = self.params[name]
+            if not slot.sharded:
+                out[name] = rows.detach().to("cpu", torch.float32).clone()
+                continue
+            per = -(-slot.shape[0] // self.ctx.world)
+            padded = rows.new_zeros((per, *slot.shape[1:]))
+            padded[: rows.shape[0]] = rows
+            parts = [torch.empty_like(padded) for _ in range(self.ctx.world)] if self.ctx.is_main else None
+            dist.gather(padded, parts, dst=0)
+            if parts is not None:
+                out[name] = torch.cat(parts)[: slot.shape[0]].to("cpu", torch.float32)
+        return out if self.ctx.is_main else None
+
+    # --- Gauntlet stage 2 ---------------------------------------------------------------------------------
+
+    def begin(self, random_batches: Sequence[torch.Tensor]) -> None:
+        """A new window's random batches (θ must not change until the next `begin` except through `apply`)."""
+        _check_batches(random_batches, self.vocab)
+        self.random, self._before_random = list(random_batches), None
+
+    @torch.no_grad()
+    def mean_loss(self, batches: Sequence[torch.Tensor]) -> float:
+        """`gauntlet.evaluate.mean_loss` with each batch's rows split over the ranks (float64 sums all-reduced)."""
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        try:
+            for b in batches:
+                rows = b[self.ctx.rank :: self.ctx.world]
+                weight = 1.0 if len(rows) else 0.0  # fewer rows than ranks: run one row, count nothing
+                rows = (rows if len(rows) else b[:1]).to(self.device)
+                n = rows.shape[0] * (rows.shape[1] - 1)
+                loss = self.model(input_ids=rows, labels=rows).loss
+                total[0] += float(loss.double()) * n * weight
+                total[1] += n * weight
+        finally:
+            self.model.train(was_training)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return float(total[0] / total[1])
+
+    @property
+    def loss_before_random(self) -> float:
+        if self._before_random is None:
+            self._before_random = self.mean_loss(self.random)
+        return self._before_random
+
+    @torch.no_grad()
+    def _stepped(self, rows: Mapping[str, torch.Tensor], alpha: float, batches: Sequence[Sequence[torch.Tensor]]
+                 ) -> list[float]:
+        """Mean losses over each batch list with θ_rows − alpha·rows, then θ's rows restored bit for bit."""
+        saved = {name: self.params[name].detach().clone() for name in rows}
+        try:
+            for name, u in rows.items():
+                self.params[name].sub_(u, alpha=alpha)
+            return [self.mean_loss(b) for b in batches]
+        finally:
+            for name, value in saved.items():
+                self.params[name].copy_(value)
+
+    def evaluate(self, tensors: Encoded, factor: float, assigned: Sequence[torch.Tensor], step: float) -> EvalResult:
+        """`Evaluator.evaluate(scale_update(decode(tensors), factor), assigned, step)` on the sharded θ."""
+        reason = check_encoded(tensors, self.slots, factor)
+        if reason is not None:
+            raise UpdateError(reason)
+        _check_batches(assigned, self.vocab)
+        before_random = self.loss_before_random
+        before_assigned = self.mean_loss(assigned)
+        rows = {}
+        for name, enc in tensors.items():
+            u = decode_rows(enc, self.slots[name], self.device)
+            rows[name] = u * factor if factor != 1.0 else u
+        after_assigned, after_random = self._stepped(rows, step, [assigned, self.random])
+        return EvalResult(loss_before_assigned=before_assigned, loss_after_assigned=after_assigned,
+                          loss_before_random=before_random, loss_after_random=after_random, step=step)
+
+    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None:
+        """`Evaluator.reference_score([Scorer._mean_update(...)], step)`: the loss score of the mean clipped update."""
+        usable = [(t, f) for t, f in updates if check_encoded(t, self.slots, f) is None]
+        if len(usable) != len(updates) or not updates:
+            return None  # the single process drops the whole mean then (check_update on the mean)
+        total: dict[str, torch.Tensor] = {}
+        for tensors, factor in usable:
+            for name, enc in tensors.items():
+                u = decode_rows(enc, self.slots[name], self.device) * factor
+                if name in total:
+                    total[name].add_(u)
+                else:
+                    total[name] = u.clone()
+        rows = {name: torch.zeros_like(t).add_(t / len(usable)) for name, t in sorted(total.items())}
+        before = self.loss_before_random
+        (after,) = self._stepped(rows, step, [self.random])
+        if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
+            return None
+        return (before - after) / before
+
+
+class ShardedValidatorRanks:
+    """Rank 0's handle: announce each collective to the followers (`broadcast_work`), then run it here."""
+
+    OPS = ("digest", "sample", "apply", "gather_whole", "begin", "evaluate", "reference")
+
+    def __init__(self, theta: ShardedTheta):
+        self.theta = theta
+
+    def call(self, op: str, **kwargs: Any) -> Any:
+        if op not in self.OPS:
+            raise ValueError(f"unknown sharded validator op {op!r}")
+        broadcast_work(self.theta.ctx, {"op": op, **kwargs})
+        return getattr(self.theta, op)(**kwargs)
+
+    # `neurons.scoring.EvalBackend`: the Scorer drives stage 2 through these
+    def begin(self, random_batches: list[torch.Tensor]) -> None:
+        self.call("begin", random_batches=random_batches)
+
+    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None:
+        return self.call("reference", updates=list(updates), step=step)
+
+    def evaluate(self, tensors: Encoded, factor: float, assigned: list[torch.Tensor], step: float) -> EvalResult:
+        return self.call("evaluate", tensors=dict(tensors), factor=factor, assigned=assigned, step=step)
+
+
+def follow_validator(model: torch.nn.Module, hp: HParams, ctx: DistContext, precision: str = "fp32") -> None:
+    """Ranks > 0 of a sharded validator: take θ from rank 0, shard, then run rank 0's collectives in order.
+
+    Instructions come from the operator's own rank 0 over the control group (pickled, as the miner's);
+    a miner's update arrives as the encoded tensors rank 0 already read and checked with `read_shard`."""
+    theta: ShardedTheta | None = None
+    while True:
+        message = broadcast_work(ctx, None)
+        op = message.pop("op")
+        if op == "sync":  # θ restored or caught up on rank 0's whole model
+            with torch.no_grad():
+                for p in model.parameters():
+                    dist.broadcast(p.data, src=0)
+        elif op == "shard":
+            theta = ShardedTheta(model, hp, ctx, precision)
+        elif op in ShardedValidatorRanks.OPS and theta is not None:
+            try:
+                getattr(theta, op)(**message)
+            except UpdateError:
+                pass  # raised on every rank alike, before θ was touched; rank 0 logs it
+        else:
+            return
