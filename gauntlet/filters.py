@@ -10,6 +10,22 @@
 * Copies: two honest miners' top-k index sets overlap about as much as random sets (≈ the top-k
   density, 1.6 %); a re-uploaded shard overlaps almost fully. Of a pair with a large overlap, the
   one the validator saw LATER is named the copier and its positive score is halved or zeroed.
+  Up to EXACT_MINERS (16) miners the overlaps are exact. Beyond, they are read on a position sample
+  (rate r = 16/m, the same positions for every miner, drawn afresh each window from the validator's
+  secret and the window's shards), which makes them estimates with a statistical bound, not a
+  guarantee. For a copier sharing p of its victim's n₀ kept positions (n = r·n₀ counted):
+    - the estimate p̂ has standard error σ = √(p(1 − p)(1 − r)/n) and reads high by a relative
+      √((1 − p)(1 − r)/(π n)) (the smaller of two sampled sizes is the denominator);
+    - the hash is only pairwise independent, so the guaranteed tail is Chebyshev's, for ANY position
+      set a miner picks without the secret: P(|p̂ − p| ≥ t) ≤ σ²/t². A copier whose true overlap is
+      copy_zero_overlap + δ escapes zeroing in a window with probability ≤ σ²/δ² (and is still halved
+      unless it is also below copy_halve_overlap). At 150m with 256 miners (n ≈ 131k): σ ≤ 0.13 %, so
+      δ = 1 % gives ≤ 1.8 %, δ = 2 % ≤ 0.5 % (Gaussian tails, which the tests observe, give far less).
+      With a small model the bound widens as 1/√n: at n = 500 (e.g. 8k kept positions, 256 miners)
+      σ ≈ 2.1 % at p = 0.6. A copier within a few σ of a threshold is a coin flip by design.
+  Cost: the sort plus, per sorted entry, fewer than max(8, m/8)/2 enumerated pairs or m²/max(8, m/8)
+  multiply-adds (positions held by many miners are counted as a dense product), whatever the miners
+  sent, so sybils sharing one shard cannot make stage 1 quadratic in their number.
 
 Shard format rejections come from the wire module (a `RejectReason` str enum); they are carried as
 plain strings in `FilterResult.reject_reason`. Everything here is pure: tensors and floats in,
@@ -137,6 +153,31 @@ def _sampled(keys: torch.Tensor, rate: float, salt: int) -> torch.Tensor:
     return keys[h < int(rate * (1 << 32))]
 
 
+KEY_PARAMS = 4  # parameters per miner that enter the window's sample key (each table moves every window)
+
+
+def _window_key(salt: int, sets: list[dict[str, torch.Tensor | EncodedTensor]]) -> int:
+    """The sample's hash key for this window: the validator's secret, keyed into blake2b over a digest
+    of every miner's shard (its first KEY_PARAMS parameters' 4-entry tables and first index bytes; a
+    plain tensor's size and first entries). A fixed key would be the same sample every window, and the copy factor a miner's weight
+    reveals (or a published overlap) would let sybils holding chosen positions learn it over windows,
+    then copy a victim only where nobody looks. Honest shards change every window, so the sample does;
+    nobody without the secret can predict it, and the same shards give the same verdicts."""
+    h = hashlib.blake2b(key=(salt % (1 << 128)).to_bytes(16, "little"), digest_size=16, person=b"crucible-copy")
+    for i, s in enumerate(sets):
+        h.update(i.to_bytes(4, "little"))
+        for name in sorted(s)[:KEY_PARAMS]:
+            enc = s[name]
+            h.update(name.encode("utf-8", "surrogatepass") + b"\0")
+            if isinstance(enc, EncodedTensor):
+                h.update(enc.lookup.detach().to("cpu", torch.float32).numpy().tobytes())
+                h.update(enc.idx[:48].detach().cpu().numpy().tobytes())
+            else:
+                flat = enc.detach().reshape(-1)
+                h.update(flat.numel().to_bytes(8, "little") + flat[:64].to("cpu", torch.int64).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
 def _unique_positions(name: str, idx: torch.Tensor) -> torch.Tensor:
     if idx.is_floating_point() or idx.is_complex():
         raise ValueError(f"indices for {name!r} must be an integer tensor")
@@ -172,26 +213,65 @@ def _slab_indices(enc: EncodedTensor, c0: int, c1: int) -> torch.Tensor:
     return unpack12(data.cpu(), n, torch.int32).reshape(c1 - c0, lay.k)
 
 
-def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) -> None:
+# A position held by r miners gives r(r − 1)/2 sharing pairs. Runs at least this long (LONG_RUN_MIN, or
+# m / LONG_RUN_DIV for m miners) are counted as a dense 0/1 product XᵀX over their positions instead of
+# pair by pair: m² multiply-adds per position in BLAS, against r²/2 pairs through several numpy passes.
+# Without it, sybils (or strongly correlated miners) sharing their positions make stage 1 quadratic in
+# their number: 256 miners holding one shard were ~15x the pair-counting time of 256 independent ones.
+LONG_RUN_MIN = 8
+LONG_RUN_DIV = 8
+_DENSE_CELLS = 1 << 20  # rows × miners of one dense block (4 MiB of float32)
+
+
+def _long_run(m: int) -> int:
+    return max(LONG_RUN_MIN, m // LONG_RUN_DIV)
+
+
+def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) -> int:
     """Add to common[a·m + b] the positions shared by miners a and b, from (key << bits | owner) codes.
 
-    Sorting puts the miners sharing a key next to each other (owners ascending); the pairs at
-    distance d are found only among the pairs at distance d − 1 (a sorted run holding i and i + d
-    holds i + d − 1), so the work is the sort plus the number of sharing pairs.
+    Sorting puts the miners sharing a key next to each other (owners ascending, each once: positions
+    are unique per miner). Positions held by at least `_long_run(m)` miners are counted as XᵀX of their
+    0/1 incidence rows (float32 sums of at most _DENSE_CELLS ones: exact); the others pair by pair: the
+    pairs at distance d are found only among the pairs at distance d − 1 (a sorted run holding i and
+    i + d holds i + d − 1). Work: the sort, m² per long-run position, and fewer than `_long_run(m)`
+    enumerated pairs per remaining entry, whatever the miners sent. Returns the pairs enumerated.
     """
     if keys.size < 2:
-        return
+        return 0
     keys.sort(kind="stable")  # timsort: each miner's keys are already one ascending run, so this is a merge
     pos = keys >> owner_bits
     owner = (keys & ((1 << owner_bits) - 1)).astype(np.int64)
+    new_run = np.empty(pos.size, dtype=bool)
+    new_run[0] = True
+    np.not_equal(pos[1:], pos[:-1], out=new_run[1:])
+    starts = np.flatnonzero(new_run)
+    lengths = np.diff(np.append(starts, pos.size))
+    long_runs = lengths >= _long_run(m)
+    if long_runs.any():
+        in_long = np.repeat(long_runs, lengths)
+        row = np.repeat(np.cumsum(long_runs) - 1, lengths)[in_long]  # rank of the entry's run among long runs
+        col = owner[in_long]
+        rows_per_block = max(1, _DENSE_CELLS // m)
+        upper = np.triu(np.ones((m, m), dtype=bool), 1).reshape(-1)
+        for r0 in range(0, int(long_runs.sum()), rows_per_block):
+            lo, hi = np.searchsorted(row, [r0, r0 + rows_per_block])
+            x = np.zeros((rows_per_block, m), dtype=np.float32)
+            x[row[lo:hi] - r0, col[lo:hi]] = 1.0
+            gram = (x.T @ x).reshape(-1)
+            common[upper] += np.rint(gram[upper]).astype(np.int64)
+        pos, owner = pos[~in_long], owner[~in_long]
+    enumerated = 0
     cand = np.flatnonzero(pos[:-1] == pos[1:])
     d = 1
     while cand.size:
         a, b = owner[cand], owner[cand + d]
+        enumerated += cand.size
         common += np.bincount(a * m + b, minlength=m * m)
         d += 1
         cand = cand[cand + d < pos.size]
         cand = cand[pos[cand + d] == pos[cand]]
+    return enumerated
 
 
 def _encoded_slabs(held: list[tuple[int, EncodedTensor]], m: int, common: np.ndarray, sizes: np.ndarray,
@@ -235,17 +315,23 @@ def overlap_matrix(index_sets: Mapping[int, IndexSet], salt: int = 0) -> tuple[l
     (never a whole int64 position tensor per miner). Per parameter (or slab), all miners' positions
     are sorted together; the miners sharing a position then sit next to each other, and every sharing
     pair is read off the sorted run. Memory: one parameter's positions over all miners for plain
-    tensors, one slab of ~SLAB_ENTRIES for encoded ones; time: the sort plus the sharing pairs.
+    tensors, one slab of ~SLAB_ENTRIES for encoded ones; time: the sort plus the sharing pairs, bounded
+    per entry (`_pair_counts`).
 
-    Beyond EXACT_MINERS miners the overlap is estimated on the positions a secret hash (`salt`) keeps
-    at `sample_rate(m)`, the same for every miner: an overlap p over n counted positions of the smaller
-    set has standard error √(p(1 − p)/n); at 150m (2.1M kept positions per miner) and 256 miners,
-    n ≈ 131k, so a 50 % overlap is read within ±0.4 % (3 σ) and honest overlaps (≈ 1.6 %) within ±0.1 %.
+    Beyond EXACT_MINERS miners the overlap is estimated on the positions a secret hash keeps at
+    `sample_rate(m)`, the same for every miner; its key is `salt` (the validator's secret) mixed with the
+    window's shards (`_window_key`), so the sample changes every window and probing it in one window
+    tells nothing about the next. An overlap p over n counted positions of the smaller set has standard
+    error √(p(1 − p)(1 − r)/n) (module docstring: bias and the Chebyshev tail, the guaranteed bound); at
+    150m (2.1M kept positions per miner) and 256 miners, n ≈ 131k, so a 50 % overlap is read within
+    ±0.4 % (3 σ) and honest overlaps (≈ 1.6 %) within ±0.1 %.
     """
     uids = sorted(index_sets)
     m = len(uids)
     rate = sample_rate(m)
     sets = [_per_param(index_sets[u]) for u in uids]
+    if rate < 1.0:
+        salt = _window_key(salt, sets)
     sizes = np.zeros(m, dtype=np.int64)
     common = np.zeros(m * m, dtype=np.int64)
     owner_bits = max(1, (m - 1).bit_length())

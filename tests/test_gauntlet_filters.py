@@ -245,6 +245,18 @@ def test_encoded_overlap_streamed_equals_reference(monkeypatch, slab):
     assert copy_verdicts(shards, times, HP)[9].factor == 0.0
 
 
+def test_encoded_overlap_with_dense_runs_equals_reference(monkeypatch):
+    """Every shared position counted as a dense XᵀX block (the path sybil floods take): same counts."""
+    import gauntlet.filters as filters
+
+    monkeypatch.setattr(filters, "LONG_RUN_MIN", 2)
+    monkeypatch.setattr(filters, "_DENSE_CELLS", 50)
+    shards = _encoded_miners(9, seed=1)
+    positions = {u: {k: e.positions().reshape(-1) for k, e in s.items()} for u, s in shards.items()}
+    assert torch.equal(overlap_matrix(shards)[1], _reference_overlap_matrix(positions)[1])
+    assert torch.equal(overlap_matrix(positions)[1], _reference_overlap_matrix(positions)[1])
+
+
 def test_plain_overlap_equals_reference_on_random_sets():
     g = torch.Generator().manual_seed(3)
     sets = {u: {"p": torch.randint(0, 500, (60,), generator=g), "q": torch.randint(0, 90, (30,), generator=g)}
