@@ -129,7 +129,7 @@ def aggregate_encoded(
     """
     names, peers, factors = _plan(shards, norms, update_norm, clip_norm)
     out: dict[str, torch.Tensor] = {}
-    largest = max(shards[peers[0]][name].layout.numel for name in names)
+    largest = max((shards[peers[0]][name].layout.numel for name in names), default=0)
     buffer = torch.empty(largest, dtype=torch.float64, device=device)  # one float64 accumulator, reused
     for name in names:
         layout = shards[peers[0]][name].layout

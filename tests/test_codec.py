@@ -300,3 +300,35 @@ def test_decode_into_a_reused_buffer():
         assert torch.equal(got, decode(enc))
     with pytest.raises(ValueError):
         decode(enc, out=torch.zeros(5))
+
+
+FULL = SparseLoCoHParams(chunk_2d=4, chunk_1d=16, topk=16)  # k = chunk size: every value is kept
+
+
+@pytest.mark.parametrize("hp", [ANCHOR, SMALL, FULL], ids=["anchor", "small", "k=chunk"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (2, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_in_odd_places_always_raises_and_never_leaves_a_buffer(hp, shape, dtype):
+    """The table-based finiteness check against 1-D tensors, tensors smaller than k, k equal to the chunk,
+    a chunk (or the whole tensor) non-finite, half-precision deltas, first and later windows, and a fold
+    β·e + Δ that overflows float32 from finite inputs: every case raises and the buffer is gone."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    n = math.prod(shape)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for fill in ("one", "chunk", "all"):
+            for first in (True, False):
+                comp = Compressor(hp)
+                if not first:
+                    comp.encode("w", torch.randn(shape, generator=gen).to(dtype))
+                delta = (torch.randn(shape, generator=gen) * 100).to(dtype)
+                where = {"one": [int(torch.randint(n, (1,), generator=gen))], "chunk": range(min(n, 16)),
+                         "all": range(n)}[fill]
+                delta.view(-1)[list(where)] = bad
+                with pytest.raises(ValueError, match="non-finite"):
+                    comp.encode("w", delta)
+                assert comp.error("w") is None
+    comp = Compressor(hp)
+    comp.load_state_dict({"w": torch.full(shape, 3e38)})  # a finite, saved buffer
+    with pytest.raises(ValueError, match="non-finite"):  # finite Δ, but β·e + Δ overflows
+        comp.encode("w", torch.full(shape, 3e38))
+    assert comp.error("w") is None

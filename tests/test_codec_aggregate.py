@@ -212,3 +212,10 @@ def test_aggregate_encoded_digest_equals_the_old_gather(n, seed):
     apply_outer_step(theta, got, 0.7)
     apply_outer_step(theta_ref, ref, 0.7)
     assert _digest(theta) == _digest(theta_ref)
+
+
+def test_aggregate_encoded_of_peers_without_tensors_is_empty_like_aggregate():
+    """The reused-accumulator path sized its buffer with max() over no tensors and raised; the dense path
+    and the pre-buffer code return an empty update."""
+    assert aggregate({"a": {}, "b": {}}) == {}
+    assert aggregate_encoded({"a": {}, "b": {}}) == {}
