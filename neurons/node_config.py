@@ -137,14 +137,16 @@ class NodeConfig(HParamsChoice):
         "miner: samples per forward/backward on each rank; gradients accumulate up to the network's "
         "inner.batch_size (default: the rank's whole share at once). Choose it to fit GPU memory"))
     precision: Literal["fp32", "bf16"] = Field("fp32", description=(
-        "miner: compute precision, fp32 or bf16 (autocast; master weights, AdamW, error feedback and the outer "
-        "step stay float32, so θ stays bit-identical across nodes)"))
+        "miner and validator: compute precision, fp32 or bf16 (autocast, or FSDP2 mixed precision with --fsdp; "
+        "master weights, AdamW, error feedback and the outer step stay float32, so θ stays bit-identical across "
+        "nodes; a validator's stage-2 loss scores move by ~1e-5, see neurons/sharded_eval.py)"))
     activation_checkpointing: bool = Field(False, description=(
         "miner: recompute decoder-layer activations in the backward pass (less memory, ~30 % more compute)"))
     compile: bool = Field(False, description="miner: torch.compile the model (GPUs; slow to start on CPU)")
     fsdp: bool = Field(False, description=(
-        "miner under torchrun: FSDP2-shard the model, gradients, AdamW and error feedback by rows across the "
-        "ranks (neurons.sharding) instead of replicating them; --precision bf16 becomes FSDP2's mixed precision"))
+        "under torchrun: FSDP2-shard the model by rows across the ranks instead of replicating it (miner: with "
+        "gradients, AdamW and error feedback, neurons.sharding; validator: stage 2 and the outer step, "
+        "neurons.sharded_eval); --precision bf16 becomes FSDP2's mixed precision"))
 
     @field_validator("data", "state_dir")
     @classmethod

@@ -31,14 +31,14 @@ from gauntlet.state import ScoringState, StateConfig, load_state, save_state
 from gauntlet.weights import score_window
 from neurons.catchup import recover, sync_to
 from neurons.chain_weights import conform_weights
-from neurons.distributed import DistContext, broadcast_params, broadcast_work
+from neurons.distributed import DistContext, broadcast_work
 from neurons.local_state import load_local_state, save_local_state
 from neurons.metrics import NodeMetrics
 from neurons.node import Node, WindowContext
 from neurons.node_files import SCORES_FILE, local_secret
 from neurons.publisher import Publisher
 from neurons.scoring import Scorer
-from neurons.sharded_eval import ShardedTheta, ShardedValidatorRanks, whole_model
+from neurons.sharded_eval import ShardedValidatorRanks, build_sharded_theta, whole_model
 from neurons.training import TrainSettings
 from protocol.model import param_digest
 from protocol.peers import make_peer_list
@@ -314,10 +314,9 @@ class Validator:
                 broadcast_work(self.dist, {"op": "stop"})
 
     def shard(self) -> None:
-        """Every rank takes rank 0's restored θ, then holds only its FSDP2 rows (`neurons.sharded_eval`)."""
-        broadcast_work(self.dist, {"op": "sync"})
-        broadcast_params(self.dist, self.node.model)
+        """Rank 0's restored θ becomes every rank's FSDP2 rows (`neurons.sharded_eval`), then is freed."""
         broadcast_work(self.dist, {"op": "shard"})
-        theta = ShardedTheta(self.node.model, self.hp, self.dist, self.precision)
+        theta = build_sharded_theta(self.node.model, self.hp, self.dist, self.precision, self.node.device)
+        self.node.model = self.scorer.model = theta.model  # the whole model was spent on the scatter
         self.ranks = ShardedValidatorRanks(theta)
         self.scorer.backend = self.ranks  # stage 2 on the rows

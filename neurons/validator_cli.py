@@ -27,13 +27,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _follow(cfg: NodeConfig, dist: DistContext) -> int:
-    """A torchrun rank > 0: no chain, no bucket, no dataset; holds rows and runs rank 0's collectives."""
+    """A torchrun rank > 0: no chain, no bucket, no dataset, no whole model; holds rows, runs rank 0's collectives."""
     from neurons.sharded_eval import follow_validator
-    from protocol.model import build_model
 
     hp, device = cfg.hparams(), cfg.torch_device()
     device = f"cuda:{dist.local_rank}" if device.startswith("cuda") else device
-    follow_validator(build_model(hp, device), hp, dist, cfg.precision)
+    follow_validator(hp, dist, cfg.precision, device)  # its rows come from rank 0; never the whole model
     return 0
 
 

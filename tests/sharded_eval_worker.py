@@ -1,8 +1,8 @@
 """Worker for test_sharded_validator.py: one rank of a 2-process gloo FSDP2 validator window on tiny (CPU).
 
 Rank 0 drives `neurons.sharded_eval.ShardedValidatorRanks` the way `neurons.validator.Validator` does
-(θ broadcast, shard, then every collective announced over the control group); rank 1 runs the
-production follower loop (`follow_validator`). The window: θ's digest, stage 2 (the reference score,
+(its whole θ scattered into every rank's rows, then every collective announced over the control
+group); rank 1 runs the production follower loop (`follow_validator`) and never holds the whole model. The window: θ's digest, stage 2 (the reference score,
 two miners and one unusable update), θ's digest again, the outer step on each rank's rows, the digest
 after it, the debug sample and θ gathered whole. Inputs (`window_inputs`) are built the same way here
 and in the test's single process: two Gaussian updates made here, and the honest miners' updates the
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from bittensor.sp_core import Keypair
 
 from gauntlet.evaluate import UpdateError
-from neurons.distributed import broadcast_params, broadcast_work, init_distributed
-from neurons.sharded_eval import ShardedTheta, ShardedValidatorRanks, follow_validator, whole_model
+from neurons.distributed import broadcast_work, init_distributed
+from neurons.sharded_eval import ShardedValidatorRanks, build_sharded_theta, follow_validator, whole_model
 from neurons.sharding import sharded_context
 from protocol.codec import Compressor, EncodedTensor
 from protocol.codec_aggregate import clip_factors, robust_clip_norm, update_norm
@@ -92,16 +92,13 @@ def main(data: str, shards: str, out: str, precision: str = "fp32") -> None:
     torch.set_num_threads(1)
     ctx = sharded_context(init_distributed())
     hp = load_hparams("tiny", OVERRIDES)
-    model = build_model(hp)
     if not ctx.is_main:
-        follow_validator(model, hp, ctx, precision)  # the production follower loop, until rank 0 says stop
+        follow_validator(hp, ctx, precision)  # the production follower loop (rows only), until rank 0 says stop
         dist.destroy_process_group()
         return
     inputs = window_inputs(hp, PageStore(data, hp), shards)
-    broadcast_work(ctx, {"op": "sync"})  # as Validator.shard: rank 0's θ to every rank, then rows only
-    broadcast_params(ctx, model)
-    broadcast_work(ctx, {"op": "shard"})
-    ranks = ShardedValidatorRanks(ShardedTheta(model, hp, ctx, precision))
+    broadcast_work(ctx, {"op": "shard"})  # as Validator.shard: rank 0's whole θ scattered into every rank's rows
+    ranks = ShardedValidatorRanks(build_sharded_theta(build_model(hp), hp, ctx, precision, "cpu"))
     before = ranks.call("digest")
     started = time.perf_counter()
     ranks.begin(inputs["random"])
