@@ -339,7 +339,7 @@ def overlap_matrix(index_sets: Mapping[int, IndexSet], salt: int = 0) -> tuple[l
         held = [(i, s[name]) for i, s in enumerate(sets) if name in s]
         encoded = [e for _, e in held if isinstance(e, EncodedTensor)]
         if len(encoded) == len(held) and len({e.layout for e in encoded}) == 1:
-            if len(held) < 2:
+            if len(held) < 2 and rate >= 1.0:  # sampled, a lone holder's size must be sampled too
                 sizes[held[0][0]] += _unique_count(held[0][1])
                 continue
             _encoded_slabs(held, m, common, sizes, rate, salt)

@@ -218,3 +218,16 @@ def test_sampled_estimate_error_within_its_stated_bound_for_crafted_copy_pattern
     assert float(est_t.std()) < 1.25 * sigma
     for t in (2 * sigma, 3 * sigma):
         assert float(((est_t - p).abs() >= t).double().mean()) <= sigma**2 / t**2
+
+
+def test_a_parameter_only_one_miner_holds_is_sampled_like_the_others():
+    """Sampled mode: a parameter held by a single miner entered its size unsampled (1/r times too large),
+    so its overlaps read low (0.2 for a true 0.5 at r = 1/4). Shards through the wire all carry the same
+    parameters, but overlap_matrix takes any dicts."""
+    gen = torch.Generator().manual_seed(2)
+    w = _encoded(_random_idx(gen))
+    sets = {0: {"w": w, "x0": _encoded(_random_idx(gen))}, 1: {"w": w, "x1": _encoded(_random_idx(gen))}}
+    sets.update({u: {"w": _encoded(_random_idx(gen))} for u in range(2, 64)})
+    _, ov = overlap_matrix(sets, 3)
+    n = sample_rate(64) * 2 * LAYOUT.n_values
+    assert abs(float(ov[1, 0]) - 0.5) < 5 * math.sqrt(0.25 / n), float(ov[1, 0])
