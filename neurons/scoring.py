@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -53,11 +53,14 @@ class EvalBackend(Protocol):
     """Where stage 2's forward passes run: `LocalBackend` (one process) or, under torchrun with --fsdp,
     `neurons.sharded_eval` (each rank its rows of θ). Same arguments, same arithmetic, same results."""
 
-    def begin(self, random_batches: list[torch.Tensor]) -> None: ...
+    def begin(self, random_batches: list[torch.Tensor], updates: Mapping[Hashable, tuple[Encoded, float]]) -> None:
+        """A window: its random batches and every eligible miner's encoded update with its clip factor."""
 
-    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None: ...
+    def reference(self, step: float) -> float | None:
+        """The loss score of the mean of the window's clipped updates (`Evaluator.reference_score`)."""
 
-    def evaluate(self, tensors: Encoded, factor: float, assigned: list[torch.Tensor], step: float) -> EvalResult: ...
+    def evaluate(self, uid: Hashable, assigned: list[torch.Tensor], step: float) -> EvalResult:
+        """`Evaluator.evaluate` of one miner's clipped update (UpdateError if it cannot be applied)."""
 
 
 def _rng(window_seed: bytes, secret: bytes, purpose: str) -> np.random.Generator:
@@ -162,10 +165,12 @@ class Scorer:
         factors = clip_factors({uid: update_norm(fetched[miners[uid]].shard.tensors) for uid in eligible})
         n_eval = hp.gauntlet.eval_batches * hp.inner.batch_size
         backend = self.backend
-        backend.begin(_batches(store.pages(random_samples(ctx.seed + self.secret, n_eval, store.num_train)),
-                               hp.inner.batch_size))
+        random_pages = store.pages(random_samples(ctx.seed + self.secret, n_eval, store.num_train))
+        # every eligible update once per window (a sharded backend sends them to its ranks once)
+        backend.begin(_batches(random_pages, hp.inner.batch_size),
+                      {uid: (fetched[miners[uid]].shard.tensors, factors[uid]) for uid in eligible})
         step = hp.gauntlet.eval_step_scale * hp.outer.lr
-        reference = backend.reference([(fetched[miners[uid]].shard.tensors, factors[uid]) for uid in eligible], step)
+        reference = backend.reference(step)
         results: dict[int, EvalResult] = {}
         stop_at = None if time_budget_s is None else time.monotonic() + time_budget_s
         for uid in chosen:
@@ -178,8 +183,7 @@ class Scorer:
             subset = _rng(ctx.seed, self.secret, f"assigned:{uid}").choice(
                 assigned, size=min(n_eval, len(assigned)), replace=False)
             try:
-                results[uid] = backend.evaluate(fetched[hotkey].shard.tensors, factors[uid],
-                                                _batches(store.pages(subset.tolist()), hp.inner.batch_size), step)
+                results[uid] = backend.evaluate(uid, _batches(store.pages(subset.tolist()), hp.inner.batch_size), step)
             except UpdateError as exc:
                 log.warning("uid %d: update unusable in evaluation: %s", uid, exc)
                 continue
@@ -199,20 +203,22 @@ class LocalBackend:
         self.model, self.settings = model, settings
         self.device = next(model.parameters()).device
         self.evaluator: Evaluator | None = None
+        self.updates: dict[Hashable, tuple[Encoded, float]] = {}
 
     def _precision(self) -> contextlib.AbstractContextManager:
         if self.settings.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
-    def begin(self, random_batches: list[torch.Tensor]) -> None:
-        self.evaluator = Evaluator(self.model, random_batches)
+    def begin(self, random_batches: list[torch.Tensor], updates: Mapping[Hashable, tuple[Encoded, float]]) -> None:
+        self.evaluator, self.updates = Evaluator(self.model, random_batches), dict(updates)
 
-    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None:
+    def reference(self, step: float) -> float | None:
         with self._precision():
-            return self.evaluator.reference_score([_mean_update(updates, self.device)], step)
+            return self.evaluator.reference_score([_mean_update(list(self.updates.values()), self.device)], step)
 
-    def evaluate(self, tensors: Encoded, factor: float, assigned: list[torch.Tensor], step: float) -> EvalResult:
+    def evaluate(self, uid: Hashable, assigned: list[torch.Tensor], step: float) -> EvalResult:
+        tensors, factor = self.updates[uid]
         update = scale_update({name: decode(enc, self.device) for name, enc in tensors.items()}, factor)
         with self._precision():
             return self.evaluator.evaluate(update, assigned, step)

@@ -8,7 +8,8 @@ collectives rank 0 announces (`ShardedValidatorRanks.call` → `neurons.distribu
 control group → `follow_validator`), in the same order: one protocol with the sharded miner's.
 
 How stage 2 runs sharded (`ShardedTheta.evaluate`, the `gauntlet.evaluate.Evaluator` arithmetic):
-- a miner's encoded shard (compact: 12-bit indices, 2-bit codes, a table) goes to every rank; each
+- the window's eligible encoded shards (compact: 12-bit indices, 2-bit codes, a table) go to every rank
+  once (`begin`; the reference and each miner's evaluation then name them by uid); each
   decodes only the kept positions that fall in its rows (`decode_rows`, as `aggregate_rows` does), so no
   rank ever holds a dense whole-model update. Per element the values are `decode(enc) * factor` exactly.
 - θ_rows ← θ_rows − step·u_rows on the float32 master rows, forward passes, then the saved rows are
@@ -134,6 +135,7 @@ class ShardedTheta:
         emb = self.model.get_input_embeddings()
         self.vocab: int | None = getattr(emb, "num_embeddings", None)
         self.random: list[torch.Tensor] = []
+        self.updates: dict[Any, tuple[Encoded, float]] = {}  # the window's eligible updates (encoded, clip factor)
         self._before_random: float | None = None
 
     # --- θ: digest, debug sample, outer step, whole copy ------------------------------------------------
@@ -169,10 +171,11 @@ class ShardedTheta:
 
     # --- Gauntlet stage 2 ---------------------------------------------------------------------------------
 
-    def begin(self, random_batches: Sequence[torch.Tensor]) -> None:
-        """A new window's random batches (θ must not change until the next `begin` except through `apply`)."""
+    def begin(self, random_batches: Sequence[torch.Tensor], updates: Mapping[Any, tuple[Encoded, float]]) -> None:
+        """A new window: its random batches and its eligible updates, sent once (θ must not change until the
+        next `begin` except through `apply`)."""
         _check_batches(random_batches, self.vocab)
-        self.random, self._before_random = list(random_batches), None
+        self.random, self._before_random, self.updates = list(random_batches), None, dict(updates)
 
     @torch.no_grad()
     def mean_loss(self, batches: Sequence[torch.Tensor]) -> float:
@@ -213,8 +216,10 @@ class ShardedTheta:
             for name, value in saved.items():
                 self.params[name].copy_(value)
 
-    def evaluate(self, tensors: Encoded, factor: float, assigned: Sequence[torch.Tensor], step: float) -> EvalResult:
-        """`Evaluator.evaluate(scale_update(decode(tensors), factor), assigned, step)` on the sharded θ."""
+    def evaluate(self, key: Any, assigned: Sequence[torch.Tensor], step: float) -> EvalResult:
+        """`Evaluator.evaluate(scale_update(decode(tensors), factor), assigned, step)` on the sharded θ, for
+        the window's update `key` (a uid)."""
+        tensors, factor = self.updates[key]
         reason = check_encoded(tensors, self.slots, factor)
         if reason is not None:
             raise UpdateError(reason)
@@ -229,8 +234,9 @@ class ShardedTheta:
         return EvalResult(loss_before_assigned=before_assigned, loss_after_assigned=after_assigned,
                           loss_before_random=before_random, loss_after_random=after_random, step=step)
 
-    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None:
-        """`Evaluator.reference_score([Scorer._mean_update(...)], step)`: the loss score of the mean clipped update."""
+    def reference(self, step: float) -> float | None:
+        """`Evaluator.reference_score([scoring._mean_update(...)], step)`: the loss score of the mean clipped update."""
+        updates = list(self.updates.values())
         usable = [(t, f) for t, f in updates if check_encoded(t, self.slots, f) is None]
         if len(usable) != len(updates) or not updates:
             return None  # the single process drops the whole mean then (check_update on the mean)
@@ -278,14 +284,14 @@ class ShardedValidatorRanks:
         return getattr(self.theta, op)(**kwargs)
 
     # `neurons.scoring.EvalBackend`: the Scorer drives stage 2 through these
-    def begin(self, random_batches: list[torch.Tensor]) -> None:
-        self.call("begin", random_batches=random_batches)
+    def begin(self, random_batches: list[torch.Tensor], updates: Mapping[Any, tuple[Encoded, float]]) -> None:
+        self.call("begin", random_batches=random_batches, updates=dict(updates))
 
-    def reference(self, updates: Sequence[tuple[Encoded, float]], step: float) -> float | None:
-        return self.call("reference", updates=list(updates), step=step)
+    def reference(self, step: float) -> float | None:
+        return self.call("reference", step=step)
 
-    def evaluate(self, tensors: Encoded, factor: float, assigned: list[torch.Tensor], step: float) -> EvalResult:
-        return self.call("evaluate", tensors=dict(tensors), factor=factor, assigned=assigned, step=step)
+    def evaluate(self, key: Any, assigned: list[torch.Tensor], step: float) -> EvalResult:
+        return self.call("evaluate", key=key, assigned=assigned, step=step)
 
 
 def follow_validator(hp: HParams, ctx: DistContext, precision: str = "fp32", device: torch.device | str = "cpu"

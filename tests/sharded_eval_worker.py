@@ -2,9 +2,10 @@
 
 Rank 0 drives `neurons.sharded_eval.ShardedValidatorRanks` the way `neurons.validator.Validator` does
 (its whole θ scattered into every rank's rows, then every collective announced over the control
-group); rank 1 runs the production follower loop (`follow_validator`) and never holds the whole model. The window: θ's digest, stage 2 (the reference score,
-two miners and one unusable update), θ's digest again, the outer step on each rank's rows, the digest
-after it, the debug sample and θ gathered whole. Inputs (`window_inputs`) are built the same way here
+group); rank 1 runs the production follower loop (`follow_validator`) and never holds the whole model.
+The window: θ's digest, stage 2 (the reference score and four miners; then a window of one unusable
+update), θ's digest again, the debug sample, the outer step on each rank's rows, the digest after it,
+θ gathered whole. Inputs (`window_inputs`) are built the same way here
 and in the test's single process: two Gaussian updates made here, and the honest miners' updates the
 test trained, passed as signed wire shards and read back through `read_shard` (the bucket's path:
 checked bytes, never pickles).
@@ -101,13 +102,14 @@ def main(data: str, shards: str, out: str, precision: str = "fp32") -> None:
     ranks = ShardedValidatorRanks(build_sharded_theta(build_model(hp), hp, ctx, precision, "cpu"))
     before = ranks.call("digest")
     started = time.perf_counter()
-    ranks.begin(inputs["random"])
     step, miners, factors = inputs["step"], inputs["miners"], inputs["factors"]
-    reference = ranks.reference([(miners[k], factors[k]) for k in sorted(miners)], step)
-    results = {k: ranks.evaluate(miners[k], factors[k], inputs["assigned"][k], step).model_dump()
-               for k in sorted(miners)}
+    ranks.begin(inputs["random"], {k: (miners[k], factors[k]) for k in sorted(miners)})
+    reference = ranks.reference(step)
+    results = {k: ranks.evaluate(k, inputs["assigned"][k], step).model_dump() for k in sorted(miners)}
+    ranks.begin(inputs["random"], {"bad": (inputs["bad"], 1.0)})  # a window whose one update is unusable
+    bad_reference = ranks.reference(step)
     try:
-        ranks.evaluate(inputs["bad"], 1.0, inputs["assigned"]["noise-a"], step)
+        ranks.evaluate("bad", inputs["assigned"]["noise-a"], step)
         refused = ""
     except UpdateError as exc:
         refused = str(exc)
@@ -119,7 +121,7 @@ def main(data: str, shards: str, out: str, precision: str = "fp32") -> None:
     whole = ranks.call("gather_whole")
     broadcast_work(ctx, {"op": "stop"})
     Path(out, f"rank0-{precision}.json").write_text(json.dumps(
-        {"before": before, "after_eval": after_eval, "stepped": stepped, "reference": reference,
+        {"before": before, "after_eval": after_eval, "stepped": stepped, "reference": reference, "bad_reference": bad_reference,
          "sample": {n: v.tolist() for n, v in sample.items()}, "whole_digest": param_digest(whole_model(hp, whole)),
          "results": results, "refused": refused, "eval_s": eval_s}))
     dist.destroy_process_group()

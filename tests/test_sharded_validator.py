@@ -99,12 +99,14 @@ def one_process(hp, inputs: dict, precision: str = "fp32") -> tuple:
 def _one_process(hp, inputs: dict, precision: str) -> tuple:
     model = build_model(hp)
     backend = LocalBackend(model, TrainSettings(precision=precision))
-    backend.begin(inputs["random"])
     miners, factors, step = inputs["miners"], inputs["factors"], inputs["step"]
-    reference = backend.reference([(miners[k], factors[k]) for k in sorted(miners)], step)
-    results = {k: backend.evaluate(miners[k], factors[k], inputs["assigned"][k], step) for k in sorted(miners)}
+    backend.begin(inputs["random"], {k: (miners[k], factors[k]) for k in sorted(miners)})
+    reference = backend.reference(step)
+    results = {k: backend.evaluate(k, inputs["assigned"][k], step) for k in sorted(miners)}
+    backend.begin(inputs["random"], {"bad": (inputs["bad"], 1.0)})
+    assert backend.reference(step) is None
     with pytest.raises(UpdateError) as refused:
-        backend.evaluate(inputs["bad"], 1.0, inputs["assigned"]["noise-a"], step)
+        backend.evaluate("bad", inputs["assigned"]["noise-a"], step)
     for r in results.values():
         r.reference_score = reference
     return model, reference, results, str(refused.value)
@@ -127,6 +129,7 @@ def test_sharded_stage2_matches_one_process_and_theta_is_exact(fp32_run, hp, inp
     assert ranks["before"] == theta_0  # the sharded digest is the unsharded one
     assert ranks["after_eval"] == theta_0  # θ bit for bit after 5 evaluations and the reference
     assert ranks["refused"] == refused  # the unusable update is refused, on every rank, like one process
+    assert ranks["bad_reference"] is None
     assert ranks["reference"] == pytest.approx(reference, abs=SCORE_TOL)
     for k, single in results.items():
         sharded = ranks["results"][k]
