@@ -81,6 +81,7 @@ class Validator:
         self.dist = dist or DistContext()
         self.precision = precision  # stage 2's compute precision (node-local; θ stays float32)
         self.ranks: ShardedValidatorRanks | None = None  # FSDP2 rows (`neurons.sharded_eval`), once `run` started
+        self.stopped = False  # the torchrun followers were told to stop
         self.hp = node.hp
         self.state_dir = Path(state_dir)
         self.keypair = node.chain.wallet.hotkey
@@ -277,13 +278,19 @@ class Validator:
         return current
 
     async def run(self, windows: int | None = None) -> None:
-        """Score window after window; the publication of each window's record runs alongside, on time."""
+        """Score window after window; the publication of each window's record runs alongside, on time.
+
+        Under torchrun the other ranks are told to stop however this ends (`stop_ranks`)."""
+        try:
+            await self._run(windows)
+        finally:
+            self.stop_ranks()
+
+    async def _run(self, windows: int | None) -> None:
         try:
             window = await self.start()
         except VersionKeyMismatch as exc:  # a setting the operator must change: one line, exit 2 (no restart)
             log.error("%s", exc)
-            if self.dist.active:
-                broadcast_work(self.dist, {"op": "stop"})
             raise SystemExit(2) from None
         if self.dist.active:
             self.shard()
@@ -310,8 +317,12 @@ class Validator:
                 window += 1
         finally:
             publishing.cancel()
-            if self.dist.active:
-                broadcast_work(self.dist, {"op": "stop"})
+
+    def stop_ranks(self) -> None:
+        """Tell the torchrun followers to exit (once; nothing without torchrun)."""
+        if self.dist.active and not self.stopped:
+            self.stopped = True
+            broadcast_work(self.dist, {"op": "stop"})
 
     def shard(self) -> None:
         """Rank 0's restored θ becomes every rank's FSDP2 rows (`neurons.sharded_eval`), then is freed."""

@@ -52,5 +52,18 @@ def run_cli(args: argparse.Namespace) -> int:
         dist = sharded_context(dist)
     if not dist.is_main:
         return _follow(cfg, dist)
-    return asyncio.run(run_node(cfg, "validator", lambda node, state_dir: Validator(
-        node, state_dir, dist=dist, precision=cfg.precision), prog=PROG))
+    built: list[Validator] = []
+
+    def build(node, state_dir) -> Validator:
+        built.append(Validator(node, state_dir, dist=dist, precision=cfg.precision))
+        return built[0]
+
+    try:
+        return asyncio.run(run_node(cfg, "validator", build, prog=PROG))
+    finally:  # a node that could not start (or stopped early) still releases the followers
+        if built:
+            built[0].stop_ranks()
+        elif dist.active:
+            from neurons.distributed import broadcast_work
+
+            broadcast_work(dist, {"op": "stop"})
