@@ -249,11 +249,17 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def sharded_digest(model: torch.nn.Module) -> str:
-    """`protocol.model.param_digest` of the whole (sharded) model, on every rank (a collective)."""
+    """`protocol.model.param_digest` of the whole (sharded) model, on every rank (a collective).
+
+    One whole tensor at a time (gathered in name order, hashed, dropped): a rank never holds the whole model."""
     h = hashlib.blake2b(digest_size=16)
-    for name, p in sorted(full_params(model).items()):
+    params = dict(model.named_parameters())
+    for name in sorted(params):
+        p = params[name]
+        whole = (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
-        h.update(p.contiguous().numpy().tobytes())
+        h.update(whole.numpy())  # the buffer itself: the same bytes as param_digest's tobytes()
+        del whole
     return h.hexdigest()
 
 
