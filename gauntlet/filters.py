@@ -23,7 +23,7 @@
       δ = 1 % gives ≤ 1.8 %, δ = 2 % ≤ 0.5 % (Gaussian tails, which the tests observe, give far less).
       With a small model the bound widens as 1/√n: at n = 500 (e.g. 8k kept positions, 256 miners)
       σ ≈ 2.1 % at p = 0.6. A copier within a few σ of a threshold is a coin flip by design.
-  Cost: the sort plus, per sorted entry, fewer than max(8, m/8)/2 enumerated pairs or m²/max(8, m/8)
+  Cost: the sort plus, per sorted entry, fewer than max(8, m/16)/2 enumerated pairs or m²/max(8, m/16)
   multiply-adds (positions held by many miners are counted as a dense product), whatever the miners
   sent, so sybils sharing one shard cannot make stage 1 quadratic in their number.
 
@@ -217,9 +217,11 @@ def _slab_indices(enc: EncodedTensor, c0: int, c1: int) -> torch.Tensor:
 # m / LONG_RUN_DIV for m miners) are counted as a dense 0/1 product XᵀX over their positions instead of
 # pair by pair: m² multiply-adds per position in BLAS, against r²/2 pairs through several numpy passes.
 # Without it, sybils (or strongly correlated miners) sharing their positions make stage 1 quadratic in
-# their number: 256 miners holding one shard were ~15x the pair-counting time of 256 independent ones.
+# their number. Measured at m = 256 (2 shared cores, per sorted entry): independent miners (r ≈ 4)
+# 28 ns; 256 holders of one shard 1.8 µs before, 24 ns now; the worst split now (r = 15, just below
+# the dense threshold of 16) 83 ns, ~3x the honest cost.
 LONG_RUN_MIN = 8
-LONG_RUN_DIV = 8
+LONG_RUN_DIV = 16
 _DENSE_CELLS = 1 << 20  # rows × miners of one dense block (4 MiB of float32)
 
 
@@ -242,21 +244,23 @@ def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) 
     keys.sort(kind="stable")  # timsort: each miner's keys are already one ascending run, so this is a merge
     pos = keys >> owner_bits
     owner = (keys & ((1 << owner_bits) - 1)).astype(np.int64)
-    new_run = np.empty(pos.size, dtype=bool)
-    new_run[0] = True
-    np.not_equal(pos[1:], pos[:-1], out=new_run[1:])
-    starts = np.flatnonzero(new_run)
-    lengths = np.diff(np.append(starts, pos.size))
-    long_runs = lengths >= _long_run(m)
-    if long_runs.any():
+    span = max(1, _long_run(m) - 1)  # a sorted run of length >= span + 1 holds i and i + span
+    if pos.size > span and bool(np.any(pos[span:] == pos[:-span])):
+        new_run = np.empty(pos.size, dtype=bool)
+        new_run[0] = True
+        np.not_equal(pos[1:], pos[:-1], out=new_run[1:])
+        starts = np.flatnonzero(new_run)
+        lengths = np.diff(np.append(starts, pos.size))
+        long_runs = lengths > span
         in_long = np.repeat(long_runs, lengths)
         row = np.repeat(np.cumsum(long_runs) - 1, lengths)[in_long]  # rank of the entry's run among long runs
         col = owner[in_long]
         rows_per_block = max(1, _DENSE_CELLS // m)
         upper = np.triu(np.ones((m, m), dtype=bool), 1).reshape(-1)
-        for r0 in range(0, int(long_runs.sum()), rows_per_block):
+        n_long = int(long_runs.sum())
+        for r0 in range(0, n_long, rows_per_block):
             lo, hi = np.searchsorted(row, [r0, r0 + rows_per_block])
-            x = np.zeros((rows_per_block, m), dtype=np.float32)
+            x = np.zeros((min(rows_per_block, n_long - r0), m), dtype=np.float32)
             x[row[lo:hi] - r0, col[lo:hi]] = 1.0
             gram = (x.T @ x).reshape(-1)
             common[upper] += np.rint(gram[upper]).astype(np.int64)
