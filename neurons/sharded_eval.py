@@ -10,10 +10,13 @@ control group → `follow_validator`), in the same order: one protocol with the 
 How stage 2 runs sharded (`ShardedTheta.evaluate`, the `gauntlet.evaluate.Evaluator` arithmetic):
 - the window's eligible encoded shards (compact: 12-bit indices, 2-bit codes, a table) go to every rank
   once (`begin`; the reference and each miner's evaluation then name them by uid); each
-  decodes only the kept positions that fall in its rows (`decode_rows`, as `aggregate_rows` does), so no
-  rank ever holds a dense whole-model update. Per element the values are `decode(enc) * factor` exactly.
-- θ_rows ← θ_rows − step·u_rows on the float32 master rows, forward passes, then the saved rows are
-  copied back: θ is bit-identical after every evaluation (and after the window's reference score).
+  decodes only the kept positions that fall in its rows (`touched_rows`, as `aggregate_rows` does): flat
+  indices (int64) and values (float32, `decode(enc) * factor` element by element), never a dense update.
+- θ_rows ← θ_rows − step·u at those positions only (1.6 % of the rows at the anchor top-k), forward
+  passes, then the saved values are written back: θ is bit-identical after every evaluation (and after
+  the window's reference score, whose mean is built one parameter's rows at a time). Beyond its rows
+  [⌈d0/R⌉, …] float32, a rank holds ~16 bytes per touched element (index, value, saved value) and the
+  window's eligible encoded shards (as rank 0 does), not a copy of its rows.
 - forward passes are data-parallel as well as sharded: each rank runs its rows of every batch
   (b[r::R]) through the FSDP2 model (parameters all-gathered layer by layer), and the token-weighted
   loss sums are all-reduced in float64. The losses therefore differ from one process's only in float
@@ -99,16 +102,21 @@ def check_encoded(tensors: Encoded, slots: Mapping[str, Slot], factor: float) ->
     return None
 
 
+Touched = tuple[torch.Tensor, torch.Tensor]  # (flat int64 indices into a rank's rows, float32 values)
+
+
 @torch.no_grad()
-def decode_rows(enc: EncodedTensor, slot: Slot, device: torch.device | str = "cpu") -> torch.Tensor:
-    """This rank's rows of `protocol.codec.decode(enc)`, float32, bit for bit (zeros where nothing was kept)."""
+def touched_rows(enc: EncodedTensor, slot: Slot, factor: float, device: torch.device | str = "cpu") -> Touched:
+    """The nonzero part of this rank's rows of `decode(enc) * factor`: where (flat, in the rows) and what.
+
+    The values are `decode`'s (the table entry of each kept code, float32) times the factor, element by
+    element as the dense product would be; indices are unique (the wire checks it)."""
     enc = enc.to(device)
     lo, n = slot.start * slot.row_numel, slot.rows * slot.row_numel
     pos = enc.positions().reshape(-1)
     mine = (pos >= lo) & (pos < lo + n)
-    flat = torch.zeros(n, dtype=torch.float32, device=device)
-    flat[pos[mine] - lo] = enc.lookup.to(torch.float32)[enc.code_values()][mine]
-    return flat.view(slot.rows, *slot.shape[1:])
+    values = enc.lookup.to(torch.float32)[enc.code_values()][mine]
+    return pos[mine] - lo, values * factor if factor != 1.0 else values
 
 
 @torch.no_grad()
@@ -130,13 +138,17 @@ class ShardedTheta:
         self.model = model if presharded else shard_model(model, TrainSettings(precision=precision))
         self.hp, self.ctx = hp, ctx
         self.slots = plan(self.model, ctx, hp.sparseloco)
-        self.params = {name: local(p) for name, p in self.model.named_parameters()}  # the float32 master rows
         self.device = next(iter(self.params.values())).device
         emb = self.model.get_input_embeddings()
         self.vocab: int | None = getattr(emb, "num_embeddings", None)
         self.random: list[torch.Tensor] = []
         self.updates: dict[Any, tuple[Encoded, float]] = {}  # the window's eligible updates (encoded, clip factor)
         self._before_random: float | None = None
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """This rank's float32 master rows of every parameter (views: writing them writes θ)."""
+        return {name: local(p) for name, p in self.model.named_parameters()}
 
     # --- θ: digest, debug sample, outer step, whole copy ------------------------------------------------
 
@@ -204,17 +216,20 @@ class ShardedTheta:
         return self._before_random
 
     @torch.no_grad()
-    def _stepped(self, rows: Mapping[str, torch.Tensor], alpha: float, batches: Sequence[Sequence[torch.Tensor]]
+    def _stepped(self, touched: Mapping[str, Touched], alpha: float, batches: Sequence[Sequence[torch.Tensor]]
                  ) -> list[float]:
-        """Mean losses over each batch list with θ_rows − alpha·rows, then θ's rows restored bit for bit."""
-        saved = {name: self.params[name].detach().clone() for name in rows}
+        """Mean losses over each batch list with θ_rows − alpha·u at the touched positions only (`Evaluator`'s
+        `p.sub_(u, alpha=step)`, where u is zero elsewhere), then those positions restored bit for bit."""
+        params, saved = self.params, {}
         try:
-            for name, u in rows.items():
-                self.params[name].sub_(u, alpha=alpha)
+            for name, (idx, values) in touched.items():
+                flat = params[name].view(-1)  # FSDP2's local rows are contiguous: a view, writes reach θ
+                saved[name] = flat[idx]  # a copy (advanced indexing)
+                flat[idx] = saved[name].sub(values, alpha=alpha)
             return [self.mean_loss(b) for b in batches]
         finally:
             for name, value in saved.items():
-                self.params[name].copy_(value)
+                params[name].view(-1)[touched[name][0]] = value
 
     def evaluate(self, key: Any, assigned: Sequence[torch.Tensor], step: float) -> EvalResult:
         """`Evaluator.evaluate(scale_update(decode(tensors), factor), assigned, step)` on the sharded θ, for
@@ -226,11 +241,8 @@ class ShardedTheta:
         _check_batches(assigned, self.vocab)
         before_random = self.loss_before_random
         before_assigned = self.mean_loss(assigned)
-        rows = {}
-        for name, enc in tensors.items():
-            u = decode_rows(enc, self.slots[name], self.device)
-            rows[name] = u * factor if factor != 1.0 else u
-        after_assigned, after_random = self._stepped(rows, step, [assigned, self.random])
+        touched = {name: touched_rows(enc, self.slots[name], factor, self.device) for name, enc in tensors.items()}
+        after_assigned, after_random = self._stepped(touched, step, [assigned, self.random])
         return EvalResult(loss_before_assigned=before_assigned, loss_after_assigned=after_assigned,
                           loss_before_random=before_random, loss_after_random=after_random, step=step)
 
@@ -240,17 +252,22 @@ class ShardedTheta:
         usable = [(t, f) for t, f in updates if check_encoded(t, self.slots, f) is None]
         if len(usable) != len(updates) or not updates:
             return None  # the single process drops the whole mean then (check_update on the mean)
-        total: dict[str, torch.Tensor] = {}
-        for tensors, factor in usable:
-            for name, enc in tensors.items():
-                u = decode_rows(enc, self.slots[name], self.device) * factor
-                if name in total:
-                    total[name].add_(u)
-                else:
-                    total[name] = u.clone()
-        rows = {name: torch.zeros_like(t).add_(t / len(usable)) for name, t in sorted(total.items())}
+        touched: dict[str, Touched] = {}
+        for name in sorted({name for tensors, _ in usable for name in tensors}):
+            # one parameter's rows at a time: the miners' values added in their order (0 + u: exact), / count
+            slot = self.slots[name]
+            total = torch.zeros(slot.rows * slot.row_numel, dtype=torch.float32, device=self.device)
+            where = []
+            for tensors, factor in usable:
+                if name in tensors:
+                    idx, values = touched_rows(tensors[name], slot, factor, self.device)
+                    total.index_add_(0, idx, values)
+                    where.append(idx)
+            idx = torch.unique(torch.cat(where))
+            touched[name] = idx, (total / len(usable))[idx]
+            del total
         before = self.loss_before_random
-        (after,) = self._stepped(rows, step, [self.random])
+        (after,) = self._stepped(touched, step, [self.random])
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
             return None
         return (before - after) / before
