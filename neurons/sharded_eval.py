@@ -50,8 +50,10 @@ Not done here (said rather than pretended): rank 0 needs the whole θ in memory 
 each checkpoint window (gathered into host memory, float32); a sharded validator that falls behind or
 out of sync exits so that a restart catches it up (catch-up and recovery replay on the whole model); its
 θ is not saved to the local state file (its scores are); `protocol.gather` still builds the dense
-aggregate on rank 0's device (the outer step itself uses only the encoded shards); the devnet launcher
-does not start validators under torchrun, so no devnet run has exercised `Validator` sharded end to end.
+aggregate on rank 0's device (the outer step itself uses only the encoded shards). Tested: the arithmetic
+on 2 gloo ranks against one process (tests/test_sharded_validator.py) and `Validator` itself sharded in a
+one-rank group on a real devnet chain (tests/test_sharded_validator_node.py, slow); the devnet launcher
+does not start validators under torchrun, and nothing has run on GPUs (NCCL) or at 72B yet.
 """
 
 from __future__ import annotations
