@@ -51,8 +51,8 @@ each checkpoint window (gathered into host memory, float32); a sharded validator
 out of sync exits so that a restart catches it up (catch-up and recovery replay on the whole model); its
 θ is not saved to the local state file (its scores are); `protocol.gather` still builds the dense
 aggregate on rank 0's device (the outer step itself uses only the encoded shards). Tested: the arithmetic
-on 2 gloo ranks against one process (tests/test_sharded_validator.py) and `Validator` itself sharded in a
-one-rank group on a real devnet chain (tests/test_sharded_validator_node.py, slow); the devnet launcher
+on 2 gloo ranks against one process (tests/test_sharded_validator.py) and `Validator` itself over 2
+gloo ranks on a real devnet chain for 4 windows (tests/test_sharded_validator_node.py, slow); the devnet launcher
 does not start validators under torchrun, and nothing has run on GPUs (NCCL) or at 72B yet.
 """
 

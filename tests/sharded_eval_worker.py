@@ -23,7 +23,7 @@ import torch.distributed as dist
 from bittensor.sp_core import Keypair
 
 from gauntlet.evaluate import UpdateError
-from neurons.distributed import broadcast_work, init_distributed
+from neurons.distributed import DistContext, broadcast_work, init_distributed
 from neurons.sharded_eval import ShardedValidatorRanks, build_sharded_theta, follow_validator, whole_model
 from neurons.sharding import sharded_context
 from protocol.codec import Compressor, EncodedTensor
@@ -127,5 +127,17 @@ def main(data: str, shards: str, out: str, precision: str = "fp32") -> None:
     dist.destroy_process_group()
 
 
+def follow(init_method: str, hparams_json: str) -> None:
+    """Rank 1 of tests/test_sharded_validator_node.py's group (rank 0 is the pytest process's `Validator`)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=1, world_size=2)
+    ctx = DistContext(rank=1, world=2, sharded=True, control=dist.new_group(backend="gloo"))
+    follow_validator(HParams.model_validate_json(hparams_json), ctx)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "follow":
+        follow(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

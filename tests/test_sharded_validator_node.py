@@ -1,16 +1,20 @@
-"""`Validator` itself with θ in FSDP2 rows, on a real devnet chain + S3, in a one-rank gloo process group.
+"""`Validator` itself with θ in FSDP2 rows over 2 gloo ranks, on a real devnet chain + S3.
 
 tests/test_sharded_validator.py checks the sharded arithmetic on 2 ranks; this checks the validator's
 glue around it in real windows (its own debug sample, the drift check, stage 2 through the Scorer's
 sharded backend, the outer step from the record's shards, the digest it publishes, a checkpoint gathered
-whole): one rank runs every collective's code path (FSDP2 with one shard, the control group, the
-scatter) without a second process, so the honest miner's unsharded θ must equal it bit for bit.
+whole). This process is rank 0; rank 1 is a subprocess in the production follower loop. The honest
+miner's unsharded θ must equal the rows' θ bit for bit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -25,24 +29,40 @@ from protocol.storage_keys import checkpoint_key
 from protocol.windows import window_bounds
 from tests.test_distributed import _free_port
 
+REPO = Path(__file__).resolve().parents[1]
 WINDOWS = 4
 
 
-@pytest.fixture
-def one_rank():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(minutes=5))
+def two_ranks(hp):
+    """This process is rank 0 (the `Validator`); rank 1 is a subprocess in `follow_validator`."""
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    follower = subprocess.Popen([sys.executable, str(REPO / "tests" / "sharded_eval_worker.py"), "follow", init,
+                                 hp.model_dump_json()], env=env, cwd=REPO)
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=2, timeout=datetime.timedelta(minutes=5))
     try:
-        yield DistContext(rank=0, world=1, sharded=True, control=dist.new_group(backend="gloo"))
+        yield DistContext(rank=0, world=2, sharded=True, control=dist.new_group(backend="gloo")), follower
     finally:
         dist.destroy_process_group()
+        if follower.poll() is None:
+            follower.kill()
 
 
 @pytest.mark.slow
-async def test_sharded_validator_steps_like_the_miners_and_publishes_theta(network_factory, tmp_path, one_rank):
+async def test_sharded_validator_steps_like_the_miners_and_publishes_theta(network_factory, tmp_path):
     net = network_factory(miners=2, validators=1, overrides=["checkpoints.every_windows=2"])
+    ranks = two_ranks(net.hp)
+    ctx, follower = next(ranks)
+    try:
+        await _windows(net, tmp_path, ctx)
+        assert follower.wait(timeout=60) == 0  # released by the validator's stop
+    finally:
+        ranks.close()
+
+
+async def _windows(net, tmp_path, ctx: DistContext) -> None:
     vnode = await net.node("validator-0")
-    validator = Validator(vnode, tmp_path / "validator", dist=one_rank, precision="fp32")
+    validator = Validator(vnode, tmp_path / "validator", dist=ctx, precision="fp32")
     honest = Miner(await net.node("miner-0"), tmp_path / "miner-0")
     noise = make_adversary("noise", await net.node("miner-1"), tmp_path / "miner-1")
     first = await vnode.current_window() + 1
@@ -83,3 +103,4 @@ async def test_sharded_validator_steps_like_the_miners_and_publishes_theta(netwo
     model = build_model(net.hp)
     model.load_state_dict(safetensors.torch.load(blob), strict=False)
     assert param_digest(model) == theta_at[window] != param_digest(build_model(net.hp))  # a stepped θ
+    validator.stop_ranks()
