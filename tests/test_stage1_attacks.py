@@ -231,3 +231,34 @@ def test_a_parameter_only_one_miner_holds_is_sampled_like_the_others():
     _, ov = overlap_matrix(sets, 3)
     n = sample_rate(64) * 2 * LAYOUT.n_values
     assert abs(float(ov[1, 0]) - 0.5) < 5 * math.sqrt(0.25 / n), float(ov[1, 0])
+
+
+def test_sampled_estimate_on_encoded_shards_copying_whole_chunks():
+    """The encoded path (chunk-order keys, hashed per slab with its offset): a copier taking its victim's
+    indices in 60 % of the chunks (whole blocks of a layer) and its own elsewhere is read within the
+    stated σ over 60 windows, unbiased up to the stated ratio bias, and zeroed in every window."""
+    m = 64
+    rate = sample_rate(m)
+    gen = torch.Generator().manual_seed(8)
+    victim_idx, own = _random_idx(gen), _random_idx(gen)
+    chunks = torch.randperm(LAYOUT.n_chunks, generator=gen)[: int(0.6 * LAYOUT.n_chunks)]
+    copier_idx = own.clone()
+    copier_idx[chunks] = victim_idx[chunks]
+    victim, copier = _encoded(victim_idx), _encoded(copier_idx)
+    p = len(set(victim.positions().reshape(-1).tolist()) & set(copier.positions().reshape(-1).tolist())) / LAYOUT.n_values
+    fillers = [_encoded(_random_idx(gen)) for _ in range(4)]
+    last = _random_idx(gen)  # its table changes every window, as an honest miner's does
+    est = []
+    for window in range(60):
+        sets = {0: {"w": victim}, 1: {"w": copier}}
+        sets.update({u: {"w": fillers[u % 4]} for u in range(2, m)})
+        sets[m - 1] = {"w": _encoded(last, TABLE + window)}
+        est.append(float(overlap_matrix(sets, 5)[1][1, 0]))
+        if window < 3:
+            assert copy_verdicts(sets, {u: float(u) for u in sets}, HP, 5)[1].factor == 0.0
+    est_t = torch.tensor(est, dtype=torch.float64)
+    n = rate * LAYOUT.n_values
+    sigma = math.sqrt(p * (1 - p) * (1 - rate) / n)
+    bias = p * math.sqrt((1 - p) * (1 - rate) / (math.pi * n))
+    assert abs(float(est_t.mean()) - (p + bias)) < 4 * sigma / math.sqrt(len(est)), (float(est_t.mean()), p, bias)
+    assert float(est_t.std()) < 1.3 * sigma and float(est_t.min()) > HP.copy_zero_overlap
