@@ -186,8 +186,8 @@ class ShardedTheta:
     # --- Gauntlet stage 2 ---------------------------------------------------------------------------------
 
     def begin(self, random_batches: Sequence[torch.Tensor], updates: Mapping[Any, tuple[Encoded, float]]) -> None:
-        """A new window: its random batches and its eligible updates, sent once (θ must not change until the
-        next `begin` except through `apply`)."""
+        """A new window: its random batches and its eligible updates, sent once. θ must not change before the
+        window's evaluations are done (the random batches' loss before any update is computed once)."""
         _check_batches(random_batches, self.vocab)
         self.random, self._before_random, self.updates = list(random_batches), None, dict(updates)
 
