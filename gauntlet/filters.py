@@ -215,7 +215,7 @@ def _slab_indices(enc: EncodedTensor, c0: int, c1: int) -> torch.Tensor:
 
 # A position held by r miners gives r(r − 1)/2 sharing pairs. Runs at least this long (LONG_RUN_MIN, or
 # m / LONG_RUN_DIV for m miners) are counted as a dense 0/1 product XᵀX over their positions instead of
-# pair by pair: m² multiply-adds per position in BLAS, against r²/2 pairs through several numpy passes.
+# pair by pair: m² multiply-adds per position in a matmul, against r²/2 pairs through several numpy passes.
 # Without it, sybils (or strongly correlated miners) sharing their positions make stage 1 quadratic in
 # their number. Measured at m = 256 (2 shared cores, per sorted entry): independent miners (r ≈ 4)
 # 28 ns; 256 holders of one shard 1.8 µs before, 24 ns now; the worst split now (r = 15, just below
@@ -234,7 +234,8 @@ def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) 
 
     Sorting puts the miners sharing a key next to each other (owners ascending, each once: positions
     are unique per miner). Positions held by at least `_long_run(m)` miners are counted as XᵀX of their
-    0/1 incidence rows (float32 sums of at most _DENSE_CELLS ones: exact); the others pair by pair: the
+    0/1 incidence rows (float32 sums of at most _DENSE_CELLS // m ones: exact, and 0/1 stay exact under
+    TF32/bf16 matmul settings); the others pair by pair: the
     pairs at distance d are found only among the pairs at distance d − 1 (a sorted run holding i and
     i + d holds i + d − 1). Work: the sort, m² per long-run position, and fewer than `_long_run(m)`
     enumerated pairs per remaining entry, whatever the miners sent. Returns the pairs enumerated.
@@ -262,7 +263,8 @@ def _pair_counts(keys: np.ndarray, owner_bits: int, m: int, common: np.ndarray) 
             lo, hi = np.searchsorted(row, [r0, r0 + rows_per_block])
             x = np.zeros((min(rows_per_block, n_long - r0), m), dtype=np.float32)
             x[row[lo:hi] - r0, col[lo:hi]] = 1.0
-            gram = (x.T @ x).reshape(-1)
+            xt = torch.from_numpy(x)  # torch's own thread pool: a second (BLAS) pool would fight it for the cores
+            gram = (xt.T @ xt).numpy().reshape(-1)
             common[upper] += np.rint(gram[upper]).astype(np.int64)
         pos, owner = pos[~in_long], owner[~in_long]
     enumerated = 0
@@ -387,7 +389,8 @@ def copy_verdicts(
     ordered, and then neither is named the copier: punishing the original is worse than missing a
     copier, whose update still fails the assigned-vs-random test on its own data.
     Overlap ≥ copy_zero_overlap zeroes the copier's positive score, ≥ copy_halve_overlap halves it.
-    `salt`: the validator's secret for the position sample beyond EXACT_MINERS miners (`overlap_matrix`).
+    `salt`: the validator's secret for the position sample beyond EXACT_MINERS miners (`overlap_matrix`);
+    the sample is keyed by it and the window's shards, so it is fresh every window.
     """
     missing = set(index_sets) - set(first_seen)
     if missing:
