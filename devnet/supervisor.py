@@ -4,8 +4,9 @@ The devnet is a dozen OS processes (chain, S3 server, validators, miners) on one
 that dies with a non-zero status before the end is reported with the last lines of its log and
 restarted, a bounded number of times; a child that exits 0 has finished its windows and is left
 alone. Every child is the leader of its own process group (`start_new_session`), so stopping sends
-SIGTERM to the whole group (grandchildren such as `rclone` included), waits, then SIGKILLs the
-group, and checks that nothing of it is left alive. On Linux each child also gets
+SIGTERM to the whole group (grandchildren such as `rclone` included) and to every descendant that
+left it (torchrun's ranks, each in a session of its own), waits, then SIGKILLs them, and checks
+that nothing of it is left alive. On Linux each child also gets
 PR_SET_PDEATHSIG, so even a launcher killed with SIGKILL does not leave children running.
 
     sup = Supervisor(SupervisorConfig(max_restarts=3))
@@ -150,6 +151,59 @@ def group_members(pgid: int) -> list[int]:
         if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
+
+
+def process_tree(pgid: int) -> list[int]:
+    """Live processes of a process group AND every descendant of them, whatever their own group.
+
+    A group signal misses descendants that made a session of their own: torchrun starts each worker
+    rank with `start_new_session`, so SIGKILL of a sharded miner's group (`--miner-ranks`) left its
+    ranks mining under the same hotkey beside the restarted node. Read this before signalling: once
+    the leader is dead its children are re-parented and can no longer be traced to it.
+    """
+    table: dict[int, tuple[int, int, str]] = {}  # pid → (ppid, pgid, state)
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2:
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, (ppid, _, _) in table.items():
+        children[ppid].append(pid)
+    found = {pid for pid, (_, group, _) in table.items() if group == pgid}
+    frontier = list(found)
+    while frontier:
+        for child in children[frontier.pop()]:
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return sorted(pid for pid in found if table[pid][2] != "Z")
+
+
+def _signal_all(pgid: int, pids: list[int], sig: signal.Signals) -> None:
+    """Signal a process group and the given processes (its descendants outside the group)."""
+    for target in [None, *pids]:
+        try:
+            os.killpg(pgid, sig) if target is None else os.kill(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _any_alive(pids: list[int]) -> bool:
+    return any(_pid_alive(pid) for pid in pids)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 # Looked up once here: between fork and exec the child must not dlopen (another thread may hold the lock).
@@ -298,19 +352,24 @@ class Supervisor:
             else self.children.values()
         )
         targets = [c for c in chosen if c.proc is not None and self._group_alive(c)]
+        trees = {c.spec.name: process_tree(c.proc.pid) for c in targets}  # before any leader dies
+
+        def alive(c: Child) -> bool:
+            return self._group_alive(c) or _any_alive(trees[c.spec.name])
+
         for child in targets:
-            self._kill_group(child.proc.pid, signal.SIGTERM)
+            _signal_all(child.proc.pid, trees[child.spec.name], signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self._group_alive(c) for c in targets):
+        while time.monotonic() < deadline and any(alive(c) for c in targets):
             time.sleep(0.05)
-        killed = [c.spec.name for c in targets if self._group_alive(c)]
+        killed = [c.spec.name for c in targets if alive(c)]
         for child in targets:
-            if self._group_alive(child):
-                self._kill_group(child.proc.pid, signal.SIGKILL)
+            if alive(child):
+                _signal_all(child.proc.pid, trees[child.spec.name], signal.SIGKILL)
         for child in targets:
             child.proc.wait()
             end = time.monotonic() + 5.0
-            while group_members(child.proc.pid) and time.monotonic() < end:
+            while alive(child) and time.monotonic() < end:
                 time.sleep(0.05)
         for child in chosen:
             if child.state in (ChildState.RUNNING, ChildState.WAITING):
@@ -324,11 +383,12 @@ class Supervisor:
         child = self.children.get(name)
         if child is None or child.proc is None or child.proc.poll() is not None:
             return False
-        self._kill_group(child.proc.pid, signal.SIGKILL)
+        tree = process_tree(child.proc.pid)  # torchrun's ranks live in sessions of their own
+        _signal_all(child.proc.pid, tree, signal.SIGKILL)
         child.proc.wait()
         child.last_code = child.proc.returncode
         end = time.monotonic() + 5.0
-        while group_members(child.proc.pid) and time.monotonic() < end:
+        while (group_members(child.proc.pid) or _any_alive(tree)) and time.monotonic() < end:
             time.sleep(0.05)
         if restart_after_s is None:
             child.state = ChildState.STOPPED

@@ -421,3 +421,25 @@ def test_participants_and_node_command_lines(tmp_path, monkeypatch):
     assert (node.bucket.endpoint, node.bucket.region, node.bucket.name) == ("http://127.0.0.1:9", "us-east-1",
                                                                             "adv-noise-0")
     assert node.bucket.write_secret.get_secret_value() == "WRITESECRET" and node.windows == 6
+
+
+@pytest.mark.parametrize("how", ["kill", "stop_all"])
+def test_kill_and_stop_reach_descendants_in_sessions_of_their_own(tmp_path, how):
+    """torchrun starts its ranks with start_new_session: a group signal alone left a killed sharded miner's
+    ranks mining beside its restart. The supervisor signals the whole process tree."""
+    pid_file = tmp_path / "rank.pid"
+    sup = Supervisor(SupervisorConfig(stop_timeout_s=1.0))
+    sup.start(ChildSpec(name="torchrun", argv=["sh", "-c", f"setsid sleep 300 & echo $! > {pid_file}; wait"],
+                        log_path=tmp_path / "t.log"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (pid_file.exists() and pid_file.read_text().strip()):
+        time.sleep(0.05)
+    rank = int(pid_file.read_text())
+    while time.monotonic() < deadline and os.getsid(rank) != rank:  # setsid has run
+        time.sleep(0.05)
+    assert os.getsid(rank) == rank and rank not in group_members(sup.children["torchrun"].pid)
+    if how == "kill":
+        assert sup.kill("torchrun") is True
+    else:
+        sup.stop_all()
+    assert not _alive(rank)
