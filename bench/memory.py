@@ -362,22 +362,32 @@ def measure(hp, ranks: int, micro: int | None, precision: str, checkpointing: bo
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    saved = {key: os.environ.get(key) for key in ALLOCATOR_ENV}  # the children's, not this process's for good
     for key, value in ALLOCATOR_ENV.items():
         os.environ.setdefault(key, value)
-    with tempfile.TemporaryDirectory() as out:
-        if ranks == 1:
-            mp.spawn(_measure_one, args=(hp.model_dump_json(), micro, precision, checkpointing, steps, out), nprocs=1)
-        else:
-            mp.spawn(_measure_rank, args=(ranks, port, hp.model_dump_json(), micro, precision, checkpointing, steps,
-                                          out), nprocs=ranks, join=True)
-        per_rank = [json.load(open(f"{out}/rank{r}.json")) for r in range(ranks)]
+    allocator = {key: os.environ[key] for key in ALLOCATOR_ENV}
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            if ranks == 1:
+                mp.spawn(_measure_one, args=(hp.model_dump_json(), micro, precision, checkpointing, steps, out),
+                         nprocs=1)
+            else:
+                mp.spawn(_measure_rank, args=(ranks, port, hp.model_dump_json(), micro, precision, checkpointing,
+                                              steps, out), nprocs=ranks, join=True)
+            per_rank = [json.load(open(f"{out}/rank{r}.json")) for r in range(ranks)]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return {"peak_bytes": max(r["peak_bytes"] for r in per_rank),
             "per_rank_peak_bytes": [r["peak_bytes"] for r in per_rank],
             "per_rank_phases": [r["phases"] for r in per_rank],
             # not in the peaks: each process's RSS before the model (torch, gloo, the warm-up's code pages)
             "per_rank_baseline_bytes": [r["baseline_bytes"] for r in per_rank],
             "seconds": max(r["seconds"] for r in per_rank),
-            "allocator": {key: os.environ.get(key) for key in ALLOCATOR_ENV}}
+            "allocator": allocator}
 
 
 def run_cli(args: argparse.Namespace) -> int:
