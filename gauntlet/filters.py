@@ -23,7 +23,7 @@
       δ = 1 % gives ≤ 1.8 %, δ = 2 % ≤ 0.5 % (Gaussian tails, which the tests observe, give far less).
       With a small model the bound widens as 1/√n: at n = 500 (e.g. 8k kept positions, 256 miners)
       σ ≈ 2.1 % at p = 0.6. A copier within a few σ of a threshold is a coin flip by design.
-  Cost: the sort plus, per sorted entry, fewer than max(8, m/16)/2 enumerated pairs or m²/max(8, m/16)
+  Cost: the sort plus, per sorted entry, fewer than max(8, m/8)/2 enumerated pairs or m²/max(8, m/8)
   multiply-adds (positions held by many miners are counted as a dense product), whatever the miners
   sent, so sybils sharing one shard cannot make stage 1 quadratic in their number.
 
@@ -217,11 +217,12 @@ def _slab_indices(enc: EncodedTensor, c0: int, c1: int) -> torch.Tensor:
 # m / LONG_RUN_DIV for m miners) are counted as a dense 0/1 product XᵀX over their positions instead of
 # pair by pair: m² multiply-adds per position in a matmul, against r²/2 pairs through several numpy passes.
 # Without it, sybils (or strongly correlated miners) sharing their positions make stage 1 quadratic in
-# their number. Measured at m = 256 (2 shared cores, per sorted entry): independent miners (r ≈ 4)
-# 28 ns; 256 holders of one shard 1.8 µs before, 24 ns now; the worst split now (r = 15, just below
-# the dense threshold of 16) 83 ns, ~3x the honest cost.
+# their number. Measured at m = 256 on 2 shared (loaded) cores, per sorted entry, relative to independent
+# miners (r ≈ 4, unchanged): 256 holders of one shard ~35-45x before, ~0.5x now; the worst split now
+# (r = 31, just below the dense threshold of 32) ~4-8x. The dense product runs in torch (its thread
+# pool); numpy's BLAS brought a second pool that slowed the whole of stage 1 on 2 cores.
 LONG_RUN_MIN = 8
-LONG_RUN_DIV = 16
+LONG_RUN_DIV = 8
 _DENSE_CELLS = 1 << 20  # rows × miners of one dense block (4 MiB of float32)
 
 
