@@ -171,6 +171,9 @@ def read_sharded_state(folder: str | Path, revision: str, miner: ShardedMiner
             meta = json.loads(fh.metadata()[_SHARDED_META])
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         return f"rank {miner.ctx.rank}: unreadable {path.name} ({type(exc).__name__})"
+    window = meta.get("window") if isinstance(meta, dict) else None
+    if type(window) is not int or window < 0:  # a header that is not ours (a list, a string window): unusable
+        return f"rank {miner.ctx.rank}: {path.name} has no valid header"
     if meta.get("world") != miner.ctx.world or meta.get("rank") != miner.ctx.rank:
         return f"rank {miner.ctx.rank}: saved by rank {meta.get('rank')} of {meta.get('world')} ranks, " \
                f"this run has {miner.ctx.world}"
@@ -178,8 +181,22 @@ def read_sharded_state(folder: str | Path, revision: str, miner: ShardedMiner
         return f"rank {miner.ctx.rank}: saved for hparams revision {str(meta.get('revision'))[:12]}"
     if meta.get("plan") != plan_header(miner.slots):
         return f"rank {miner.ctx.rank}: saved for another sharding plan"
-    why = _check_shapes(tensors, miner)
+    why = _check_shapes(tensors, miner) or _check_complete(tensors, miner)
     return why if why is not None else (tensors, meta)
+
+
+def _check_complete(tensors: Mapping[str, torch.Tensor], miner: ShardedMiner) -> str | None:
+    """Every parameter has the same AdamW slots and an error-feedback buffer (a file short of a tensor
+    would resume part of the optimizer beside zeros elsewhere)."""
+    slots: dict[str, set[str]] = {name: set() for name in miner.slots}
+    for key in tensors:
+        if key.startswith("opt."):
+            name, slot = key[4:].rsplit(".", 1)
+            slots.setdefault(name, set()).add(slot)
+    kinds = {frozenset(s) for s in slots.values()}
+    if len(kinds) != 1 or not next(iter(kinds)) or any(f"ef.{name}" not in tensors for name in miner.slots):
+        return f"rank {miner.ctx.rank}: {sharded_state_path('', miner.ctx.rank).name} is missing tensors"
+    return None
 
 
 def _check_shapes(tensors: Mapping[str, torch.Tensor], miner: ShardedMiner) -> str | None:
@@ -229,13 +246,21 @@ def install_state(miner: ShardedMiner, tensors: Mapping[str, torch.Tensor]) -> N
 
 def load_sharded_state(folder: str | Path, revision: str, miner: ShardedMiner) -> int | None:
     """Resume this rank's rows if every rank can (a collective); returns the saved window, or None (zeros)."""
-    found = read_sharded_state(folder, revision, miner)
-    reason = found if isinstance(found, str) else None
-    reasons: list[str | None] = [reason]
+    try:
+        found = read_sharded_state(folder, revision, miner)
+    except Exception as exc:  # noqa: BLE001 - a rank that raised here would leave the others in the all-gather
+        found = f"rank {miner.ctx.rank}: unreadable state ({type(exc).__name__})"
+    # every rank's verdict and, when usable, its window and tensor names: all resume the same save or none
+    mine = (found, None, None) if isinstance(found, str) else (None, found[1]["window"], sorted(found[0]))
+    views: list[tuple] = [mine]
     if miner.ctx.active and dist.is_initialized():
-        reasons = [None] * miner.ctx.world
-        dist.all_gather_object(reasons, reason, group=miner.ctx.control)
-    bad = [r for r in reasons if r is not None]
+        views = [()] * miner.ctx.world
+        dist.all_gather_object(views, mine, group=miner.ctx.control)
+    bad = [v[0] for v in views if v[0] is not None]
+    if not bad and len({v[1] for v in views}) > 1:
+        bad = [f"the ranks saved different windows ({', '.join(str(v[1]) for v in views)}): a save was cut short"]
+    elif not bad and len({tuple(v[2]) for v in views}) > 1:
+        bad = ["the ranks' files hold different tensors"]
     if bad:
         if miner.ctx.is_main:
             log.warning("sharded AdamW and error feedback start from zero (%s)", "; ".join(bad))
