@@ -11,6 +11,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING
 
+from neurons.flags import FlagError
 from neurons.node_config import NODE_FLAGS, NodeConfig
 
 if TYPE_CHECKING:  # importing it imports torch; the parser is built without
@@ -44,6 +45,9 @@ def run_cli(args: argparse.Namespace) -> int:
     from neurons.node_cli import run_node
 
     dist = init_distributed()
+    if cfg.fsdp and not dist.active:  # one process would silently hold the whole model after all
+        raise FlagError("--fsdp: shards over torchrun ranks; start under `torchrun --nproc_per_node G` "
+                        f"with G ≥ 2 (this is a single process, world size {dist.world})")
     if cfg.fsdp and dist.active:
         from neurons.sharding import sharded_context
 

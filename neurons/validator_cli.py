@@ -43,6 +43,9 @@ def run_cli(args: argparse.Namespace) -> int:
     from neurons.validator import Validator
 
     dist = init_distributed()
+    if cfg.fsdp and not dist.active:  # one process would silently hold the whole model after all
+        raise FlagError("--fsdp: shards over torchrun ranks; start under `torchrun --nproc_per_node G` "
+                        f"with G ≥ 2 (this is a single process, world size {dist.world})")
     if dist.active and not cfg.fsdp:
         raise FlagError("--fsdp: a validator under torchrun shards θ (--fsdp); without it every rank would "
                         "hold the same whole model for nothing")
