@@ -23,7 +23,8 @@ Bytes per rank, by what holds them:
   used) and extrapolating per layer, plus the logits' float32 softmax buffers. With
   `--checkpointing`, only each layer's input is kept plus one layer's recomputation.
 
-The smallest GPU count is the smallest R whose per-rank total, plus 10 % for allocator
+The smallest GPU count is the smallest R (each rank then running ⌈batch/R⌉ samples, --micro-batch at
+a time: its own activations, not those of --ranks) whose per-rank total, plus 10 % for allocator
 fragmentation and the CUDA context, fits each GPU size (80 GB, 141 GB by default). Everything is an
 estimate; `--measure` compares it against a real run on this machine: the RSS high-water mark above
 the process's baseline (torch, gloo and a warm-up window of a small model through the same code,
@@ -125,6 +126,9 @@ def activation_bytes(hp, micro: int, precision: str = "bf16", checkpointing: boo
     return {"per_layer": per_layer, "other": rest + logits_grad, "total": total}
 
 
+_ACTIVATIONS: dict[tuple[str, str, bool], dict[int, int]] = {}  # (model, precision, checkpointing) → micro → bytes
+
+
 def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", checkpointing: bool = False,
          gpu_sizes_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, Any]:
     from protocol.codec import ChunkLayout
@@ -136,13 +140,18 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
     layer0 = sum(math.prod(s) for name, s in shapes.items() if ".layers.0." in name)
     head = max(math.prod(s) for name, s in shapes.items() if "embed_tokens" in name or "lm_head" in name)
     wire = sum(ChunkLayout.for_shape(s, hp.sparseloco).wire_bytes for s in shapes.values())
-    per_rank_rows = math.ceil(hp.inner.batch_size / ranks)
-    micro = min(micro or per_rank_rows, per_rank_rows)
+    asked_micro = micro
+    acts_of = _ACTIVATIONS.setdefault((hp.model.model_dump_json(), precision, checkpointing), {})
 
-    acts = activation_bytes(hp, micro, precision, checkpointing)["total"]
-    accumulation = math.ceil(per_rank_rows / micro)
+    def micro_at(r: int) -> int:  # each of r ranks runs ⌈batch/r⌉ samples, --micro-batch at a time
+        rows = math.ceil(hp.inner.batch_size / r)
+        return min(asked_micro or rows, rows)
 
     def per_rank(r: int) -> dict[str, int]:
+        m = micro_at(r)
+        if m not in acts_of:  # the activations of r ranks' micro-batch (not --ranks's: gpus_needed tries every r)
+            acts_of[m] = activation_bytes(hp, m, precision, checkpointing)["total"]
+        acts = acts_of[m]
         shard = math.ceil(n / r)
         if r == 1:  # autocast keeps a bf16 copy of every weight it used until the backward is done
             gathered = 2 * n if precision == "bf16" else 0
@@ -163,7 +172,7 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
         # gradients are set to None at each step's start, so the forward's activations meet only the
         # gradients the backward has made so far: the first (the head's, whole; under FSDP2 already in
         # `gathered`), or with accumulation (several micro-batches per step) every gradient of the step
-        if math.ceil(math.ceil(hp.inner.batch_size / r) / micro) > 1:  # accumulation at r ranks
+        if math.ceil(math.ceil(hp.inner.batch_size / r) / m) > 1:  # accumulation at r ranks
             parts["gradients_at_training_peak"] = parts["gradients"]
         else:
             parts["gradients_at_training_peak"] = 4 * head if r == 1 else 0
@@ -182,6 +191,8 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
                 return r
         return None
 
+    micro = micro_at(ranks)
+    accumulation = math.ceil(math.ceil(hp.inner.batch_size / ranks) / micro)
     return {
         "preset": hp.name, "parameters": n, "ranks": ranks, "micro_batch": micro, "batch_size": hp.inner.batch_size,
         "accumulation_steps": accumulation, "precision": precision, "checkpointing": checkpointing,
