@@ -78,6 +78,7 @@ class Miner:
         self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None  # θ in memory is the global model at the start of this window
         self.sharded: ShardedMiner | None = None  # FSDP2 rows (`neurons.sharding`), from the first window on
+        self.stopped = False  # the torchrun followers were told to stop (`stop_ranks`)
 
     # --- hooks (overridden by devnet adversaries only) -------------------------------------------------
 
@@ -136,6 +137,7 @@ class Miner:
             return True
         report.in_sync = False
         if self.sharded is not None:
+            self.stop_ranks()  # they wait for the next instruction: let them exit rather than die in gloo
             raise SystemExit(f"window {report.window}: sharded θ out of sync ({drift}); restart to catch up")
         log.warning("window %d: out of sync (%s); recovering from the latest checkpoint", report.window, drift)
         why = await recover(self.node, report.window)
@@ -242,7 +244,11 @@ class Miner:
 
     async def run(self, windows: int | None = None) -> None:
         """Step window after window (forever, or `windows` times)."""
-        window = await self.start()
+        try:
+            window = await self.start()
+        except BaseException:  # no collective has run yet: the followers wait for their first instruction
+            self.stop_ranks()
+            raise
         if self.dist.sharded:  # from now on every rank holds only its rows
             self._shard()
         elif self.dist.active:  # every rank starts from rank 0's restored θ and AdamW state
@@ -253,6 +259,7 @@ class Miner:
             head = await self.node.chain.block()
             current = window_of(head, self.hp.windows)
             if current > window and self.sharded is not None:
+                self.stop_ranks()
                 raise SystemExit(f"sharded miner fell behind (windows {window}..{current - 1}); restart to catch up")
             if current > window:  # behind (a stall): never train for a window whose deadline has passed
                 log.warning("windows %d..%d passed while this miner was busy; replaying their records", window,
@@ -269,7 +276,13 @@ class Miner:
                 self.metrics.observe_miner(report, self.node.buckets())
             done += 1
             window += 1  # step() waits for the next window's first block itself
-        if self.dist.active:
+        self.stop_ranks()
+
+    def stop_ranks(self) -> None:
+        """Tell the torchrun followers to exit (once; nothing without torchrun). Only between instructions:
+        a rank 0 that fails inside a collective leaves torchrun to tear the group down."""
+        if self.dist.active and not self.stopped:
+            self.stopped = True
             broadcast_work(self.dist, {"op": "stop"})
 
 

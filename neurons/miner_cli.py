@@ -54,5 +54,16 @@ def run_cli(args: argparse.Namespace) -> int:
         dist = sharded_context(dist)
     if not dist.is_main:
         return _follow(cfg, dist)
-    return asyncio.run(run_node(cfg, "miner", lambda node, state_dir: Miner(node, state_dir, dist=dist,
-                                                                           train=cfg.train_settings()), prog=PROG))
+    built: list[Miner] = []
+
+    def build(node, state_dir) -> Miner:
+        built.append(Miner(node, state_dir, dist=dist, train=cfg.train_settings()))
+        return built[0]
+
+    try:
+        return asyncio.run(run_node(cfg, "miner", build, prog=PROG))
+    finally:  # a node that could not start still releases the followers (they wait for their first instruction)
+        if not built and dist.active:
+            from neurons.distributed import broadcast_work
+
+            broadcast_work(dist, {"op": "stop"})

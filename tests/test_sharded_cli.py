@@ -17,9 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("role", ["miner", "validator"])
 def test_fsdp_without_torchrun_is_one_line_and_exit_2(role, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    done = subprocess.run([sys.executable, "-m", "neurons.cli", role, "--fsdp", "--netuid", "1", "--network",
+    done = subprocess.run([sys.executable, "-m", "neurons.cli", "miner", "--fsdp", "--netuid", "1", "--network",
                            "local", "--state-dir", str(tmp_path)], env=dict(env, PYTHONPATH=str(REPO)), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--fsdp" in lines[0] and "torchrun" in lines[0], lines
+
+
+def test_a_failed_start_under_torchrun_releases_the_followers(tmp_path):
+    """Rank 0 cannot start (no bucket): its one line, exit 1, and the followers told to stop, not left to
+    die in the control group's broadcast with a gloo traceback ("Connection closed by peer") per rank.
+    (The validator's CLI already released them; the miner's did not.)"""
+    from tests.test_distributed import _free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRUCIBLE_BUCKET")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "neurons.cli", "miner", "--fsdp",
+                           "--netuid", "1", "--network", "local", "--state-dir", str(tmp_path)],
+                          env=dict(env, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "bucket not configured" in done.stderr
+    assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
