@@ -402,8 +402,14 @@ def measure(hp, ranks: int, micro: int | None, precision: str, checkpointing: bo
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from neurons.flags import FlagError
     from protocol.hparams import load_hparams
 
+    for flag, value in (("--ranks", args.ranks), ("--micro-batch", args.micro_batch)):
+        if value is not None and value < 1:  # 0 ranks divided by zero, negative ones made negative tensor sizes
+            raise FlagError(f"{flag}: must be at least 1, got {value}")
+    if args.gpu_gb and min(args.gpu_gb) <= 0:
+        raise FlagError(f"--gpu-gb: must be positive, got {min(args.gpu_gb):g}")
     hp = load_hparams(args.preset, args.overrides)
     sizes = tuple(args.gpu_gb) if args.gpu_gb else GPU_SIZES_GB
     result = plan(hp, args.ranks, args.micro_batch, args.precision, args.checkpointing, sizes)

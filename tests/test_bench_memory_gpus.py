@@ -27,3 +27,13 @@ def test_gpus_needed_is_the_smallest_rank_count_whose_own_plan_fits(preset, rank
                 if plan(hp, r, micro, "bf16", checkpointing)["bytes_per_rank"]["total"] * OVERHEAD <= gb * GB]
         assert needed == (fits[0] if fits else None), (size, needed, fits[:3])
     assert asked["gpus_needed"] == plan(hp, 1, micro, "bf16", checkpointing)["gpus_needed"]  # not --ranks's
+
+
+@pytest.mark.parametrize("flags", [["--ranks", "0"], ["--ranks", "-2"], ["--micro-batch", "0"], ["--gpu-gb", "0"]])
+def test_nonsense_counts_are_one_line_and_exit_2(flags, capsys):
+    """They were a ZeroDivisionError or a negative tensor size, with a traceback."""
+    from neurons.cli import main
+
+    assert main(["bench", "memory", "--preset", "tiny", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flags[0] in err[0], err
