@@ -14,7 +14,8 @@ Bytes per rank, by what holds them:
   head's whole gradient (1 rank; under FSDP2 it is in the gathered term), or with accumulation
   (several micro-batches per step) all of them.
 - optimizer: AdamW's two float32 moments (N·8, sharded like the parameters).
-- error feedback: the SparseLoCo buffer (N·4, sharded).
+- error feedback: the SparseLoCo buffer (N·4, sharded; a tensor whose R row shards are not whole chunk
+  rows is replicated whole on every rank, with its Δ: `replicated_fraction` says how much of N that is).
 - window: θ_w kept for the pseudo-gradient and the Δ itself (N·8, sharded): the miner holds both
   while it compresses.
 - codec: the |x| scratch of the largest tensor (float32) and the encoded pieces (≈ 2.6 % of N bytes).
@@ -131,6 +132,7 @@ _ACTIVATIONS: dict[tuple[str, str, bool], dict[int, int]] = {}  # (model, precis
 
 def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", checkpointing: bool = False,
          gpu_sizes_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, Any]:
+    from neurons.sharding import row_aligned
     from protocol.codec import ChunkLayout
     from protocol.model import param_shapes
 
@@ -153,6 +155,10 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
             acts_of[m] = activation_bytes(hp, m, precision, checkpointing)["total"]
         acts = acts_of[m]
         shard = math.ceil(n / r)
+        # tensors whose row shards are not whole chunk rows fall back to replication (`neurons.sharding`):
+        # Δ all-gathered and error feedback held whole on every rank
+        whole = 0 if r == 1 else sum(math.prod(s) for s in shapes.values() if not row_aligned(s, r, hp.sparseloco))
+        coded = math.ceil((n - whole) / r) + whole  # elements of error feedback / Δ on this rank
         if r == 1:  # autocast keeps a bf16 copy of every weight it used until the backward is done
             gathered = 2 * n if precision == "bf16" else 0
         else:  # FSDP2 (`neurons.sharding`: embeddings, each layer, the head in groups of their own)
@@ -164,9 +170,9 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
             "parameters": 4 * shard + gathered,
             "gradients": 4 * shard,
             "optimizer": 8 * shard,
-            "error_feedback": 4 * shard,
-            "window_buffers": 8 * shard,
-            "codec": 4 * min(largest, shard if r > 1 else largest) + wire,
+            "error_feedback": 4 * coded,
+            "window_buffers": 4 * shard + 4 * coded,  # θ_w's rows, Δ (rows, or whole where replicated)
+            "codec": 4 * (min(largest, shard) if r > 1 and not whole else largest) + wire,
             "activations": acts,
         }
         # gradients are set to None at each step's start, so the forward's activations meet only the
@@ -197,6 +203,8 @@ def plan(hp, ranks: int, micro: int | None = None, precision: str = "bf16", chec
         "preset": hp.name, "parameters": n, "ranks": ranks, "micro_batch": micro, "batch_size": hp.inner.batch_size,
         "accumulation_steps": accumulation, "precision": precision, "checkpointing": checkpointing,
         "bytes_per_rank": per_rank(ranks),
+        "replicated_fraction": round(sum(math.prod(s) for s in shapes.values()
+                                         if ranks > 1 and not row_aligned(s, ranks, hp.sparseloco)) / n, 3),
         "gb_per_rank": round(per_rank(ranks)["total"] / GB, 3),
         "gpus_needed": {f"{g:g}GB": gpus_needed(g) for g in gpu_sizes_gb},
         "overhead_factor": OVERHEAD,

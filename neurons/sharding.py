@@ -110,11 +110,15 @@ def plan(model: torch.nn.Module, ctx: DistContext, hp: SparseLoCoHParams) -> dic
         sharded = isinstance(p, DTensor)
         start = min(ctx.rank * -(-shape[0] // ctx.world), shape[0]) if sharded else 0
         rows = int(local(p).shape[0])
-        layout = ChunkLayout.for_shape(shape, hp)
-        aligned = (sharded and len(shape) >= 2 and shape[0] % ctx.world == 0
-                   and (shape[0] // ctx.world) % layout.block_rows == 0)
-        slots[name] = Slot(shape, start, rows, aligned, sharded)
+        slots[name] = Slot(shape, start, rows, sharded and row_aligned(shape, ctx.world, hp), sharded)
     return slots
+
+
+def row_aligned(shape: tuple[int, ...], world: int, hp: SparseLoCoHParams) -> bool:
+    """Whether `world` ranks' row shards of a tensor are whole chunk rows (compressed where they lie);
+    if not, its Δ is all-gathered and its error feedback replicated whole on every rank (`bench.memory`)."""
+    return (len(shape) >= 2 and shape[0] % world == 0
+            and (shape[0] // world) % ChunkLayout.for_shape(shape, hp).block_rows == 0)
 
 
 def _sum_all(t: torch.Tensor) -> torch.Tensor:

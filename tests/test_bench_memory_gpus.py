@@ -37,3 +37,19 @@ def test_nonsense_counts_are_one_line_and_exit_2(flags, capsys):
     assert main(["bench", "memory", "--preset", "tiny", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flags[0] in err[0], err
+
+
+def test_error_feedback_of_tensors_not_row_aligned_is_counted_whole_on_every_rank():
+    """`neurons.sharding` replicates a tensor whose R row shards are not whole chunk rows (error feedback
+    whole on every rank, Δ all-gathered); the plan counted every tensor as sharded. tiny at 3 ranks
+    shards none (4096 and 688 rows are not multiples of 3): a real 3-rank run saved 3,679,488 error-feedback
+    elements per rank, n, where the plan said n/3; at 2 ranks 1,840,384 (n/2 and the 1-D norms whole)."""
+    tiny = load_hparams("tiny")
+    three, two = plan(tiny, 3, None, "fp32"), plan(tiny, 2, None, "fp32")
+    n = three["parameters"]
+    assert three["replicated_fraction"] == 1.0 and three["bytes_per_rank"]["error_feedback"] == 4 * n
+    assert n == 3_679_488 and three["bytes_per_rank"]["error_feedback"] == 4 * 3_679_488
+    assert two["bytes_per_rank"]["error_feedback"] == 4 * 1_840_384
+    eight = plan(load_hparams("8b"), 8, 1, "bf16", True)  # the vocabulary's rows: 128256 / 8 is not whole chunks
+    assert 0 < eight["replicated_fraction"] < 0.2
+    assert eight["bytes_per_rank"]["error_feedback"] > 4 * -(-eight["parameters"] // 8)
