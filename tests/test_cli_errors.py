@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from devnet.bootstrap import BootstrapConfig
@@ -82,8 +83,10 @@ def test_every_bad_input_is_one_line_on_stderr_naming_what_is_wrong(chain_factor
         (["devnet", "miner", "--network", chain.url, *wallet, "--netuid", "7"], KEYS, ("subnet 7 does not exist",)),
         (["devnet", "validator", "--network", chain.url, *wallet], KEYS, ("no validator permit",)),
     ]
-    for argv, env, names in cases:
-        run = crucible(argv, env)
+    # two at a time: each is a fresh interpreter importing torch, and the suite runs on 2 cores
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda case: crucible(case[0], case[1]), cases))
+    for (argv, _env, names), run in zip(cases, runs, strict=True):
         where = f"crucible {' '.join(argv)}: rc {run.returncode}, stderr:\n{run.stderr}"
         assert run.returncode != 0, where
         lines = run.stderr.splitlines()
