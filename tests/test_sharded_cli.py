@@ -15,13 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("role", ["miner", "validator"])
-def test_fsdp_without_torchrun_is_one_line_and_exit_2(role, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    done = subprocess.run([sys.executable, "-m", "neurons.cli", "miner", "--fsdp", "--netuid", "1", "--network",
-                           "local", "--state-dir", str(tmp_path)], env=dict(env, PYTHONPATH=str(REPO)), cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
+def test_fsdp_without_torchrun_is_one_line_and_exit_2(role, tmp_path, capsys, monkeypatch):
+    from neurons.cli import main
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main([role, "--fsdp", "--netuid", "1", "--network", "local", "--state-dir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--fsdp" in lines[0] and "torchrun" in lines[0], lines
 
 
