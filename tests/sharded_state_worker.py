@@ -4,7 +4,7 @@ Rank 0 drives a `ShardedMiner` (each collective announced with `broadcast_work`)
 production follower loop (`neurons.miner.follow`). The ranks train one window, save their rows for
 window 5, train again and save for window 6; then restarts read folders a crash or a hand could leave:
 rank 0's file from window 6 beside rank 1's from window 5, a rank's header that is JSON but not an
-object, a rank's file missing one tensor. Each restart must start every rank from zero (no mixed
+object, a rank's file missing one tensor, a rank's file cut in half. Each restart must start every rank from zero (no mixed
 state) and not crash rank 1. Rank 0 writes what it saw to rank0.json.
 """
 
@@ -65,11 +65,14 @@ def main(out: str) -> None:
         folder.mkdir()
         _save(ctx, hp, miner, folder, window + 5)
     cases = {"mixed_windows": root / "mixed", "header_not_object": root / "header",
-             "window_not_int": root / "window", "missing_tensor": root / "missing"}
+             "window_not_int": root / "window", "missing_tensor": root / "missing", "truncated": root / "torn"}
     for folder in cases.values():
         folder.mkdir()
     shutil.copy(sharded_state_path(six, 0), sharded_state_path(cases["mixed_windows"], 0))
     shutil.copy(sharded_state_path(five, 1), sharded_state_path(cases["mixed_windows"], 1))
+    for rank in range(ctx.world):  # a torn file (a disk that lied about the atomic rename): rank 1's cut in half
+        blob = sharded_state_path(six, rank).read_bytes()
+        sharded_state_path(cases["truncated"], rank).write_bytes(blob[: len(blob) // 2] if rank else blob)
     with safe_open(str(sharded_state_path(six, 1)), "pt") as fh:
         header = json.loads(fh.metadata()["crucible.sharded"])
     for rank in range(ctx.world):

@@ -25,5 +25,5 @@ def test_mixed_or_hostile_rank_files_start_every_rank_from_zero(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads((tmp_path / "rank0.json").read_text())
     assert seen["empty"] == {"resumed_six": True, "mixed_windows": True, "header_not_object": True,
-                             "window_not_int": True, "missing_tensor": True}, seen
-    assert len(seen["warnings"]) == 4, seen["warnings"]
+                             "window_not_int": True, "missing_tensor": True, "truncated": True}, seen
+    assert len(seen["warnings"]) == 5, seen["warnings"]
