@@ -80,17 +80,25 @@ class DevnetNode:
         if quality is not None and not 0.0 < quality <= 1.0:
             raise FlagError(f"--quality: must be in (0, 1], got {quality}")
         from devnet.profiles import apply_profile
-        from neurons.distributed import DistContext, init_distributed
+        from neurons.distributed import init_distributed
 
-        dist = init_distributed() if self.role == "miner" else DistContext()  # under torchrun: --miner-ranks
+        dist = init_distributed()  # under torchrun: --miner-ranks, or a validator started by hand with --fsdp
+        if self.role == "validator" and dist.active and not cfg.fsdp:
+            raise FlagError("--fsdp: a validator under torchrun shards θ (--fsdp); without it every rank would "
+                            "run a whole validator under the same hotkey")
         if cfg.fsdp and dist.active:
             from neurons.sharding import sharded_context
 
             dist = sharded_context(dist)
         if not dist.is_main:
+            if self.role == "validator":
+                from neurons.validator_cli import _follow as follow_validator
+
+                return follow_validator(cfg, dist)
             from neurons.miner_cli import _follow
 
             return _follow(cfg, dist)
+        built: list[Validator] = []
 
         fault_file = getattr(args, "fault_file", None)
 
@@ -100,13 +108,22 @@ class DevnetNode:
 
                 node.pool = FaultyPool(node.pool, fault_file)
             if self.role == "validator":
-                return Validator(node, state_dir)
+                built.append(Validator(node, state_dir, dist=dist, precision=cfg.precision))
+                return built[0]
             if kind:
                 return make_adversary(kind, node, state_dir)
             miner = Miner(node, state_dir, dist=dist, train=cfg.train_settings())
             return apply_profile(miner, quality if quality is not None else 1.0)
 
-        return asyncio.run(run_node(cfg, self.role, build, prog=self.prog, client=client))
+        try:
+            return asyncio.run(run_node(cfg, self.role, build, prog=self.prog, client=client))
+        finally:  # a sharded validator that could not start (or stopped early) still releases its followers
+            if built:
+                built[0].stop_ranks()
+            elif self.role == "validator" and dist.active:
+                from neurons.distributed import broadcast_work
+
+                broadcast_work(dist, {"op": "stop"})
 
 
 MINER = DevnetNode("miner")
