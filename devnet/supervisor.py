@@ -136,21 +136,29 @@ def json_event(path: Path, key: str, value: object = None, offset: int = 0) -> d
     return None
 
 
+def _proc_stats() -> dict[int, tuple[int, int, str]]:
+    """pid → (ppid, pgid, state) of every process, from /proc (Linux); {} elsewhere."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) is not None:
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgid, ...); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces or parentheses: the fields after the last ')' are fixed.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields if len(fields) > 2 else None
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group, from /proc (Linux); [] elsewhere."""
-    members = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # comm may hold spaces or parentheses: the fields after the last ')' are fixed.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
+    return [pid for pid, (_, group, state) in _proc_stats().items() if group == pgid and state != "Z"]
 
 
 def process_tree(pgid: int) -> list[int]:
@@ -161,17 +169,7 @@ def process_tree(pgid: int) -> list[int]:
     ranks mining under the same hotkey beside the restarted node. Read this before signalling: once
     the leader is dead its children are re-parented and can no longer be traced to it.
     """
-    table: dict[int, tuple[int, int, str]] = {}  # pid → (ppid, pgid, state)
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2:
-            table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    table = _proc_stats()
     children: dict[int, list[int]] = collections.defaultdict(list)
     for pid, (ppid, _, _) in table.items():
         children[ppid].append(pid)
@@ -195,15 +193,7 @@ def _signal_all(pgid: int, pids: list[int], sig: signal.Signals) -> None:
 
 
 def _any_alive(pids: list[int]) -> bool:
-    return any(_pid_alive(pid) for pid in pids)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+    return any((fields := _stat_fields(pid)) is not None and fields[0] != "Z" for pid in pids)
 
 
 # Looked up once here: between fork and exec the child must not dlopen (another thread may hold the lock).
