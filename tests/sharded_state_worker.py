@@ -9,7 +9,6 @@ state) and not crash rank 1. Rank 0 writes what it saw to rank0.json.
 """
 
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from neurons.miner import follow
 from neurons.sharding import sharded_context
 from neurons.training import TrainSettings
 from protocol.hparams import load_hparams
-from tests.sharding_worker import SEED, _restart, _save
+from tests.sharding_worker import SEED, _restart, _save, capture_state_warnings
 
 OVERRIDES = ["inner.steps=1", "inner.batch_size=4"]
 
@@ -50,10 +49,7 @@ def main(out: str) -> None:
         follow(None, hp, ctx, settings, device="cpu")
         dist.destroy_process_group()
         return
-    warnings: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("neurons.local_state").addHandler(handler)
+    warnings = capture_state_warnings()
     root = Path(out)
     five, six = root / "five", root / "six"
     samples = torch.randint(0, 4096, (hp.samples_per_window, hp.model.seq_len),

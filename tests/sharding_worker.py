@@ -55,6 +55,15 @@ def _restart(ctx, hp, settings, state: Path | None) -> ShardedMiner:
     return miner
 
 
+def capture_state_warnings() -> list[str]:
+    """The messages neurons.local_state logs from now on (its one-line fall-backs), in a list."""
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("neurons.local_state").addHandler(handler)
+    return warnings
+
+
 def _save(ctx, hp, miner: ShardedMiner, state: Path, window: int) -> None:
     broadcast_work(ctx, {"op": "save", "dir": str(state), "window": window, "revision": hp.revision()})
     save_sharded_state(state, window, hp.revision(), miner)
@@ -70,10 +79,7 @@ def main(data: str, out: str, precision: str = "fp32") -> None:
         follow(None, hp, ctx, settings, device="cpu")  # the production follower loop, until rank 0 says stop
         dist.destroy_process_group()
         return
-    warnings: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("neurons.local_state").addHandler(handler)
+    warnings = capture_state_warnings()
     state, again, bad = Path(out, "state"), Path(out, "state-again"), Path(out, "state-bad")
     miner = _restart(ctx, hp, settings, state)  # no saved rows yet: zeros
     broadcast_work(ctx, {"op": "digest"})
