@@ -8,7 +8,9 @@ is the demo; `init`, `chain` and `s3` start its parts one by one.
 Launching and watching:
 
 - `cli.py`: `crucible devnet [run | init | chain | s3 | miner | validator]`.
-- `launcher.py`: `Devnet`, `DevnetConfig`: start everything, run W windows, write the report.
+- `launcher.py`: `Devnet`: start everything, run W windows, write the report.
+- `launch_plan.py`: `DevnetConfig`, `DEVNET_FLAGS`, `plan_participants`, `node_spec`: what a run starts (config,
+  devnet folder, dataset published and pinned, each node's command line), built before anything starts.
 - `participant.py`: `DevnetNode` (`MINER`, `VALIDATOR`): the production node with the devnet's
   chain client and, optionally, an adversary plugged in.
 - `adversaries.py`: `make_adversary`, `NoiseMiner`, `CopycatMiner`, ...: `Miner` subclasses that cheat.

@@ -361,7 +361,8 @@ def test_devnet_flags_reach_the_dashboard_and_notes_go_to_both(tmp_path):
 
     from rich.console import Console
 
-    from devnet.launcher import DEVNET_FLAGS, Devnet, add_cli
+    from devnet.launch_plan import DEVNET_FLAGS
+    from devnet.launcher import Devnet, add_cli
     from devnet.scoreboard import Scoreboard
 
     parser = argparse.ArgumentParser()
@@ -419,7 +420,8 @@ def test_page_ticks_are_round_numbers_inside_the_range_and_the_clock_is_24_hours
 async def test_dashboard_stays_up_after_the_run_until_enter_only_at_a_terminal(tmp_path, monkeypatch):
     """At a terminal the finished run keeps serving the page and says so; Enter closes it. Without a terminal
     (CI, tests, pipes) `linger` returns at once, so `crucible devnet run` always exits."""
-    from devnet.launcher import Devnet, DevnetConfig
+    from devnet.launch_plan import DevnetConfig
+    from devnet.launcher import Devnet
 
     devnet = Devnet(DevnetConfig(state=tmp_path, dashboard_port=0))
     await devnet.dash.start()

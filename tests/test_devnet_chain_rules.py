@@ -181,7 +181,7 @@ async def test_rules_through_the_sdk_and_the_validator_path(chain_factory):
 
 
 def test_devnet_run_flags():
-    from devnet.launcher import DEVNET_FLAGS, DevnetConfig
+    from devnet.launch_plan import DEVNET_FLAGS, DevnetConfig
 
     cfg = DevnetConfig(validators=3, validator_stakes=[6000, 3000, 1000], subnet_params=["MinAllowedWeights=8"],
                        kill=["validator-0@8"])

@@ -22,14 +22,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from devnet.bootstrap import DevnetManifest, WalletEntry
-from devnet.launcher import (
-    ADVERSARY_KINDS,
-    DEVNET_FLAGS,
-    DevnetConfig,
-    add_cli,
-    node_spec,
-    plan_participants,
-)
+from devnet.launch_plan import ADVERSARY_KINDS, DEVNET_FLAGS, DevnetConfig, node_spec, plan_participants
+from devnet.launcher import add_cli
 from devnet.report import (
     LOSS_PLOT,
     REPORT_FILE,

@@ -132,7 +132,7 @@ def test_sharded_state_saved_and_resumed_gives_the_same_next_window(sharded_run)
 
 
 def test_devnet_miner_ranks_runs_miner_0_under_torchrun_with_fsdp(tmp_path):
-    from devnet.launcher import DevnetConfig, node_spec, plan_participants
+    from devnet.launch_plan import DevnetConfig, node_spec, plan_participants
     from neurons.cli import build_parser
     from neurons.node_config import NODE_FLAGS
     from tests.test_devnet_launcher import _manifest
