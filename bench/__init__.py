@@ -17,6 +17,8 @@ Modules:
   trickle or hang, vs all healthy, against the deadline bound.
 - `dataset.py`: pages/s of `transport.dataset.RemotePageStore` vs the local `PageStore`, window-start
   wait with and without prefetch.
+- `prepare.py`: peak resident memory and speed of `crucible data prepare` on a large synthetic text file
+  vs the offline corpus.
 - `resident.py`: `PeakRSS`: a block's peak resident memory, sampled from /proc (torch's CPU allocations).
 - `reference_loss.py`: `run_reference`: the tiny SparseLoCo loss curve stored in
   `tests/assets/losses/` (`crucible bench reference-loss --write` regenerates it).

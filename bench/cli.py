@@ -20,6 +20,7 @@ BENCHES = {
     "storage": ("bench.storage", "put/get throughput through the bucket client on the embedded S3 server"),
     "fetch": ("bench.fetch", "a validator's fetch of N shards when k buckets trickle or hang, vs all healthy"),
     "dataset": ("bench.dataset", "pages/s from the bucket-backed page store vs the local folder; prefetch wait"),
+    "prepare": ("bench.prepare", "peak memory of crucible data prepare on a large text file vs the offline corpus"),
     "memory": ("bench.memory", "bytes per rank for a preset (params, grads, AdamW, error feedback, activations) and GPUs needed"),
     "gpu": ("bench.gpu", "device check: one miner window (tokens/s, MFU, peak memory, codec, validator s/miner)"),
     "reference-loss": ("bench.reference_loss", "the tiny SparseLoCo reference loss curve (--write regenerates it)"),

@@ -53,6 +53,7 @@ class CorpusReport:
     empty_records: int = 0  # records with no text but whitespace, skipped
     split_records: int = 0  # records longer than MAX_RECORD_CHARS, cut into pieces
     first: dict[str, str] = field(default_factory=dict)  # kind -> "file:line" of its first occurrence
+    capped_at: str | None = None  # "file:line" where a --max-chars cap stopped reading (None: read to the end)
 
     def _note(self, kind: str, count: int, where: str) -> None:
         if count:
@@ -67,8 +68,12 @@ class CorpusReport:
             "empty_records": "empty records skipped",
             "split_records": f"records longer than {MAX_RECORD_CHARS:,} characters cut at line breaks",
         }
-        return [f"cleaned: {getattr(self, k):,} {text} (first at {self.first[k]})"
-                for k, text in what.items() if getattr(self, k)]
+        lines = [f"cleaned: {getattr(self, k):,} {text} (first at {self.first[k]})"
+                 for k, text in what.items() if getattr(self, k)]
+        if self.capped_at is not None:
+            lines.append(f"stopped at the --max-chars cap ({self.chars:,} characters read) at {self.capped_at}; "
+                         "the rest of the input was not used")
+        return lines
 
 
 def clean_text(text: str, report: CorpusReport | None = None, where: str = "") -> str:
@@ -243,6 +248,7 @@ def file_documents(paths: list[Path], max_chars: int | None = None,
             docs = _text_documents(path, report)
         for text, where in docs:
             if budget <= 0:
+                report.capped_at = where
                 return
             if not text.strip():
                 report._note("empty_records", 1, where)

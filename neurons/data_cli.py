@@ -26,7 +26,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--input", action="append", type=Path, default=[],
                       help="your own .txt/.jsonl/.parquet file or folder (repeatable); default: offline corpus")
     prep.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
-    prep.add_argument("--max-chars", type=int, help="cap on corpus characters (default from hparams)")
+    prep.add_argument("--max-chars", type=int,
+                      help="cap on corpus characters (default: the whole --input; the offline corpus: from hparams)")
     pub = sub.add_parser("publish", help="upload a prepared dataset with its manifest; print the hparams that pin it")
     HPARAMS_FLAGS.add_to(pub)
     pub.add_argument("--data", required=True, type=Path, help="a prepared dataset folder")
@@ -56,7 +57,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from protocol.data import DatasetError
 
     hp = HPARAMS_FLAGS.parse(args).hparams()
-    max_chars = args.max_chars or hp.data.corpus_max_chars
+    max_chars = args.max_chars if args.input else (args.max_chars or hp.data.corpus_max_chars)
     started = time.perf_counter()
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,19 @@ def test_cli_reports_what_it_cleaned(tmp_path):
     out = subprocess.run([sys.executable, "-m", "neurons.cli", "data", "prepare", "--input", str(bad), "--out",
                           str(tmp_path / "e")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 1 and "bin.txt:2: binary data" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_user_inputs_are_read_whole_unless_a_cap_is_given_and_a_cap_says_where_it_stopped(tmp_path, capsys):
+    from neurons.cli import main
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": f"record {i} " + "plain words again " * 30}) + "\n" for i in range(60)))
+    total = sum(len(json.loads(line)["text"]) for line in f.read_text().splitlines())
+    common = ["data", "prepare", "--input", str(f), "--set=model.seq_len=16", "--set=model.vocab_size=300",
+              "--set=data.corpus_max_chars=10000"]  # the offline corpus's cap: not a cap on the user's files
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    out = capsys.readouterr().out
+    assert f"60 documents, {total:,} characters" in out and "stopped at" not in out
+    assert main([*common, "--out", str(tmp_path / "cut"), "--max-chars", "12000"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at the --max-chars cap" in out and f"{f}:" in out and "60 documents" not in out
