@@ -127,6 +127,7 @@ class Miner:
             broadcast_params(self.dist, self.node.model)
         report.window_s = time.perf_counter() - started
         await asyncio.to_thread(self.save)
+        await self.node.prune(window)
         self.record(report)
         return report
 

@@ -35,6 +35,7 @@ from protocol.storage_keys import aggregate_key, peers_key
 from protocol.windows import WindowBounds, window_bounds, window_of
 from protocol.wire import ShardRules
 from transport.bucket import Bucket
+from transport.bucket_errors import StorageError
 from transport.chain import Chain, MetagraphSnapshot
 from transport.fetch import BucketPool, ShardSource, first_from_validators
 
@@ -277,3 +278,20 @@ class Node:
             return False
         apply_outer_step(self.model, result.aggregated, self.hp.outer.lr)
         return True
+
+    async def prune(self, window: int) -> list[str]:
+        """Every `checkpoints.every_windows` windows, delete this node's own objects older than
+        `checkpoints.retention_windows` (`Bucket.cleanup`, the newest checkpoint always kept). Hparams
+        guarantee retention ≥ every_windows + 2, so a replay from the latest checkpoint finds every record
+        and shard it needs. A bucket error is logged and ignored: housekeeping never costs a window."""
+        checkpoints = self.hp.checkpoints
+        if window % checkpoints.every_windows:
+            return []
+        try:
+            deleted = await asyncio.to_thread(self.bucket.cleanup, window, checkpoints.retention_windows)
+        except StorageError as exc:
+            log.warning("pruning objects older than window %d failed: %s", window - checkpoints.retention_windows, exc)
+            return []
+        if deleted:
+            log.info("pruned %d objects older than window %d", len(deleted), window - checkpoints.retention_windows)
+        return deleted

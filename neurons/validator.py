@@ -142,6 +142,7 @@ class Validator:
         if (window + 1) % hp.checkpoints.every_windows == 0:
             await self.publish_checkpoint(window + 1)
         await asyncio.to_thread(self.save)
+        await self.node.prune(window)
         report.seconds = time.perf_counter() - started
         return report
 

@@ -220,6 +220,17 @@ class CheckpointHParams(_Section):
     every_windows: int = Field(10, ge=1, description="A validator publishes a checkpoint every K windows.")
     retention_windows: int = Field(50, ge=2, description="Bucket objects older than this many windows are deleted.")
 
+    @model_validator(mode="after")
+    def _replay_fits_retention(self) -> CheckpointHParams:
+        # Recovery is the latest checkpoint + a replay of every window since (records and shards). The latest
+        # checkpoint is up to K windows old, one more while the next is being published, one more for the
+        # window in flight: a retention shorter than K + 2 deletes what replay needs.
+        if self.retention_windows < self.every_windows + 2:
+            raise ValueError(
+                f"retention_windows ({self.retention_windows}) must be at least every_windows + 2 "
+                f"({self.every_windows + 2}): recovery replays every window since the latest checkpoint")
+        return self
+
 
 class DataHParams(_Section):
     seed: int = Field(1337, description="Seed of the sample assignment permutation.")

@@ -33,6 +33,7 @@ def test_anchor_defaults_are_fields():
         ("windows.blocks_per_window=0", "windows.blocks_per_window"),
         ("inner.nonsense=1", "inner.nonsense"),
         ("gauntlet.weight_mode=cubic", "gauntlet.weight_mode"),
+        ("checkpoints.retention_windows=6", "checkpoints"),  # tiny checkpoints every 5: replay needs 7
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -41,6 +42,12 @@ def test_bad_values_name_the_field(override, field):
     message = str(info.value)
     assert message.startswith(f"hparams: {field}")
     assert "\n" not in message
+
+
+def test_retention_must_cover_a_replay_from_the_latest_checkpoint():
+    assert load_hparams("tiny", ["checkpoints.retention_windows=7"]).checkpoints.retention_windows == 7
+    with pytest.raises(HParamsError, match=r"retention_windows \(6\) must be at least every_windows \+ 2 \(7\)"):
+        load_hparams("tiny", ["checkpoints.retention_windows=6"])
 
 
 def test_overrides_apply_and_change_revision():

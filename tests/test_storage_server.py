@@ -167,6 +167,26 @@ def test_cleanup_deletes_every_kind_past_retention(s3_bucket):
     assert sorted(w for k in remaining if k.startswith("peers/") for w in [window_of_key(k)]) == [6, 7, 8, 9]
 
 
+async def test_nodes_prune_their_own_bucket_every_checkpoint_interval_and_never_fail_on_it(s3_server, s3_bucket,
+                                                                                           s3_bucket_name, caplog):
+    import torch
+
+    from neurons.node import Node
+    from protocol.hparams import load_hparams
+
+    hp = load_hparams("tiny", ["checkpoints.every_windows=5", "checkpoints.retention_windows=7"])
+    for w in range(12):
+        s3_bucket.put(aggregate_key(w), b"a")
+    node = Node(hp, None, s3_bucket, None, torch.nn.Linear(1, 1))
+    assert await node.prune(11) == []  # not a checkpoint interval: nothing listed, nothing deleted
+    assert sorted(window_of_key(k) for k in await node.prune(10)) == [0, 1, 2]  # older than 10 - 7
+    assert sorted(window_of_key(o.key) for o in s3_bucket.list()) == list(range(3, 12))
+    bad = Bucket(s3_server.bucket_config(s3_bucket_name).model_copy(
+        update={"access_key_id": "UNKNOWNKEY00000000", "secret_access_key": SecretStr(SECRET)}), TEST_STORAGE)
+    assert await Node(hp, None, bad, None, torch.nn.Linear(1, 1)).prune(15) == []
+    assert "pruning objects older than window 8 failed" in caplog.text
+
+
 def test_wrong_credentials_are_a_clear_final_error(s3_server, s3_bucket, s3_bucket_name):
     s3_bucket.put(peers_key(1), b"x")
     good = s3_server.bucket_config(s3_bucket_name)

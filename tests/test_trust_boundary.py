@@ -68,7 +68,8 @@ HOSTILE = "miner-2"
 SCHEDULING_SLACK_S = 0.5  # thread start-up and result collection on 2 shared cores, beyond the deadlines
 # Four nodes share one process (one event loop, one GIL) and two cores here: 7-s windows (28 blocks of
 # 0.25 s), one small inner step, no checkpoints (writing one blocks the event loop everybody shares).
-OVERRIDES = ["windows.blocks_per_window=28", "inner.steps=1", "inner.batch_size=2", "checkpoints.every_windows=1000"]
+OVERRIDES = ["windows.blocks_per_window=28", "inner.steps=1", "inner.batch_size=2", "checkpoints.every_windows=1000",
+             "checkpoints.retention_windows=1002"]
 RUN_TIMEOUT_S = 240.0  # the whole scenario; a hang anywhere fails the module instead of blocking the suite
 
 
