@@ -76,7 +76,8 @@ PAGE = r"""<!doctype html>
       <thead><tr><th>uid</th><th>name</th><th>kind</th><th>shard</th><th>sync</th><th>loss score</th>
         <th title="shrunk average relative score: what pays">value</th>
         <th title="memory factor: 0 = its update helps its own data no more than a coin flip">memory</th>
-        <th>weight</th><th>incentive</th></tr></thead>
+        <th>weight</th><th title="the miner's θ matched the digest in the window's signed record">in sync</th>
+        <th>incentive</th></tr></thead>
       <tbody id="rows"></tbody>
     </table>
   </section>
@@ -247,9 +248,10 @@ function renderTable(rows) {
     const status = r.status === "ok" ? "st-ok" : r.status.startsWith("copy") ? "st-copy"
       : ["missing", "late", "rejected"].includes(r.status) ? "st-bad" : "";
     const cells = [String(r.uid), r.name, null, r.status, fix(r.sync, 2), sci(r.loss_score), fix(r.value, 3),
-                   fix(r.memory, 2), fix(r.weight, 3), fix(r.incentive, 3)];
+                   fix(r.memory, 2), fix(r.weight, 3),
+                   r.in_sync === true ? "yes" : r.in_sync === false ? "NO" : "-", fix(r.incentive, 3)];
     cells.forEach((text, i) => {
-      const td = htmlEl("td", i === 3 && status ? {class: status} : {});
+      const td = htmlEl("td", i === 3 && status ? {class: status} : i === 9 && r.in_sync === false ? {class: "st-bad"} : {});
       if (i === 2) {
         const badge = adv ? "\u26a0 " + r.kind : r.kind;
         td.appendChild(htmlEl("span", {class: "badge " + (adv ? "adv" : r.kind)}, badge));

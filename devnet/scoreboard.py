@@ -29,7 +29,7 @@ from rich.table import Table
 
 from gauntlet.records import WindowEntry
 from gauntlet.state import ScoringState, StateError, explain, load_state
-from neurons.node_files import SCORES_FILE, STATE_FILE
+from neurons.node_files import SCORES_FILE, STATE_FILE, read_metrics
 from protocol.hparams import HParams
 from transport.chain import Chain, MetagraphSnapshot
 
@@ -63,6 +63,9 @@ class UidRow(BaseModel):
     memory: float | None = Field(None, description="Memory factor after this window (0 = a coin flip).")
     why: str | None = Field(None, description="`crucible explain` for this uid and window: every factor, in words.")
     weight: float | None = Field(None, description="Weight the validator set for this uid this window.")
+    in_sync: bool | None = Field(
+        None, description="The miner's own verdict for this window (its metrics.jsonl): θ matched the digest in the "
+                          "window's signed record; None for an adversary, a uid the devnet did not start, or no line yet.")
     incentive: float | None = Field(None, description="Incentive from the metagraph when the row was taken.")
 
 
@@ -227,17 +230,32 @@ class ScoreWatcher:
                     time=now,
                     heldout_loss=loss,
                     model_window=w + 1 if loss is not None else None,
-                    rows=build_rows(state, w, graph, self.participants),
+                    rows=self._with_sync(build_rows(state, w, graph, self.participants), w),
                 )
             )
         return out
+
+    def _with_sync(self, rows: list[UidRow], window: int) -> list[UidRow]:
+        """Fill each honest miner's `in_sync` from its own metrics.jsonl (a sibling of the validator's folder)."""
+        for row in rows:
+            if row.kind == HONEST:
+                row.in_sync = node_in_sync(self.dir.parent / row.name, window)
+        return rows
+
+
+def node_in_sync(node_dir: Path, window: int) -> bool | None:
+    """A node's `in_sync` for `window` from its metrics.jsonl (the last line for that window), None if none."""
+    for line in reversed(read_metrics(node_dir)):
+        if line.get("window") == window and isinstance(line.get("in_sync"), bool):
+            return line["in_sync"]
+    return None
 
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-COLUMNS = ("uid", "name", "kind", "shard", "sync", "loss score", "rating", "weight", "incentive")
+COLUMNS = ("uid", "name", "kind", "shard", "sync", "loss score", "rating", "weight", "in sync", "incentive")
 
 
 def _cells(row: UidRow) -> tuple[str, ...]:
@@ -250,6 +268,7 @@ def _cells(row: UidRow) -> tuple[str, ...]:
         _num(row.loss_score, ".2e"),
         _num(row.rating, ".2f"),
         _num(row.weight, ".3f"),
+        "-" if row.in_sync is None else ("yes" if row.in_sync else "NO"),
         _num(row.incentive, ".3f"),
     )
 

@@ -38,7 +38,7 @@ def _snapshot(window: int, loss: float | None = None) -> WindowSnapshot:
             sync=1.0 if honest else 0.4, loss_score=0.01 * uid if honest else -0.02,
             rating=10.0 + uid + window if honest else -3.0, value=1.0 if honest else 0.0,
             memory=0.9 if honest else 0.0, why=f"uid {uid}  window {window}\n  raw score: max(0, value) × memory",
-            weight=0.1 * uid + 0.01 * window if honest else 0.0,
+            weight=0.1 * uid + 0.01 * window if honest else 0.0, in_sync=(uid != 3) if honest else None,
             incentive=0.3 if honest else 0.05,
         ))
     held = 6.0 - 0.1 * window if loss is None else loss
@@ -273,6 +273,9 @@ async def test_page_in_headless_chromium_updates_live(dash, browser, tmp_path):
     assert why.startswith("uid 2  window 12") and "max(0, value) × memory" in why  # the explain tooltip
     memory = await _js(browser, "return document.querySelector('tr[data-uid=\"2\"] td:nth-child(8)').textContent")
     assert memory == "0.90"
+    in_sync = await _js(browser, "return [...document.querySelectorAll('#rows td:nth-child(10)')]"
+                                 ".map(td => td.textContent + ':' + td.className)")
+    assert in_sync == ["yes:", "yes:", "NO:st-bad", "-:", "-:"]  # uid 3 drifted; adversaries report nothing
     assert await _js(browser, _count("#loss-plot circle.loss-point")) == 3
     assert await _js(browser, "return document.getElementById('loss-plot').dataset.points") == "3"
     assert await _js(browser, _count("#weight-plot polyline.weight-line")) == 5

@@ -114,3 +114,25 @@ def test_report_plots_have_round_ticks_and_axes_that_hug_the_data():
     weights.plot([0, 1, 2], [0.0, 1.0, 0.4])
     _axes(weights, [0, 1, 2], [0.0, 1.0, 0.4], floor=0.0, ceiling=1.0)
     assert weights.get_ylim() == (0.0, 1.0)  # a weight axis never runs to 1.08
+
+
+async def test_honest_rows_carry_each_miners_own_in_sync_verdict(tmp_path, tiny_hp, tiny_dataset):
+    from devnet.scoreboard import Participant, node_in_sync
+    from neurons.node_files import append_metrics
+
+    folder = tmp_path / "validator-0"
+    folder.mkdir()
+    miner = tmp_path / "miner-0"
+    miner.mkdir()
+    append_metrics(miner, {"window": 0, "stepped": True, "in_sync": True})
+    append_metrics(miner, {"window": 1, "stepped": False, "in_sync": False})  # drifted in window 1 ...
+    append_metrics(miner, {"window": 1, "stepped": True, "in_sync": True})  # ... a restart replayed it: last line
+    append_metrics(miner, {"window": 2, "stepped": False, "in_sync": False})
+    assert [node_in_sync(miner, w) for w in (0, 1, 2, 3)] == [True, True, False, None]
+    people = [Participant(name="miner-0", role="miner", kind="honest", wallet="m0", hotkey="h1")]
+    watcher = ScoreWatcher(folder, people, HeldoutEvaluator(tiny_hp, tiny_dataset.path, pages=2))
+    scored(folder, 2)
+    save_local_state(folder, 3, tiny_hp.revision(), theta(tiny_hp, 3))  # θ window 2 produced
+    snaps = await watcher.poll(NoChain(), 5)
+    assert snaps and all(s.rows[0].name == "miner-0" for s in snaps)
+    assert {s.window: s.rows[0].in_sync for s in snaps} == {0: True, 1: True, 2: False}
