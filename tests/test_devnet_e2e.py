@@ -1,7 +1,9 @@
 """End to end: `crucible devnet run` with honest miners, adversaries and a validator, as separate processes.
 
 Asserts what the devnet exists to show: the global model learns, honest miners hold identical models,
-honest miners earn more incentive than every adversary, and nothing is left running afterwards.
+honest miners earn more incentive than every adversary, and nothing is left running afterwards. The CI-sized
+fault plan of issue 15: miner-1 is killed with -9 in window 3 and restarted 2 s later; it must catch up by
+replaying the signed records and end on the validator's θ (the full plan runs in tests/test_faults.py, slow).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def test_small_devnet_end_to_end(tmp_path, tiny_dataset):
     state = tmp_path / "devnet"
     cmd = [sys.executable, "-m", "neurons.cli", "devnet", "run", "--miners", "3", "--validators", "1",
            "--windows", "6", "--adversary", "noise", "--adversary", "copycat", "--state", str(state),
-           "--data", str(tiny_dataset.path), "--fresh", "--contribution"]
+           "--data", str(tiny_dataset.path), "--fresh", "--contribution", "--fault", "kill:miner-1@3+2s"]
     out_path = tmp_path / "devnet.out"
     with open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -97,6 +99,12 @@ def test_small_devnet_end_to_end(tmp_path, tiny_dataset):
     assert {u["uid"] for u in honest} <= set(contribution), (contribution, honest)
     assert sum(contribution[u["uid"]] for u in honest) > 0, contribution
     assert "measuring each miner's contribution" in output
+
+    # the kill fault: applied, healed within 2 windows, and every honest node on the validator's θ at the end
+    (fault,) = report["faults"]
+    assert fault["fault"] == "kill:miner-1@3+2s" and fault["ended_window"] is not None, fault
+    assert fault["windows_to_recover"] is not None and fault["windows_to_recover"] <= 2, fault
+    assert report["final_digests"]["all_equal"] is True, report["final_digests"]
 
     digests = [_model_digest(state / "nodes" / u["name"] / "node-state.safetensors") for u in honest]
     last = max(w for w, _ in digests)
