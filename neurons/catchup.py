@@ -25,6 +25,7 @@ from protocol.storage_keys import (
     parse_key,
 )
 from transport.bucket import Bucket
+from transport.bucket_errors import StorageError
 from transport.fetch import first_from_validators
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ async def load_latest_checkpoint(node: Node, before_window: int, directory: Dire
     """Load the newest validator checkpoint of θ at the start of a window ≤ before_window into the model.
 
     Returns that window, or None when no usable checkpoint exists (the model is then left as it is).
+    A checkpoint is a validator's untrusted output: one that cannot be downloaded (`StorageError`) or
+    loaded (`CheckpointError`: garbage, truncated, not float32, ...) is logged and the next older one is tried.
     """
-    limit = 8 * sum(p.numel() for p in node.model.parameters()) + (1 << 20)
+    limit = 4 * sum(p.numel() for p in node.model.parameters()) + (1 << 20)  # float32 θ + its header
 
     async def newest(uid: int, hotkey: str, bucket: Bucket) -> int | None:
         objects = await asyncio.to_thread(bucket.list, f"{KeyKind.CHECKPOINT}/")
@@ -50,6 +53,9 @@ async def load_latest_checkpoint(node: Node, before_window: int, directory: Dire
                     config = await asyncio.to_thread(bucket.get, checkpoint_key(window, CHECKPOINT_CONFIG_FILE), 1 << 20)
                     (Path(tmp) / CHECKPOINT_CONFIG_FILE).write_bytes(config)
                     loaded = load_checkpoint(tmp, node.hp)
+                except StorageError as exc:
+                    log.warning("checkpoint %d of validator uid %d could not be downloaded: %s", window, uid, exc)
+                    continue
                 except CheckpointError as exc:
                     log.warning("checkpoint %d of validator uid %d unusable: %s", window, uid, exc)
                     continue
