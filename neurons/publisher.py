@@ -34,8 +34,8 @@ from neurons.node import Node, WindowContext
 from protocol.gather import Fetched, GatherResult
 from protocol.model import checkpoint_files, save_checkpoint
 from protocol.peers import AggregateRecord
-from protocol.storage_keys import aggregate_key, checkpoint_key, mirror_key
-from transport.bucket import StorageError
+from protocol.storage_keys import CHECKPOINT_MODEL_FILE, aggregate_key, checkpoint_key, mirror_key
+from transport.bucket import Bucket, StorageError
 from transport.watch import Sighting, UploadWatcher
 
 log = logging.getLogger(__name__)
@@ -168,12 +168,25 @@ class Publisher:
         return pub
 
     async def publish_checkpoint(self, window: int) -> None:
-        """θ at the start of `window`, as a transformers-loadable folder in our bucket."""
+        """θ at the start of `window`, as a transformers-loadable folder in our bucket (`upload_checkpoint`)."""
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(self.node.model, tmp, self.hp, tokenizer=self.node.store.tokenizer_path)
-            for name in checkpoint_files(tmp):
-                try:
-                    await asyncio.to_thread(self.node.bucket.put_file, checkpoint_key(window, name), Path(tmp) / name)
-                except StorageError as exc:
-                    log.warning("could not publish checkpoint %d: %s", window, exc)
-                    return
+            await upload_checkpoint(self.node.bucket, window, Path(tmp))
+
+
+async def upload_checkpoint(bucket: Bucket, window: int, folder: Path) -> bool:
+    """Upload a saved checkpoint folder as the checkpoint of `window`; True once every file is in the bucket.
+
+    Stops at the first file that fails; that StorageError is logged, not raised.
+    """
+    names = checkpoint_files(folder)
+    # model.safetensors last: readers take only windows listing it, so it present ⇒ every other file present.
+    order = [n for n in names if n != CHECKPOINT_MODEL_FILE] + [n for n in names if n == CHECKPOINT_MODEL_FILE]
+    for name in order:
+        try:
+            await asyncio.to_thread(bucket.put_file, checkpoint_key(window, name), folder / name)
+        except StorageError as exc:
+            log.warning("could not publish checkpoint %d (%s not uploaded, so readers skip it): %s",
+                        window, name, exc)
+            return False
+    return True

@@ -4,7 +4,9 @@ Every node must start from the bit-identical θ_0, so the model is always initia
 float32 under a private RNG seeded from `hparams.init_seed` (the global RNG is left untouched), and
 only then moved to the training device. Checkpoints are plain `save_pretrained` folders
 (`config.json` + `model.safetensors`), loadable by `LlamaForCausalLM.from_pretrained` and
-lm-eval-harness; loading goes through safetensors only, never pickle. Given the dataset's tokenizer,
+lm-eval-harness; loading goes through safetensors only, never pickle, and a checkpoint is untrusted
+input (any validator publishes one): every way its file can be wrong, garbage, truncated, another
+dtype than float32 or a non-finite value, is a `CheckpointError`, never a crash. Given the dataset's tokenizer,
 a checkpoint also carries it (`tokenizer.json`, `tokenizer_config.json`)
 and names its end-of-text token as bos/eos/pad id in `config.json` and `generation_config.json`, so
 `AutoTokenizer` + `AutoModelForCausalLM.from_pretrained(folder)` need nothing else and `generate()`
@@ -18,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from protocol.data import EOT
@@ -118,12 +120,16 @@ def _save_tokenizer(source: Path, out: Path, hp: HParams) -> None:
 
 
 def load_checkpoint(path: str | Path, hp: HParams, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """Load a checkpoint folder into a fresh network model, checking every name and shape."""
+    """Load a checkpoint folder into a fresh network model, checking every name, dtype, shape and value.
+
+    Raises CheckpointError for a missing or unparsable model.safetensors (garbage, truncated,
+    unreadable), a tensor that is not float32, missing, extra or of the wrong shape, or a non-finite value.
+    """
     folder = Path(path)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {folder}: missing model.safetensors")
-    state = load_file(str(weights), device="cpu")
+    state = _read_float32_tensors(weights, folder)
     expected = param_shapes(hp)
     model = build_model(hp)
     own = model.state_dict()
@@ -134,13 +140,34 @@ def load_checkpoint(path: str | Path, hp: HParams, device: str | torch.device = 
             raise CheckpointError(f"checkpoint {folder}: missing tensor {name}")
         if state[name].shape != shape:
             raise CheckpointError(f"checkpoint {folder}: {name} has shape {tuple(state[name].shape)}, want {tuple(shape)}")
-        if not torch.isfinite(state[name]).all():
+        if not torch.isfinite(state[name]).all():  # on the float32 values θ takes: nothing is cast after this
             raise CheckpointError(f"checkpoint {folder}: {name} has non-finite values")
     extra = set(state) - set(own)
     if extra:
         raise CheckpointError(f"checkpoint {folder}: unexpected tensors {sorted(extra)[:3]}")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
+    model.load_state_dict(state, strict=False)
     return model.to(device)
+
+
+def _read_float32_tensors(weights: Path, folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an untrusted model.safetensors; each must be float32 (F32), as `save_checkpoint` writes θ.
+
+    The dtypes are read from the header before any tensor is: another dtype would be cast on loading
+    (a float64 1e300 becomes inf in float32, an int64 loads at all). Raises CheckpointError naming the
+    tensor and its dtype, or for a file safetensors cannot parse or read.
+    """
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            for name in names:
+                dtype = f.get_slice(name).get_dtype()
+                if dtype != "F32":
+                    raise CheckpointError(f"checkpoint {folder}: tensor {name} is {dtype}, only F32 (float32) "
+                                          "is accepted")
+            return {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as exc:  # garbage, a truncated file, a bad header, an unreadable file
+        raise CheckpointError(f"checkpoint {folder}: model.safetensors is not a readable safetensors file "
+                              f"({exc})") from None
 
 
 def count_params(model: torch.nn.Module) -> int:

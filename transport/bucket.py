@@ -27,7 +27,14 @@ import boto3
 from botocore.config import Config
 
 from protocol.storage_config import BucketConfig, BucketCredentials
-from protocol.storage_keys import WINDOWED_KINDS, KeyKind, parse_key, window_of_key
+from protocol.storage_keys import (
+    CHECKPOINT_CONFIG_FILE,
+    CHECKPOINT_MODEL_FILE,
+    WINDOWED_KINDS,
+    KeyKind,
+    parse_key,
+    window_of_key,
+)
 from transport.bucket_config import StorageConfig
 from transport.bucket_errors import (
     AccessDenied,
@@ -67,6 +74,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The files without which a checkpoint window cannot be loaded (`neurons.catchup.load_latest_checkpoint`).
+COMPLETE_CHECKPOINT = frozenset({CHECKPOINT_MODEL_FILE, CHECKPOINT_CONFIG_FILE})
 
 
 class Bucket:
@@ -326,23 +335,30 @@ class Bucket:
     ) -> builtins.list[str]:
         """Delete windowed objects of every kind from windows before `current_window - retention_windows`.
 
-        Dataset objects and keys outside the layout are never touched. The newest checkpoint is kept
-        even when it is older than the retention (a late joiner needs some starting point).
-        Returns the deleted keys.
+        Dataset objects and keys outside the layout are never touched. The newest *complete* checkpoint
+        (a window holding both model.safetensors and config.json, what `load_latest_checkpoint` can load)
+        is kept even when it is older than the retention (a late joiner needs some starting point); a
+        newer window holding only part of a checkpoint (a publish that failed halfway) does not count.
+        Returns the deleted keys; a bucket error is a StorageError.
         """
         if retention_windows < 0:
             raise ValueError("retention_windows must be ≥ 0")
         cutoff = current_window - retention_windows
         old: builtins.list[tuple[tuple[KeyKind, int], str]] = []
+        checkpoint_files: dict[int, set[str]] = {}
         for kind in WINDOWED_KINDS:
             for o in self.iter_objects(f"{kind}/"):
                 parsed = parse_key(o.key)
-                if parsed is not None and parsed.window is not None and parsed.window < cutoff:
+                if parsed is None or parsed.window is None:
+                    continue
+                if parsed.kind is KeyKind.CHECKPOINT and parsed.name is not None:
+                    checkpoint_files.setdefault(parsed.window, set()).add(parsed.name)
+                if parsed.window < cutoff:
                     old.append(((parsed.kind, parsed.window), o.key))
         if keep_latest_checkpoint:
-            ckpts = self.windows(KeyKind.CHECKPOINT)
-            if ckpts:
-                old = [(pw, k) for pw, k in old if pw != (KeyKind.CHECKPOINT, ckpts[-1])]
+            complete = [w for w, names in checkpoint_files.items() if COMPLETE_CHECKPOINT <= names]
+            if complete:
+                old = [(pw, k) for pw, k in old if pw != (KeyKind.CHECKPOINT, max(complete))]
         keys = [k for _, k in old]
         self.delete_many(keys)
         if keys:
