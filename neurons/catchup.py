@@ -78,7 +78,11 @@ async def replay_window(node: Node, window: int, directory: Directory | None = N
     OutOfSync when the record says θ at the window's start was something else than this node holds.
     """
     ctx = await node.window(window, directory)
-    found = await node.find_record(ctx)
+    try:
+        found = await node.find_record(ctx, replaying=True)
+    except StorageError as exc:
+        raise OutOfSync(f"window {window}: a validator's aggregate record could not be read ({exc}); "
+                        "cannot tell which record the network applied") from None
     if found is None:
         return f"window {window}: no aggregate record was published in time; nothing to replay"
     if (drift := node.drift(found.record)) is not None:

@@ -183,12 +183,16 @@ class Node:
         return await first_from_validators(graph, ctx.credentials, self.pool, read,
                                            f"peer list for window {ctx.window}", (PeerListError,))
 
-    async def find_record(self, ctx: WindowContext) -> FoundRecord | None:
-        """The aggregate record of the highest-stake validator that published a valid one in time.
+    async def find_record(self, ctx: WindowContext, replaying: bool = False) -> FoundRecord | None:
+        """The window's aggregate record: the highest-stake validator's valid record that was in time.
 
-        In time: seen before the record deadline block (`fetch.record_grace_blocks` after the upload
-        deadline), or listed by the validator's bucket no later than that block's chain timestamp. A
-        live node polls until that block; a node replaying the past looks once.
+        In time: listed by the validator's bucket no later than the chain timestamp of the record deadline
+        block (`fetch.record_grace_blocks` after the upload deadline). Every node applies that one rule,
+        live or replaying: before the deadline a live node accepts only the top validator's record (no
+        other can be final while the top one may still publish; taking a lower one early let a low-stake
+        validator decide live nodes' θ); from the deadline on, it takes the first in-time record by stake.
+        `replaying`: a `StorageError` from a validator that ranks above the answer propagates instead of
+        being skipped (a record that could not be read is not a record that was never published).
         """
         graph = ctx.require_closed()
         key = aggregate_key(ctx.window)
@@ -199,18 +203,22 @@ class Node:
             if cutoff:
                 info = await asyncio.to_thread(bucket.stat, key)
                 if info.last_modified > cutoff[0]:
+                    log.warning("aggregate record of validator uid %d for window %d came after the record "
+                                "deadline; ignored", uid, ctx.window)
                     return None
             data = await asyncio.to_thread(bucket.get, key, MAX_PEER_LIST_BYTES)
             record = AggregateRecord.parse(data, netuid=self.netuid, window=ctx.window, validator=hotkey)
             return FoundRecord(record, ctx.credentials[hotkey], uid)
 
+        what = f"aggregate record {ctx.window}"
         while True:
-            reached = await self.reached(record_deadline)
-            if reached:
+            if await self.reached(record_deadline):
                 cutoff.append(await self.chain.block_timestamp(record_deadline))
-            found = await first_from_validators(graph, ctx.credentials, self.pool, read,
-                                                f"aggregate record {ctx.window}", (PeerListError,))
-            if found is not None or reached:
+                return await first_from_validators(graph, ctx.credentials, self.pool, read, what, (PeerListError,),
+                                                   unreadable_raises=replaying)
+            found = await first_from_validators(graph, ctx.credentials, self.pool, read, what, (PeerListError,),
+                                                among=1)
+            if found is not None:
                 return found
 
     async def reached(self, block: int, poll_s: float = 0.25) -> bool:

@@ -219,22 +219,34 @@ async def first_from_validators(
     read: Callable[[int, str, Bucket], Awaitable[T | None]],
     what: str,
     errors: Iterable[type[Exception]] = (),
+    among: int | None = None,
+    unreadable_raises: bool = False,
 ) -> T | None:
     """The first non-None `read(uid, hotkey, bucket)` over the validators by stake.
 
-    A validator with no bucket commitment is skipped. `ObjectNotFound` means "ask the next one";
-    a `StorageError` or one of `errors` (a parse error) is logged with `what` and the next one is asked.
+    A validator with no bucket commitment is skipped; `among` asks only the first that many with one.
+    `ObjectNotFound` means "ask the next one"; one of `errors` (a parse error) is logged with `what` and
+    the next one is asked, and so is any other `StorageError` unless `unreadable_raises`: then it
+    propagates, for a caller that must not take a lower-stake answer when a higher one may exist.
     """
-    caught = (StorageError, *errors)
+    asked = 0
     for uid, hotkey in validators_by_stake(graph):
         config = credentials.get(hotkey)
         if config is None:
             continue
+        if among is not None and asked >= among:
+            break
+        asked += 1
         try:
             found = await read(uid, hotkey, pool.get(config))
         except ObjectNotFound:
             continue
-        except caught as exc:
+        except StorageError as exc:
+            if unreadable_raises:
+                raise
+            log.warning("%s of validator uid %d unusable: %s", what, uid, exc)
+            continue
+        except tuple(errors) as exc:
             log.warning("%s of validator uid %d unusable: %s", what, uid, exc)
             continue
         if found is not None:
