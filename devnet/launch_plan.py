@@ -26,6 +26,7 @@ from devnet.bootstrap import (
 )
 from devnet.chain_state import SubnetParams, parse_subnet_params
 from devnet.chain_store import load_state, save_state
+from devnet.chain_wire import RAO_PER_TAO
 from devnet.faults import GRAMMAR, check_plan, parse_plan
 from devnet.s3 import free_port
 from devnet.scoreboard import HONEST, Participant
@@ -104,7 +105,14 @@ class DevnetConfig(BaseModel):
         bad = [k for k in self.adversaries if k not in ADVERSARY_KINDS]
         if bad:
             raise ValueError(f"unknown adversary kind {bad[0]!r}; choose from {', '.join(ADVERSARY_KINDS)}")
-        parse_subnet_params(self.subnet_params)  # a bad NAME or VALUE fails here, as one line
+        params = SubnetParams(**parse_subnet_params(self.subnet_params))  # a bad NAME or VALUE: one line
+        stakes = self.validator_stakes or []
+        for i in range(self.validators if stakes else 0):  # a validator without a permit could never start
+            tao = stakes[min(i, len(stakes) - 1)]
+            if tao * RAO_PER_TAO < params.validator_min_stake:
+                raise ValueError(f"--validator-stake: validator-{i} would stake {tao:g} TAO, below the subnet's "
+                                 f"validator_min_stake of {params.validator_min_stake / RAO_PER_TAO:g} TAO: "
+                                 "it would get no validator permit")
         for item in self.kill:
             name, sep, window = item.partition("@")
             if not sep or not name or not window.isdigit():

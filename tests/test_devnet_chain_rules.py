@@ -193,6 +193,10 @@ def test_devnet_run_flags():
         DevnetConfig(kill=["validator-0"])
     with pytest.raises(ValueError, match="no node named 'validator-1'"):  # it would have killed nothing
         DevnetConfig(kill=["validator-1@8"])
+    with pytest.raises(ValueError, match="validator-2 would stake 10 TAO, below the subnet's validator_min_stake of "
+                                         "1000 TAO"):  # it used to start and restart forever: "no validator permit"
+        DevnetConfig(validators=3, validator_stakes=[6000, 3000, 10])
+    DevnetConfig(validators=3, validator_stakes=[6000, 3000, 10], subnet_params=["validator_min_stake=0"])
 
 
 def test_genesis_stakes_per_validator(tmp_path):
