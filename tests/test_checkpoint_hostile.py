@@ -146,9 +146,9 @@ def test_cleanup_keeps_the_newest_complete_checkpoint_not_a_config_only_window(s
     s3_bucket.put(checkpoint_key(14, CHECKPOINT_MODEL_FILE), b"no config")  # its config is gone
     deleted = s3_bucket.cleanup(30, 6)
     left = {o.key for o in s3_bucket.list("checkpoints/")}
-    assert left == {checkpoint_key(10, CHECKPOINT_CONFIG_FILE), checkpoint_key(10, CHECKPOINT_MODEL_FILE)}
-    assert set(deleted) == {checkpoint_key(2, CHECKPOINT_CONFIG_FILE), checkpoint_key(2, CHECKPOINT_MODEL_FILE),
-                            checkpoint_key(12, CHECKPOINT_CONFIG_FILE), checkpoint_key(14, CHECKPOINT_MODEL_FILE)}
+    assert {checkpoint_key(10, CHECKPOINT_CONFIG_FILE), checkpoint_key(10, CHECKPOINT_MODEL_FILE)} <= left
+    # windows since the newest complete checkpoint stay (a replay from it needs them), partial ones included
+    assert set(deleted) == {checkpoint_key(2, CHECKPOINT_CONFIG_FILE), checkpoint_key(2, CHECKPOINT_MODEL_FILE)}
 
 
 def _tokenizer(path: Path) -> Path:

@@ -159,12 +159,18 @@ def test_cleanup_deletes_every_kind_past_retention(s3_bucket):
         s3_bucket.put(checkpoint_key(w, "config.json"), b"c")
     s3_bucket.put(dataset_key("pages/0.bin"), b"d")
     s3_bucket.put("notes/readme.txt", b"n")
-    deleted = s3_bucket.cleanup(current_window=9, retention_windows=3)
-    assert {window_of_key(k) for k in deleted} == set(range(6)) and len(deleted) == 6 * 3 + 2
+    deleted = s3_bucket.cleanup(current_window=12, retention_windows=3)  # newest checkpoint 4 < 12 - 3
+    assert {window_of_key(k) for k in deleted} == set(range(4)) and len(deleted) == 4 * 3 + 2
     remaining = {o.key for o in s3_bucket.list()}
-    assert checkpoint_key(4) in remaining and checkpoint_key(0) not in remaining  # newest checkpoint kept
+    assert checkpoint_key(4) in remaining and checkpoint_key(0) not in remaining  # newest checkpoint kept ...
     assert {dataset_key("pages/0.bin"), "notes/readme.txt"} <= remaining
-    assert sorted(w for k in remaining if k.startswith("peers/") for w in [window_of_key(k)]) == [6, 7, 8, 9]
+    # ... and every window since it, past the retention: a replay from checkpoint 4 needs their records
+    assert sorted(w for k in remaining if k.startswith("peers/") for w in [window_of_key(k)]) == list(range(4, 10))
+    for w in (5, 6):
+        s3_bucket.put(checkpoint_key(w), b"m")
+        s3_bucket.put(checkpoint_key(w, "config.json"), b"c")
+    deleted = s3_bucket.cleanup(current_window=9, retention_windows=3)  # a newer checkpoint: retention rules
+    assert {window_of_key(k) for k in deleted} == {4, 5}
 
 
 async def test_nodes_prune_their_own_bucket_every_checkpoint_interval_and_never_fail_on_it(s3_server, s3_bucket,

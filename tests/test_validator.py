@@ -72,3 +72,14 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
     again = Validator(vnode, tmp_path / "validator")
     assert again.state.model_dump() == validator.state.model_dump()
     await net.close()
+
+
+def test_a_checkpoint_window_missed_while_behind_is_made_up_at_the_next_step(tiny_hp):
+    from types import SimpleNamespace
+
+    every = tiny_hp.checkpoints.every_windows
+    fresh = SimpleNamespace(hp=tiny_hp, last_checkpoint=None)
+    assert [w for w in range(1, 3 * every) if Validator.checkpoint_due(fresh, w)] == [every, 2 * every]
+    behind = SimpleNamespace(hp=tiny_hp, last_checkpoint=every)  # window 2K was skipped (sync_to), not stepped
+    assert not Validator.checkpoint_due(behind, 2 * every - 1)
+    assert Validator.checkpoint_due(behind, 2 * every + 3)  # the first step after it publishes

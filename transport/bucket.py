@@ -337,8 +337,10 @@ class Bucket:
 
         Dataset objects and keys outside the layout are never touched. The newest *complete* checkpoint
         (a window holding both model.safetensors and config.json, what `load_latest_checkpoint` can load)
-        is kept even when it is older than the retention (a late joiner needs some starting point); a
-        newer window holding only part of a checkpoint (a publish that failed halfway) does not count.
+        is kept even when it is older than the retention (a late joiner needs some starting point), and so
+        is every window since (a replay from it needs those records and mirrored shards: a validator that
+        published no checkpoint for a while must not delete them); a newer window holding only part of a
+        checkpoint (a publish that failed halfway) does not count.
         Returns the deleted keys; a bucket error is a StorageError.
         """
         if retention_windows < 0:
@@ -357,8 +359,9 @@ class Bucket:
                     old.append(((parsed.kind, parsed.window), o.key))
         if keep_latest_checkpoint:
             complete = [w for w, names in checkpoint_files.items() if COMPLETE_CHECKPOINT <= names]
-            if complete:
-                old = [(pw, k) for pw, k in old if pw != (KeyKind.CHECKPOINT, max(complete))]
+            if complete:  # keep it, and every window since: a replay from it needs their records and mirrors
+                cutoff = min(cutoff, max(complete))
+                old = [(pw, k) for pw, k in old if pw[1] < cutoff]
         keys = [k for _, k in old]
         self.delete_many(keys)
         if keys:
