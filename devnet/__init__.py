@@ -23,6 +23,9 @@ Launching and watching:
 - `s3.py`: `S3Server`: `rclone serve s3` over a local folder, one bucket per participant.
 - `hostile_s3.py`: `HostileS3`, `Behaviour`: a lying S3 proxy in front of it (forged times, swapped
   bodies, trickle, hang, false lengths, redirects) for tests and `crucible bench fetch`.
+- `hostile_s3_behaviour.py`: `Behaviour`, `ClientInfo`, `Seen`: the proxy's lies (its rules, forged times and
+  bodies, re-signed uploads, delay, hang, trickle, false lengths) and the code that tells them.
+- `hostile_s3_http.py`: the proxy's own HTTP/1.1 server: keep-alive connections, bounded requests, S3 op.
 - `scoreboard.py`: `Scoreboard`, `WindowSnapshot`: per-uid scores, weights, incentive, held-out loss.
 - `dashboard.py`: `Dashboard`: the live scoreboard in a browser (aiohttp, loopback only).
 - `dashboard_page.py`: the dashboard's single self-contained HTML page.
