@@ -26,6 +26,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--input", action="append", type=Path, default=[],
                       help="your own .txt/.jsonl/.parquet file or folder (repeatable); default: offline corpus")
     prep.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
+    prep.add_argument("--tokenizer-chars", type=int, default=None,
+                      help="characters the trained tokenizer sees, the corpus's first ones "
+                           "(default 200,000,000; its memory grows with what it sees; 0: all)")
     prep.add_argument("--max-chars", type=int,
                       help="cap on corpus characters (default: the whole --input; the offline corpus: from hparams)")
     pub = sub.add_parser("publish", help="upload a prepared dataset with its manifest; print the hparams that pin it")
@@ -53,10 +56,12 @@ def _fail(command: str, message: str) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from neurons.corpus import CorpusError, CorpusReport, file_documents, stdlib_documents
-    from neurons.dataset import prepare_dataset
+    from neurons.dataset import TOKENIZER_SAMPLE_CHARS, prepare_dataset
     from protocol.data import DatasetError
 
     hp = HPARAMS_FLAGS.parse(args).hparams()
+    if args.tokenizer_chars is not None and args.tokenizer_chars < 0:
+        return _fail("prepare", f"--tokenizer-chars {args.tokenizer_chars}: must be 0 (all) or more")
     max_chars = args.max_chars if args.input else (args.max_chars or hp.data.corpus_max_chars)
     started = time.perf_counter()
     try:
@@ -76,7 +81,8 @@ def _prepare(args: argparse.Namespace) -> int:
     try:
         if args.tokenizer is not None and not args.tokenizer.is_file():
             raise DatasetError(f"tokenizer not found: {args.tokenizer}")
-        info = prepare_dataset(hp, args.out, documents, args.tokenizer, progress=True)
+        sample = TOKENIZER_SAMPLE_CHARS if args.tokenizer_chars is None else (args.tokenizer_chars or None)
+        info = prepare_dataset(hp, args.out, documents, args.tokenizer, progress=True, tokenizer_chars=sample)
     except (CorpusError, DatasetError) as exc:
         return _fail("prepare", str(exc))
     except OSError as exc:  # writing pages or the tokenizer: a full disk, a read-only folder

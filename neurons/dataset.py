@@ -23,6 +23,8 @@ from neurons.corpus import CorpusError
 from protocol.data import EOT, INDEX_VERSION, PAGES_PER_SHARD, TOKENIZER_FILE, DatasetError
 from protocol.hparams import HParams
 
+TOKENIZER_SAMPLE_CHARS = 200_000_000  # characters a trained tokenizer sees (the corpus's first ones)
+
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -118,12 +120,16 @@ def prepare_dataset(
     documents: Documents,
     tokenizer_path: str | Path | None = None,
     progress: bool = False,
+    tokenizer_chars: int | None = TOKENIZER_SAMPLE_CHARS,
 ) -> DatasetInfo:
     """Tokenize documents into train/held-out page shards under out_dir (overwrites).
 
     `documents`: a list, or a callable returning a fresh iterable per pass (two passes when the
     tokenizer is trained here: training, then tokenizing), so a corpus is never held whole in memory.
-    Shards are written as they fill. A tokenizer failure is a DatasetError, never a bare exception.
+    A trained tokenizer sees the first `tokenizer_chars` characters only (None: all): the BPE trainer
+    counts every distinct word it sees, so its memory grows with the corpus, while a few hundred
+    million characters already fix a vocabulary of this size. Shards are written as they fill. A
+    tokenizer failure is a DatasetError, never a bare exception.
     """
     from tokenizers import Tokenizer
 
@@ -139,8 +145,12 @@ def prepare_dataset(
         seen = [0]
 
         def counted() -> Iterator[str]:
+            budget = tokenizer_chars if tokenizer_chars is not None else float("inf")
             for doc in read():
+                if budget <= 0:
+                    return
                 seen[0] += 1
+                budget -= len(doc)
                 yield doc
 
         try:

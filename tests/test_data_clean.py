@@ -123,3 +123,22 @@ def test_user_inputs_are_read_whole_unless_a_cap_is_given_and_a_cap_says_where_i
     assert main([*common, "--out", str(tmp_path / "cut"), "--max-chars", "12000"]) == 0
     out = capsys.readouterr().out
     assert "stopped at the --max-chars cap" in out and f"{f}:" in out and "60 documents" not in out
+
+
+def test_a_trained_tokenizer_sees_only_the_corpus_first_characters(tmp_path):
+    hp = load_hparams("tiny", ["model.seq_len=16", "model.vocab_size=300"])
+    docs = [f"document {i} " + "plain words again and again " * 20 for i in range(100)]
+    consumed: list[int] = []
+
+    def passes():
+        consumed.append(0)
+        for doc in docs:
+            consumed[-1] += 1
+            yield doc
+
+    whole = prepare_dataset(hp, tmp_path / "whole", passes, tokenizer_chars=None)
+    assert consumed == [100, 100]
+    consumed.clear()
+    sampled = prepare_dataset(hp, tmp_path / "sampled", passes, tokenizer_chars=3 * len(docs[0]))
+    assert consumed[0] <= 4 and consumed[1] == 100  # training stopped after ~3 documents, tokenizing read all
+    assert sampled.train_pages + sampled.heldout_pages > 0 and whole.tokens > 0
