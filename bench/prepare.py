@@ -11,7 +11,8 @@ is the kernel's `ru_maxrss` for that child (`os.wait4`), so nothing of this proc
   pseudo-word drawn from a Zipf law (exponent 1.1, 5 M ranks), so the vocabulary keeps growing with
   the file's size as natural text does (Heaps' law) instead of repeating one corpus's words.
 
-The file's whole text is read (`--max-chars` above its size), so the tokenizer trainer sees all of it.
+The file's whole text is tokenized (`--max-chars` above its size); the tokenizer is trained as `crucible
+data prepare` trains it by default, on the first `neurons.dataset.TOKENIZER_SAMPLE_CHARS` characters.
 """
 
 from __future__ import annotations
