@@ -24,6 +24,16 @@ from protocol.data import EOT, INDEX_VERSION, PAGES_PER_SHARD, TOKENIZER_FILE, D
 from protocol.hparams import HParams
 
 TOKENIZER_SAMPLE_CHARS = 200_000_000  # characters a trained tokenizer sees (the corpus's first ones)
+# The Rust tokenizer keeps memory after long inputs and its resident size grows with the text it has
+# encoded (huggingface/tokenizers#1539, #1495: ~3 MB per 512 K tokens here on a 1 GiB file); a fresh copy
+# from the saved file encodes identically, so it is reloaded every this many characters.
+TOKENIZER_RELOAD_CHARS = 1 << 26
+
+
+def _load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int):
@@ -82,7 +92,7 @@ class _ShardWriter:
         self.pages = 0
 
     def add(self, row: np.ndarray) -> None:
-        self.rows.append(row)
+        self.rows.append(row.copy())  # a view would keep its whole batch's token stream alive until the flush
         if len(self.rows) == PAGES_PER_SHARD:
             self.flush()
 
@@ -131,14 +141,13 @@ def prepare_dataset(
     million characters already fix a vocabulary of this size. Shards are written as they fill. A
     tokenizer failure is a DatasetError, never a bare exception.
     """
-    from tokenizers import Tokenizer
 
     read = _passes(documents)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is not None:
         try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+            tokenizer = _load_tokenizer(tokenizer_path)
         except Exception as exc:
             raise DatasetError(f"tokenizer {tokenizer_path}: cannot load ({exc})") from None
     else:
@@ -185,7 +194,11 @@ def prepare_dataset(
         bar = Progress(SpinnerColumn(), TextColumn("tokenizing {task.completed:,} documents"), TimeElapsedColumn())
         task = bar.add_task("tokenizing", total=None)
     with bar if progress else contextlib.nullcontext():
+        since_reload = 0
         for batch in batches:
+            since_reload += sum(len(d) for d in batch)
+            if since_reload > TOKENIZER_RELOAD_CHARS:  # see TOKENIZER_RELOAD_CHARS
+                tokenizer, since_reload = _load_tokenizer(out / TOKENIZER_FILE), 0
             try:
                 encodings = tokenizer.encode_batch(batch)
             except Exception as exc:  # the Rust tokenizer raises several types on text it cannot take
