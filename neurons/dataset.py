@@ -24,10 +24,6 @@ from protocol.data import EOT, INDEX_VERSION, PAGES_PER_SHARD, TOKENIZER_FILE, D
 from protocol.hparams import HParams
 
 TOKENIZER_SAMPLE_CHARS = 200_000_000  # characters a trained tokenizer sees (the corpus's first ones)
-# The Rust tokenizer keeps memory after long inputs and its resident size grows with the text it has
-# encoded (huggingface/tokenizers#1539, #1495: ~3 MB per 512 K tokens here on a 1 GiB file); a fresh copy
-# from the saved file encodes identically, so it is reloaded every this many characters.
-TOKENIZER_RELOAD_CHARS = 1 << 26
 
 
 def _load_tokenizer(path: str | Path):
@@ -194,11 +190,7 @@ def prepare_dataset(
         bar = Progress(SpinnerColumn(), TextColumn("tokenizing {task.completed:,} documents"), TimeElapsedColumn())
         task = bar.add_task("tokenizing", total=None)
     with bar if progress else contextlib.nullcontext():
-        since_reload = 0
         for batch in batches:
-            since_reload += sum(len(d) for d in batch)
-            if since_reload > TOKENIZER_RELOAD_CHARS:  # see TOKENIZER_RELOAD_CHARS
-                tokenizer, since_reload = _load_tokenizer(out / TOKENIZER_FILE), 0
             try:
                 encodings = tokenizer.encode_batch(batch)
             except Exception as exc:  # the Rust tokenizer raises several types on text it cannot take

@@ -143,20 +143,3 @@ def test_a_trained_tokenizer_sees_only_the_corpus_first_characters(tmp_path):
     assert consumed[0] <= 4 and consumed[1] == 100  # training stopped after ~3 documents, tokenizing read all
     assert sampled.train_pages + sampled.heldout_pages > 0 and whole.tokens > 0
 
-
-def test_reloading_the_tokenizer_mid_corpus_writes_the_same_pages(tmp_path, monkeypatch):
-    import neurons.dataset as dataset
-
-    hp = load_hparams("tiny", ["model.seq_len=16", "model.vocab_size=300"])
-    docs = [f"document {i} " + "plain words again and again " * 20 for i in range(300)]
-    once = prepare_dataset(hp, tmp_path / "once", docs)
-    loads = []
-    load = dataset._load_tokenizer
-    monkeypatch.setattr(dataset, "_load_tokenizer", lambda path: loads.append(path) or load(path))
-    monkeypatch.setattr(dataset, "TOKENIZER_RELOAD_CHARS", 20_000)
-    again = prepare_dataset(hp, tmp_path / "again", docs, tmp_path / "once" / "tokenizer.json")
-    assert len(loads) >= 3  # the given tokenizer, then a fresh copy before each batch past 20,000 characters
-    files = sorted(p.name for p in (tmp_path / "once").glob("*-*.npy"))
-    assert files == sorted(p.name for p in (tmp_path / "again").glob("*-*.npy")) and once.tokens == again.tokens
-    for name in files:
-        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
