@@ -289,9 +289,10 @@ class Node:
 
     async def prune(self, window: int) -> list[str]:
         """Every `checkpoints.every_windows` windows, delete this node's own objects older than
-        `checkpoints.retention_windows` (`Bucket.cleanup`, the newest checkpoint always kept). Hparams
-        guarantee retention ≥ every_windows + 2, so a replay from the latest checkpoint finds every record
-        and shard it needs. A bucket error is logged and ignored: housekeeping never costs a window."""
+        `checkpoints.retention_windows` (`Bucket.cleanup`, which logs what it deleted and always keeps the
+        newest complete checkpoint and every window since). Hparams guarantee retention ≥ every_windows + 2,
+        so a replay from the latest checkpoint finds every record and shard it needs. A bucket error is
+        logged and ignored: housekeeping never costs a window."""
         checkpoints = self.hp.checkpoints
         if window % checkpoints.every_windows:
             return []
@@ -300,6 +301,4 @@ class Node:
         except StorageError as exc:
             log.warning("pruning objects older than window %d failed: %s", window - checkpoints.retention_windows, exc)
             return []
-        if deleted:
-            log.info("pruned %d objects older than window %d", len(deleted), window - checkpoints.retention_windows)
         return deleted

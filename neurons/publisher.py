@@ -67,6 +67,7 @@ class Publisher:
         self.keypair = node.chain.wallet.hotkey
         self.last_clip_norm: float | None = None
         self.digests: dict[int, str] = {}  # window → param_digest of θ at its start (set by the scoring loop)
+        self.last_checkpoint: int | None = None  # window of the newest checkpoint this process published
         self._done: dict[int, asyncio.Future[Publication]] = {}
 
     def ceiling(self) -> float:
@@ -167,11 +168,19 @@ class Publisher:
         pub.published = True
         return pub
 
+    def checkpoint_due(self, next_window: int) -> bool:
+        """Every `checkpoints.every_windows` windows, and at the first window stepped after a missed one (a
+        validator that skipped a checkpoint window while behind still publishes one K windows after the last)."""
+        every = self.hp.checkpoints.every_windows
+        overdue = self.last_checkpoint is not None and next_window - self.last_checkpoint >= every
+        return next_window % every == 0 or overdue
+
     async def publish_checkpoint(self, window: int) -> None:
         """θ at the start of `window`, as a transformers-loadable folder in our bucket (`upload_checkpoint`)."""
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(self.node.model, tmp, self.hp, tokenizer=self.node.store.tokenizer_path)
             await upload_checkpoint(self.node.bucket, window, Path(tmp))
+        self.last_checkpoint = window
 
 
 async def upload_checkpoint(bucket: Bucket, window: int, folder: Path) -> bool:

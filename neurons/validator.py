@@ -92,14 +92,6 @@ class Validator:
         self.publisher = Publisher(node)
         self.metrics: NodeMetrics | None = None
         self.model_window: int | None = None
-        self.last_checkpoint: int | None = None  # window of the newest checkpoint this process published
-
-    def checkpoint_due(self, next_window: int) -> bool:
-        """Every `checkpoints.every_windows` windows, and at the first window stepped after a missed one (a
-        validator that skipped a checkpoint window while behind still publishes one K windows after the last)."""
-        every = self.hp.checkpoints.every_windows
-        overdue = self.last_checkpoint is not None and next_window - self.last_checkpoint >= every
-        return next_window % every == 0 or overdue
 
     async def step(self, window: int) -> ValidatorReport:
         started = time.perf_counter()
@@ -147,9 +139,8 @@ class Validator:
         self.state.record_step_change(step_change(self.sample(positions), own), StateConfig())
         self.model_window = window + 1
         self.publisher.digests[window + 1] = self.digest()  # goes in window w + 1's record
-        if self.checkpoint_due(window + 1):
+        if self.publisher.checkpoint_due(window + 1):
             await self.publish_checkpoint(window + 1)
-            self.last_checkpoint = window + 1
         await asyncio.to_thread(self.save)
         await self.node.prune(window)
         report.seconds = time.perf_counter() - started

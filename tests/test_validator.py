@@ -77,9 +77,11 @@ async def test_honest_miners_earn_the_highest_weights(network_factory, tmp_path,
 def test_a_checkpoint_window_missed_while_behind_is_made_up_at_the_next_step(tiny_hp):
     from types import SimpleNamespace
 
+    from neurons.publisher import Publisher
+
     every = tiny_hp.checkpoints.every_windows
     fresh = SimpleNamespace(hp=tiny_hp, last_checkpoint=None)
-    assert [w for w in range(1, 3 * every) if Validator.checkpoint_due(fresh, w)] == [every, 2 * every]
+    assert [w for w in range(1, 3 * every) if Publisher.checkpoint_due(fresh, w)] == [every, 2 * every]
     behind = SimpleNamespace(hp=tiny_hp, last_checkpoint=every)  # window 2K was skipped (sync_to), not stepped
-    assert not Validator.checkpoint_due(behind, 2 * every - 1)
-    assert Validator.checkpoint_due(behind, 2 * every + 3)  # the first step after it publishes
+    assert not Publisher.checkpoint_due(behind, 2 * every - 1)
+    assert Publisher.checkpoint_due(behind, 2 * every + 3)  # the first step after it publishes
