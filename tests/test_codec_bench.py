@@ -28,14 +28,22 @@ def test_bench_codec_reports_real_wire_bytes_and_timings():
 
 
 def test_peak_rss_sees_a_block_allocate_and_touch_memory():
+    """64 MiB of pages new to the process: a fresh private anonymous mapping, every page written. Not through
+    malloc: a long pytest process's heap may already hold that much resident and freed (glibc's thresholds
+    move with what earlier tests allocated), and a `torch.ones(16 << 20)` once grew the resident set 4 KiB."""
+    import mmap
+
     import torch
 
     from bench.resident import PeakRSS
 
     with PeakRSS() as mem:
-        block = torch.ones(16 << 20)  # 64 MiB, written: resident
+        block = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE)  # anonymous: no page resident until written
+        pages = torch.frombuffer(block, dtype=torch.uint8)
+        pages.fill_(1)  # every page written: 64 MiB resident
         time.sleep(0.05)  # held for many 2-ms samples, so the sampler must see it
-        del block
+        del pages
+        block.close()  # unmapped before the block ends: only the sampler thread can have seen the peak
     # a broken sampler reads ~0; other threads of the test process (GC, pytest) may free a few MiB meanwhile
     assert mem.beyond >= 48 << 20, mem.beyond
 
