@@ -60,6 +60,11 @@ def main(out: str) -> None:
         miner.window(samples, window, SEED)
         folder.mkdir()
         _save(ctx, hp, miner, folder, window + 5)
+    # Saving is no collective (each rank writes its own file): rank 0's save can return while rank 1 is still
+    # writing six/, and reading rank 1's file then failed (FileNotFoundError; rank 1: "Connection closed by
+    # peer"). A digest is an all-gather rank 1 enters only after its save returned: its files exist after it.
+    broadcast_work(ctx, {"op": "digest"})
+    miner.digest()
     cases = {"mixed_windows": root / "mixed", "header_not_object": root / "header",
              "window_not_int": root / "window", "missing_tensor": root / "missing", "truncated": root / "torn"}
     for folder in cases.values():

@@ -1,11 +1,6 @@
 """Data-parallel miners: 2 gloo ranks on CPU (rank 1 the production follower loop, with no dataset of its own)
 compute what one process computes on the same samples."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -15,24 +10,14 @@ from neurons.training import inner_train, make_inner_optimizer
 from protocol.data import assign
 from protocol.hparams import load_hparams
 from protocol.model import build_model
+from tests.conftest import REPO, torchrun
 from tests.ddp_worker import OVERRIDES
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_match_one_process(tmp_path, tiny_dataset, tiny_store):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "ddp_worker.py"), str(tiny_dataset.path),
-           str(tmp_path)]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun([str(REPO / "tests" / "ddp_worker.py"), str(tiny_dataset.path), str(tmp_path)],
+                    tmp_path / "torchrun")
+    assert done.returncode == 0, done.report()
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
     hp = load_hparams("tiny", OVERRIDES)

@@ -5,13 +5,8 @@ believed θ split over ranks while one process held it whole (and ran out of mem
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("role", ["miner", "validator"])
@@ -29,13 +24,11 @@ def test_a_failed_start_under_torchrun_releases_the_followers(tmp_path):
     """Rank 0 cannot start (no bucket): its one line, exit 1, and the followers told to stop, not left to
     die in the control group's broadcast with a gloo traceback ("Connection closed by peer") per rank.
     (The validator's CLI already released them; the miner's did not.)"""
-    from tests.test_distributed import _free_port
+    from tests.conftest import torchrun
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRUCIBLE_BUCKET")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "neurons.cli", "miner", "--fsdp",
-                           "--netuid", "1", "--network", "local", "--state-dir", str(tmp_path)],
-                          env=dict(env, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "bucket not configured" in done.stderr
-    assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
+    done = torchrun(["-m", "neurons.cli", "miner", "--fsdp", "--netuid", "1", "--network", "local", "--state-dir",
+                     str(tmp_path)], tmp_path / "torchrun", env=env, timeout=120)
+    assert done.returncode != 0, done.report()
+    assert "bucket not configured" in done.stderr[0], done.report()
+    assert "[rank1]" not in done.output and "Connection closed" not in done.output, done.report()

@@ -7,22 +7,14 @@ another's, never a partial optimizer), rank 1 must not crash, and rank 0 says wh
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.test_distributed import _free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, torchrun
 
 
 def test_mixed_or_hostile_rank_files_start_every_rank_from_zero(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "sharded_state_worker.py"), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun([str(REPO / "tests" / "sharded_state_worker.py"), str(tmp_path)], tmp_path / "torchrun",
+                    timeout=120)
+    assert done.returncode == 0, done.report()
     seen = json.loads((tmp_path / "rank0.json").read_text())
     assert seen["empty"] == {"resumed_six": True, "mixed_windows": True, "header_not_object": True,
                              "window_not_int": True, "missing_tensor": True, "truncated": True}, seen

@@ -15,9 +15,6 @@ spread of ~1e-3. Everything else is exact: θ after evaluation (digest), the deb
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,8 +31,8 @@ from protocol.hparams import load_hparams
 from protocol.model import build_model, param_digest
 from protocol.sample import debug_positions, flat_sample, gather_sample
 from protocol.wire import write_shard
+from tests.conftest import torchrun
 from tests.sharded_eval_worker import HONEST, OVERRIDES, SEED, honest_path, window_inputs
-from tests.test_distributed import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_TOL, SCORE_TOL = 1e-5, 3e-6
@@ -75,12 +72,9 @@ def _train_honest(hp, tiny_store, out: Path) -> None:
 
 
 def run_ranks(data: Path, shards: Path, out: Path, precision: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "sharded_eval_worker.py"), str(data),
-           str(shards), str(out), precision]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun([str(REPO / "tests" / "sharded_eval_worker.py"), str(data), str(shards), str(out), precision],
+                    out / "torchrun")
+    assert done.returncode == 0, done.report()
     return json.loads((out / f"rank0-{precision}.json").read_text())
 
 

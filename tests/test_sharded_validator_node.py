@@ -27,7 +27,7 @@ from neurons.validator import Validator
 from protocol.model import build_model, param_digest
 from protocol.storage_keys import checkpoint_key
 from protocol.windows import window_bounds
-from tests.test_distributed import _free_port
+from tests.conftest import held_tcp_init
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOWS = 4
@@ -35,11 +35,12 @@ WINDOWS = 4
 
 def two_ranks(hp):
     """This process is rank 0 (the `Validator`); rank 1 is a subprocess in `follow_validator`."""
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init, held = held_tcp_init()  # the port stays bound from its choice until the group is up
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     follower = subprocess.Popen([sys.executable, str(REPO / "tests" / "sharded_eval_worker.py"), "follow", init,
                                  hp.model_dump_json()], env=env, cwd=REPO)
     dist.init_process_group("gloo", init_method=init, rank=0, world_size=2, timeout=datetime.timedelta(minutes=5))
+    del held
     try:
         yield DistContext(rank=0, world=2, sharded=True, control=dist.new_group(backend="gloo")), follower
     finally:

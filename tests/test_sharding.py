@@ -12,9 +12,6 @@ saved AdamW and error-feedback rows resume exactly (`neurons.local_state`).
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,19 +31,15 @@ from protocol.hparams import load_hparams
 from protocol.model import build_model, param_digest
 from protocol.sample import debug_positions, gather_sample, split_sample
 from protocol.wire import Shard, ShardExpectation, ShardRules, read_shard
+from tests.conftest import torchrun
 from tests.sharding_worker import HOTKEY_URI, OVERRIDES, SEED, other_peer
-from tests.test_distributed import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_ranks(data: Path, out: Path, precision: str = "fp32") -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "sharding_worker.py"), str(data), str(out),
-           precision]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun([str(REPO / "tests" / "sharding_worker.py"), str(data), str(out), precision], out / "torchrun")
+    assert done.returncode == 0, done.report()
     return [json.loads((out / "rank0.json").read_text())]
 
 
