@@ -2,10 +2,11 @@
 
 Real mode (default) trains `--miners` fake miners on a small dataset and times stage 2 per miner:
 decode its shard, clip it to the window's norm, loss on its assigned batches before and after
-applying it, loss on the random batches after, restore θ. The floor is THREE plain forward passes per
-miner (assigned before/after, random after) plus ONE per window (random before, shared by every
-miner), per miner, so the ratio is what the evaluation machinery costs beyond the unavoidable model
-work. `miners_per_window` is how many such evaluations fit the real stage-2 budget:
+applying it, loss on the random batches after, loss on its assigned batches with the window's mean
+update applied instead (the memory control), restore θ. The floor is FOUR plain forward passes per
+miner (assigned before/after/control, random after) plus ONE per window (random before, shared by
+every miner), per miner, so the ratio is what the evaluation machinery costs beyond the unavoidable
+model work. `miners_per_window` is how many such evaluations fit the real stage-2 budget:
 `eval_time_fraction` × the window, less stage 1 over these miners and the gather of the window's
 peers (both timed here).
 
@@ -38,6 +39,7 @@ from gauntlet.filters import copy_verdicts
 from neurons.corpus import stdlib_documents
 from neurons.dataset import prepare_dataset
 from neurons.node_config import HPARAMS_FLAGS
+from neurons.scoring import mean_update
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.codec import ChunkLayout, Compressor, EncodedTensor, compress, decode, layouts_for, pack12
 from protocol.codec_aggregate import aggregate_encoded, clip_factors, update_norm
@@ -217,18 +219,19 @@ def benchmark(args: argparse.Namespace) -> dict:
                         hp.inner.batch_size)
             for h in shards
         }
+        reference = mean_update([(shards[h], factors[h]) for h in sorted(shards)], torch.device(args.device))
         eval_times, floor_times = [], []
         for _ in range(repeats):
             started = time.perf_counter()
             evaluator = Evaluator(model, random_pages)
             for hotkey, shard in shards.items():
                 update = scale_update({n: decode(enc, args.device) for n, enc in shard.items()}, factors[hotkey])
-                evaluator.evaluate(update, assigned[hotkey], step)
+                evaluator.evaluate(update, assigned[hotkey], step, reference=reference)
             eval_times.append((time.perf_counter() - started) / len(shards))
             started = time.perf_counter()
             mean_loss(model, random_pages)  # once per window: θ before, on the random batches
             for hotkey in shards:
-                for batches in (assigned[hotkey], assigned[hotkey], random_pages):
+                for batches in (assigned[hotkey], assigned[hotkey], assigned[hotkey], random_pages):
                     mean_loss(model, batches)
             floor_times.append((time.perf_counter() - started) / len(shards))
         uids = dict(enumerate(sorted(shards)))
@@ -241,7 +244,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     budget_s = hp.gauntlet.eval_time_fraction * window_s - stage1_s - gather_s
     return {
         "preset": hp.name, "device": args.device, "miners": len(shards), "eval_tokens_per_side": n_eval * hp.model.seq_len,
-        "seconds_per_miner": per_miner, "floor_s": floor, "floor": "3 forward passes per miner + 1 per window",
+        "seconds_per_miner": per_miner, "floor_s": floor, "floor": "4 forward passes per miner + 1 per window",
         "ratio_vs_floor": per_miner / floor, "stage1_s": stage1_s, "gather_s": gather_s,
         "gather_peers": len(gather), "window_s": window_s, "stage2_budget_s": budget_s,
         "miners_per_window": max(0, int(budget_s // per_miner)),

@@ -3,14 +3,18 @@
 For one miner: loss on its assigned samples and on the window's random samples, before and after
 θ ← θ − step·update (step = eval_step_scale × outer lr, applied to the median-norm-clipped update);
 the model is then restored bit-exactly by copying back the touched parameters (subtracting the
-update again would leave rounding residue). Loss score = relative improvement on random data; the
-binary indicator is +1 if the relative improvement on assigned data beats the one on random data (a
-miner that trained on what it was assigned "remembers" it), else −1.
+update again would leave rounding residue). Loss score = relative improvement on random data. The
+memory control: the same assigned samples after θ ← θ − step·reference instead, the reference being
+the window's mean clipped update; `EvalResult.memory_margin` turns it into how much more the update
+helped its own samples than the other miners' updates help them (a miner that trained on what it
+was assigned "remembers" it), and the binary indicator is +1 above a margin, else −1. Comparing two
+updates on the same samples removes the sample-to-sample noise of comparing assigned with random
+samples (docs/incentives.md measures both).
 
 All miners of a window are evaluated against the SAME random batches, so their loss scores are
 comparable and the random "before" loss is computed once per window (`Evaluator` caches it); the
-assigned "before" loss is per miner (different samples). One miner then costs three passes over the
-evaluation batches instead of four.
+assigned "before" loss is per miner (different samples). One miner then costs four passes over the
+evaluation batches (assigned before/after/control, random after) instead of five.
 
 Batch sizes: the validator passes `eval_batches` (hparams; 4 by default) batches of the inner
 `batch_size` samples each, on both sides: the assigned ones drawn from the samples the miner trained
@@ -115,9 +119,12 @@ class Evaluator:
         return self._before_random
 
     @torch.no_grad()
-    def evaluate(self, update: Update, assigned_batches: Sequence[torch.Tensor], step: float) -> EvalResult:
+    def evaluate(self, update: Update, assigned_batches: Sequence[torch.Tensor], step: float,
+                 reference: Update | None = None) -> EvalResult:
         """Losses before/after θ ← θ − step·update on assigned and random data; model restored exactly.
 
+        With `reference` (the window's mean clipped update), also the loss on the assigned batches
+        after θ ← θ − step·reference: the memory control (`EvalResult.memory_margin`), one more pass.
         Raises UpdateError (before touching the model) if the update does not fit the model.
         """
         reason = check_update(self.model, update)
@@ -125,27 +132,34 @@ class Evaluator:
             raise UpdateError(reason)
         _check_batches(assigned_batches, self.vocab)
         before_random = self.loss_before_random
-        params = dict(self.model.named_parameters())
         with _eval_mode(self.model):
             before_assigned = mean_loss(self.model, assigned_batches)
-            saved = {name: params[name].detach().clone() for name in update}
-            try:
-                for name, u in update.items():
-                    p = params[name]
-                    p.sub_(u.to(device=p.device, dtype=p.dtype), alpha=step)
-                after_assigned = mean_loss(self.model, assigned_batches)
-                after_random = mean_loss(self.model, self.random_batches)
-            finally:
-                for name, value in saved.items():
-                    params[name].copy_(value)
+            after_assigned, after_random = self._stepped(update, step, [assigned_batches, self.random_batches])
+            after_reference = None
+            if reference is not None and check_update(self.model, reference) is None:
+                (after_reference,) = self._stepped(reference, step, [assigned_batches])
         return EvalResult(
             loss_before_assigned=before_assigned,
             loss_after_assigned=after_assigned,
             loss_before_random=before_random,
             loss_after_random=after_random,
             step=step,
+            loss_after_assigned_reference=after_reference,
         )
 
+    @torch.no_grad()
+    def _stepped(self, update: Update, step: float, batch_lists: Sequence[Sequence[torch.Tensor]]) -> list[float]:
+        """Mean loss over each batch list with θ − step·update, then θ restored bit for bit (copied back)."""
+        params = dict(self.model.named_parameters())
+        saved = {name: params[name].detach().clone() for name in update}
+        try:
+            for name, u in update.items():
+                p = params[name]
+                p.sub_(u.to(device=p.device, dtype=p.dtype), alpha=step)
+            return [mean_loss(self.model, batches) for batches in batch_lists]
+        finally:
+            for name, value in saved.items():
+                params[name].copy_(value)
 
     @torch.no_grad()
     def reference_score(self, updates: Sequence[Update], step: float) -> float | None:

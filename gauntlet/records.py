@@ -81,6 +81,13 @@ class EvalResult(_Record):
         description="Loss score of the window's reference update (mean of the eligible miners' clipped "
                     "updates) on the same random batches; None if none was computed.",
     )
+    loss_after_assigned_reference: float | None = Field(
+        None,
+        description="Mean loss on the miner's assigned samples after θ ← θ − step·reference (the memory "
+                    "control, docs/incentives.md); None if no reference was applied.",
+    )
+    reference_count: int | None = Field(
+        None, ge=1, description="Clipped updates averaged into the reference (n of its leave-one-out correction).")
 
     @staticmethod
     def _relative(before: float, after: float) -> float:
@@ -113,8 +120,46 @@ class EvalResult(_Record):
         return s / ref if math.isfinite(s) else -math.inf
 
     @property
-    def indicator(self) -> int:
-        """+1 if the update helps the miner's own data more than random data, else −1."""
+    def memory_margin(self) -> float | None:
+        """How much more the update helped the miner's assigned samples than a generic update would have.
+
+        The control is the mean of the OTHER eligible miners' clipped updates: nobody else trained on
+        these samples, so what it does to them is what an update of no memory does to them. The
+        control's improvements come from the reference (the mean of all n updates) by linearity at
+        this small step: control = (n·reference − own) / (n − 1), on the assigned and on the random
+        samples. With s = loss_score / control_random (the update's strength on random data):
+
+            margin = (rel_assigned − s · control_assigned) / control_random
+
+        ≈ 0 for an update that carries no memory of the assigned samples, whatever its strength (a
+        freeloader, a copier); ≈ 0.4–1 for an honest one (docs/incentives.md). Comparing the two
+        updates on the SAME samples removes the sample-to-sample noise that the assigned-vs-random
+        comparison (`indicator` without a control) suffers from. None without a control (fewer than
+        2 updates, no reference, non-finite losses, or a control that did not lower the random loss).
+        """
+        n, ref, after_ref = self.reference_count, self.reference_score, self.loss_after_assigned_reference
+        if n is None or n < 2 or ref is None or after_ref is None:
+            return None
+        own_a, own_r = self.rel_assigned, self.loss_score
+        ref_a = self._relative(self.loss_before_assigned, after_ref)
+        if not all(math.isfinite(x) for x in (own_a, own_r, ref_a, ref)):
+            return None
+        control_a, control_r = (n * ref_a - own_a) / (n - 1), (n * ref - own_r) / (n - 1)
+        if control_r <= 0:
+            return None
+        margin = (own_a - own_r / control_r * control_a) / control_r
+        return margin if math.isfinite(margin) else None
+
+    def indicator(self, margin: float = 0.0) -> int:
+        """+1 if the update remembers the miner's own samples, else −1.
+
+        With a control (`memory_margin`): +1 if the margin exceeds `margin` (hparams
+        `gauntlet.memory_margin`). Without one (a lone eligible miner, or a record from before the
+        control existed): +1 if the assigned samples improved more than the random ones.
+        """
+        m = self.memory_margin
+        if m is not None:
+            return 1 if m > margin else -1
         a, r = self.rel_assigned, self.loss_score
         return 1 if math.isfinite(a) and math.isfinite(r) and a > r else -1
 
@@ -137,6 +182,8 @@ class WindowEntry(_Record):
     copy_factor: float = Field(1.0, description="Copy multiplier applied.")
     evaluated: bool = Field(False, description="Stage 2 ran for this uid.")
     losses: EvalResult | None = Field(None, description="Stage-2 losses, if evaluated.")
+    indicator: int | None = Field(
+        None, description="Memory indicator counted this window (+1/−1; `EvalResult.indicator`), if evaluated.")
     binary_ma: float = Field(0.0, allow_inf_nan=False, description="Binary-indicator moving average after this window.")
     mu: float = Field(allow_inf_nan=False, description="Rating μ after this window.")
     sigma: float = Field(allow_inf_nan=False, description="Rating σ after this window.")

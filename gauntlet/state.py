@@ -148,14 +148,17 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
         lines.append(
             f"  random:     loss {r.loss_before_random:.5f} → {r.loss_after_random:.5f} ({_pct(r.loss_score)})"
         )
-        why = (
-            "assigned improved more than random"
-            if r.indicator > 0
-            else "assigned did NOT improve more than random"
-        )
-        lines.append(
-            f"  indicator:  {r.indicator:+d} ({why}); loss score {r.loss_score:.6g} (step {r.step:g})"
-        )
+        indicator = e.indicator if e.indicator is not None else r.indicator()
+        margin = r.memory_margin
+        if margin is not None:
+            lines.append(
+                f"  control:    the window's mean update on the same assigned samples: loss → "
+                f"{r.loss_after_assigned_reference:.5f}; memory margin {margin:+.3f} against the other miners (≈ 0: no memory of its samples)"
+            )
+            why = "remembers its assigned samples" if indicator > 0 else "margin too small: no memory shown"
+        else:
+            why = "assigned improved more than random" if indicator > 0 else "assigned did NOT improve more than random"
+        lines.append(f"  indicator:  {indicator:+d} ({why}); loss score {r.loss_score:.6g} (step {r.step:g})")
     else:
         lines.append("  evaluation: not evaluated this window (rating, value and binary average unchanged)")
     if e.relative_score is not None and r_ref(e) is not None:

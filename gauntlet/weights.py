@@ -214,7 +214,7 @@ def score_window(
     entries: dict[int, WindowEntry] = {}
     for uid in sorted(hotkeys):
         us, f, ev = state.uids[uid], filters.get(uid), evals.get(uid)
-        rel = None
+        rel = indicator = None
         if ev is not None:
             if uid in rated:
                 us.mu, us.sigma = rated[uid].mu, rated[uid].sigma
@@ -222,7 +222,8 @@ def score_window(
             if rel is not None:
                 us.value_ema = update_value(us.value_ema, us.evaluations, rel, hp)
                 us.evaluations += 1
-            bma = binary_moving_average(us.binary_ma, ev.indicator, hp.binary_ma_alpha)
+            indicator = ev.indicator(hp.memory_margin)
+            bma = binary_moving_average(us.binary_ma, indicator, hp.binary_ma_alpha)
             if math.isfinite(bma):
                 us.binary_ma, us.indicators = bma, us.indicators + 1
             us.last_evaluated = window
@@ -234,6 +235,7 @@ def score_window(
             mu=us.mu,
             sigma=us.sigma,
             binary_ma=us.binary_ma,
+            indicator=indicator,
             evaluated=ev is not None,
             losses=ev,
             relative_score=rel if rel is None or math.isfinite(rel) else -hp.value_clip,

@@ -188,6 +188,7 @@ class Scorer:
                 log.warning("uid %d: update unusable in evaluation: %s", uid, exc)
                 continue
             results[uid].reference_score = reference
+            results[uid].reference_count = len(eligible)
         return results
 
 
@@ -204,6 +205,7 @@ class LocalBackend:
         self.device = next(model.parameters()).device
         self.evaluator: Evaluator | None = None
         self.updates: dict[Hashable, tuple[Encoded, float]] = {}
+        self.mean: dict[str, torch.Tensor] | None = None  # the window's reference update, once computed
 
     def _precision(self) -> contextlib.AbstractContextManager:
         if self.settings.precision != "bf16":
@@ -211,20 +213,21 @@ class LocalBackend:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def begin(self, random_batches: list[torch.Tensor], updates: Mapping[Hashable, tuple[Encoded, float]]) -> None:
-        self.evaluator, self.updates = Evaluator(self.model, random_batches), dict(updates)
+        self.evaluator, self.updates, self.mean = Evaluator(self.model, random_batches), dict(updates), None
 
     def reference(self, step: float) -> float | None:
+        self.mean = mean_update(list(self.updates.values()), self.device)  # kept: each miner's memory control
         with self._precision():
-            return self.evaluator.reference_score([_mean_update(list(self.updates.values()), self.device)], step)
+            return self.evaluator.reference_score([self.mean], step)
 
     def evaluate(self, uid: Hashable, assigned: list[torch.Tensor], step: float) -> EvalResult:
         tensors, factor = self.updates[uid]
         update = scale_update({name: decode(enc, self.device) for name, enc in tensors.items()}, factor)
         with self._precision():
-            return self.evaluator.evaluate(update, assigned, step)
+            return self.evaluator.evaluate(update, assigned, step, reference=self.mean)
 
 
-def _mean_update(updates: Sequence[tuple[Encoded, float]], device: torch.device) -> dict[str, torch.Tensor]:
+def mean_update(updates: Sequence[tuple[Encoded, float]], device: torch.device) -> dict[str, torch.Tensor]:
     """The window's reference update: the mean of the eligible miners' clipped updates (docs/incentives.md).
 
     Summed one miner at a time, so it holds one decoded update besides the sum.

@@ -146,6 +146,7 @@ class ShardedTheta:
         self.random: list[torch.Tensor] = []
         self.updates: dict[Any, tuple[Encoded, float]] = {}  # the window's eligible updates (encoded, clip factor)
         self._before_random: float | None = None
+        self._reference: dict[str, Touched] | None = None  # the mean update's rows, once `reference` ran
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -190,6 +191,7 @@ class ShardedTheta:
         window's evaluations are done (the random batches' loss before any update is computed once)."""
         _check_batches(random_batches, self.vocab)
         self.random, self._before_random, self.updates = list(random_batches), None, dict(updates)
+        self._reference = None
 
     @torch.no_grad()
     def mean_loss(self, batches: Sequence[torch.Tensor]) -> float:
@@ -245,11 +247,15 @@ class ShardedTheta:
         before_assigned = self.mean_loss(assigned)
         touched = {name: touched_rows(enc, self.slots[name], factor, self.device) for name, enc in tensors.items()}
         after_assigned, after_random = self._stepped(touched, step, [assigned, self.random])
+        after_reference = None  # the memory control: the window's mean update on the same assigned rows
+        if self._reference is not None:
+            (after_reference,) = self._stepped(self._reference, step, [assigned])
         return EvalResult(loss_before_assigned=before_assigned, loss_after_assigned=after_assigned,
-                          loss_before_random=before_random, loss_after_random=after_random, step=step)
+                          loss_before_random=before_random, loss_after_random=after_random, step=step,
+                          loss_after_assigned_reference=after_reference)
 
     def reference(self, step: float) -> float | None:
-        """`Evaluator.reference_score([scoring._mean_update(...)], step)`: the loss score of the mean clipped update."""
+        """`Evaluator.reference_score([scoring.mean_update(...)], step)`: the loss score of the mean clipped update."""
         updates = list(self.updates.values())
         usable = [(t, f) for t, f in updates if check_encoded(t, self.slots, f) is None]
         if len(usable) != len(updates) or not updates:
@@ -268,6 +274,7 @@ class ShardedTheta:
             idx = torch.unique(torch.cat(where))
             touched[name] = idx, (total / len(usable))[idx]
             del total
+        self._reference = touched
         before = self.loss_before_random
         (after,) = self._stepped(touched, step, [self.random])
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:

@@ -146,6 +146,12 @@ class GauntletHParams(_Section):
         2.0, ge=0, le=100,
         description="Shrinkage of the value while evidence is thin: value × n / (n + this), n = evaluations.",
     )
+    memory_margin: float = Field(
+        0.1, ge=0, le=10,
+        description="The memory indicator is +1 only if a miner's update lowered the loss on its assigned samples "
+                    "more than the control (the other miners' mean update, scaled to its strength) by more than "
+                    "this, in units of the control's improvement on random data (docs/incentives.md).",
+    )
     memory_floor: float = Field(
         0.3, ge=-1, lt=1,
         description="Bias-corrected binary MA at or below which the memory factor is 0 (a freeloader's or "

@@ -25,6 +25,7 @@ from gauntlet.evaluate import (
     scale_update,
 )
 from gauntlet.ratings import fresh_rating, rate_window
+from gauntlet.records import EvalResult
 from protocol.hparams import GauntletHParams, OuterOptimHParams
 
 HP = GauntletHParams()
@@ -152,9 +153,9 @@ def test_honest_positive_freeloader_negative_indicator(world):
     ev = Evaluator(world["model"], random_batches(1))
     honest = ev.evaluate(world["honest"], world["assigned"], STEP)
     free = ev.evaluate(world["freeloader"], world["assigned"], STEP)
-    assert honest.rel_assigned > honest.loss_score > 0 and honest.indicator == 1
+    assert honest.rel_assigned > honest.loss_score > 0 and honest.indicator() == 1
     assert free.loss_score > 0  # it did improve the model on random data...
-    assert free.rel_assigned < free.loss_score and free.indicator == -1  # ...but not on what it was assigned
+    assert free.rel_assigned < free.loss_score and free.indicator() == -1  # ...but not on what it was assigned
 
 
 def test_before_random_loss_is_computed_once_per_window(world):
@@ -184,7 +185,7 @@ def test_loss_signal_is_stable_across_random_draws(world):
         n = ev.evaluate(world["noise"], world["assigned"], STEP)
         scores.append(h.loss_score)
         gaps.append(h.loss_score - n.loss_score)
-        assert h.indicator == 1
+        assert h.indicator() == 1
     spread = statistics.stdev(scores)
     assert min(gaps) > 5 * spread
     assert h.rel_assigned - statistics.mean(scores) > 5 * spread
@@ -219,3 +220,77 @@ def test_binary_moving_average_and_clipping():
     for bad in (math.nan, math.inf, -0.5):
         with pytest.raises(ValueError):
             scale_update(upd, bad)
+
+
+def _result(own_a: float, own_r: float, ref_a: float, ref_r: float, n: int | None) -> EvalResult:
+    """An EvalResult whose relative improvements are the given numbers (all before-losses are 1)."""
+    return EvalResult(loss_before_assigned=1.0, loss_after_assigned=1.0 - own_a, loss_before_random=1.0,
+                      loss_after_random=1.0 - own_r, step=STEP, reference_score=ref_r,
+                      loss_after_assigned_reference=1.0 - ref_a, reference_count=n)
+
+
+def test_memory_margin_is_measured_against_the_other_miners_on_the_same_samples():
+    # two miners; the other one's update is generic (0.05 on any data). An honest update that helps its own
+    # samples twice as much as random data remembers them: margin (0.1 − 1·0.05) / 0.05 = 1
+    honest = _result(own_a=0.10, own_r=0.05, ref_a=(0.10 + 0.05) / 2, ref_r=0.05, n=2)
+    assert honest.memory_margin == pytest.approx(1.0)
+    assert honest.indicator(0.1) == 1
+    # a freeloader (generic update, same strength) helps its assigned samples exactly as the control does
+    free = _result(own_a=0.05, own_r=0.05, ref_a=0.05, ref_r=0.05, n=2)
+    assert free.memory_margin == pytest.approx(0.0, abs=1e-12) and free.indicator(0.1) == -1
+    # ...and one twice as strong as the others, still without memory, is scaled by its strength: margin 0
+    strong = _result(own_a=0.10, own_r=0.10, ref_a=(0.10 + 0.05) / 2, ref_r=(0.10 + 0.05) / 2, n=2)
+    assert strong.memory_margin == pytest.approx(0.0, abs=1e-12)
+    # the assigned samples may simply be easier than the random ones: the old rule calls that memory, the
+    # control (which helps them as much) does not
+    easy = _result(own_a=0.08, own_r=0.05, ref_a=0.08, ref_r=0.05, n=4)
+    assert easy.rel_assigned > easy.loss_score and easy.memory_margin == pytest.approx(0.0, abs=1e-12)
+    assert easy.indicator(0.1) == -1
+
+
+def test_without_a_control_the_indicator_compares_assigned_with_random():
+    lone = _result(own_a=0.08, own_r=0.05, ref_a=0.08, ref_r=0.05, n=1)  # its own update is the reference
+    assert lone.memory_margin is None and lone.indicator(0.1) == 1
+    old = EvalResult(loss_before_assigned=1.0, loss_after_assigned=0.97, loss_before_random=1.0,
+                     loss_after_random=0.98, step=STEP)  # a record from before the control existed
+    assert old.memory_margin is None and old.indicator(5.0) == 1
+    harmful_others = _result(own_a=0.08, own_r=0.05, ref_a=0.0, ref_r=0.02, n=2)  # control: −0.01 on random
+    assert harmful_others.memory_margin is None
+    nan = _result(own_a=0.08, own_r=0.05, ref_a=math.nan, ref_r=0.05, n=3)
+    assert nan.memory_margin is None
+
+
+def test_the_control_pass_applies_the_reference_and_restores_the_model(world):
+    model = world["model"]
+    snap = snapshot(model)
+    reference = {k: (world["honest"][k] + world["freeloader"][k] + world["noise"][k]) / 3 for k in world["honest"]}
+    rb = random_batches(4)
+    ev = Evaluator(model, rb)
+    plain = ev.evaluate(world["honest"], world["assigned"], STEP)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        r = ev.evaluate(world["honest"], world["assigned"], STEP, reference=reference)
+    finally:
+        handle.remove()
+    assert len(calls) == 3 * len(world["assigned"]) + len(rb)  # one more pass over the assigned batches
+    assert_bit_identical(model, snap)
+    assert (r.loss_after_assigned, r.loss_after_random) == (plain.loss_after_assigned, plain.loss_after_random)
+    stepped = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, p in stepped.named_parameters():
+            p.sub_(reference[k], alpha=STEP)
+    assert r.loss_after_assigned_reference == pytest.approx(mean_loss(stepped, world["assigned"]), rel=1e-6)
+
+
+def test_the_control_separates_an_update_that_remembers_its_samples_from_one_that_does_not(world):
+    updates = {k: world[k] for k in ("honest", "freeloader", "noise")}
+    reference = {n: sum(u[n] for u in updates.values()) / len(updates) for n in world["honest"]}
+    ev = Evaluator(world["model"], random_batches(5))
+    ref_score = ev.reference_score([reference], STEP)
+    margins = {}
+    for kind, update in updates.items():
+        r = ev.evaluate(update, world["assigned"], STEP, reference=reference)
+        r.reference_score, r.reference_count = ref_score, len(updates)
+        margins[kind] = r.memory_margin
+    assert margins["honest"] > HP.memory_margin and margins["freeloader"] < HP.memory_margin

@@ -54,6 +54,8 @@ def run_window(state: ScoringState, w: int, config: StateConfig | None = None):
             loss_after_random=4.0,
             step=0.2,
             reference_score=0.02,
+            loss_after_assigned_reference=3.9,  # the memory control: margin ≈ +1.85
+            reference_count=3,
         ),
         1: EvalResult(
             loss_before_assigned=4.0,
@@ -154,6 +156,8 @@ def test_explain_prints_every_component_and_why():
         "assigned",
         "random",
         "indicator:  +1",
+        "control:",
+        "memory margin +1.8",
         "binary MA",
         "ordinal",
         "relative:",

@@ -127,7 +127,9 @@ def test_sharded_stage2_matches_one_process_and_theta_is_exact(fp32_run, hp, inp
     assert ranks["reference"] == pytest.approx(reference, abs=SCORE_TOL)
     for k, single in results.items():
         sharded = ranks["results"][k]
-        for field in ("loss_before_assigned", "loss_after_assigned", "loss_before_random", "loss_after_random"):
+        assert single.loss_after_assigned_reference is not None  # the memory control ran, sharded too
+        for field in ("loss_before_assigned", "loss_after_assigned", "loss_before_random", "loss_after_random",
+                      "loss_after_assigned_reference"):
             assert sharded[field] == pytest.approx(getattr(single, field), abs=LOSS_TOL), (k, field)
         score = (sharded["loss_before_random"] - sharded["loss_after_random"]) / sharded["loss_before_random"]
         assert score == pytest.approx(single.loss_score, abs=SCORE_TOL), k
@@ -158,7 +160,7 @@ def test_bf16_scores_against_fp32(hp, inputs):
     for results in (fp32[2], bf16):
         assert min(results[k].relative_score for k in honest) > 0.5 > max(results[k].relative_score for k in noise)
     assert sorted(honest, key=lambda k: bf16[k].loss_score) == sorted(honest, key=lambda k: fp32[2][k].loss_score)
-    assert all(bf16[k].indicator == fp32[2][k].indicator for k in honest)
+    assert all(bf16[k].indicator() == fp32[2][k].indicator() for k in honest)
 
 
 def report(fp32: dict, bf16: dict) -> dict[str, float]:
