@@ -166,7 +166,7 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
             f"  relative:   loss score / reference {r_ref(e):.6g} = {e.relative_score:.4f} (1 = the window's average update)"
         )
     lines.append(f"  value:      {e.value:.4f} (average relative score, shrunk over {e.evaluations} evaluation(s))")
-    lines.append(f"  binary MA:  {e.binary_ma:+.4f} → memory factor {e.memory:.3f} (bias-corrected; 0 = a coin flip)")
+    lines.append(f"  binary MA:  {e.binary_ma:+.4f} → memory factor {e.memory:.3f} (bias-corrected; +1 = always remembered, −1 = never)")
     lines.append(f"  rating:     μ {e.mu:.4f}  σ {e.sigma:.4f}  → ordinal μ−3σ {e.ordinal:.4f} (shown, does not pay)")
     if e.present and e.timely and e.reject_reason is None:
         lines.append(

@@ -7,7 +7,8 @@ the first score) of its relative score (loss score / the window's reference loss
 n = evaluations so far. An average honest update has value ≈ 1, a noise update ≈ 0; a miner twice as
 useful as the average scores ≈ 2. The OpenSkill rating (μ, σ: `ratings.py`) is updated from the same
 relative scores and shown by explain, but pay is proportional to the value, not to rank. MEMORY is
-the assigned-vs-random protection: the binary moving average, bias-corrected for the number of
+the protection against training on other data (a miner's assigned samples against a control on the
+same samples, `EvalResult.indicator`): the binary moving average, bias-corrected for the number of
 indicators seen, ramped linearly from 0 at memory_floor to 1 at memory_full (`memory_factor`).
 Each factor is clamped BEFORE multiplying, so two negative factors can never make a positive score
 (templar #45/#108), and slashes are multipliers in [0, 1] applied to positive scores only:
@@ -52,13 +53,13 @@ def final_score(value: float, memory: float, sync: float) -> float:
 
 
 def memory_factor(binary_ma: float, indicators: int, hp: GauntletHParams) -> float:
-    """The assigned-vs-random protection as a factor in [0, 1].
+    """The memory protection (`EvalResult.indicator`: did the update remember its assigned samples?) as a factor in [0, 1].
 
     The binary MA starts at 0, so after n indicators it is (1 − (1 − α)^n) × the true average: dividing
     by that (bias correction, as Adam does) makes miners evaluated 5 and 10 times comparable. The
-    corrected average of an honest miner is ≈ 0.8, of a freeloader or copier (its update does not help
-    its own assigned data more than random data: a coin flip) ≈ 0; the factor ramps linearly from 0 at
-    memory_floor to 1 at memory_full. No indicator yet: 0.
+    corrected average of an honest miner is ≈ 0.9, of a freeloader or copier (its update helps its own
+    assigned samples no more than the other miners' updates do) ≈ −0.5 (docs/incentives.md); the
+    factor ramps linearly from 0 at memory_floor to 1 at memory_full. No indicator yet: 0.
     """
     if indicators <= 0 or not math.isfinite(binary_ma):
         return 0.0

@@ -155,7 +155,7 @@ class GauntletHParams(_Section):
     memory_floor: float = Field(
         0.3, ge=-1, lt=1,
         description="Bias-corrected binary MA at or below which the memory factor is 0 (a freeloader's or "
-                    "copier's indicator is a coin flip: ≈ 0; an honest miner's ≈ 0.8; docs/incentives.md).",
+                    "copier's ≈ −0.5, an honest miner's ≈ 0.9; docs/incentives.md).",
     )
     memory_full: float = Field(
         0.7, gt=-1, le=1, description="Bias-corrected binary MA at or above which the memory factor is 1.")
