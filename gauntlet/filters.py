@@ -390,6 +390,9 @@ def copy_verdicts(
     ordered, and then neither is named the copier: punishing the original is worse than missing a
     copier, whose update still fails the assigned-vs-random test on its own data.
     Overlap ≥ copy_zero_overlap zeroes the copier's positive score, ≥ copy_halve_overlap halves it.
+    Every pair at or above copy_halve_overlap, ordered or not, is also listed in both verdicts' `twins`
+    (stage 2 leaves copies out of each other's memory control: a copy must not make the original's
+    own memory look generic).
     `salt`: the validator's secret for the position sample beyond EXACT_MINERS miners (`overlap_matrix`);
     the sample is keyed by it and the window's shards, so it is fresh every window.
     """
@@ -400,10 +403,13 @@ def copy_verdicts(
     t = torch.tensor([to_posix(first_seen[u]) for u in uids], dtype=torch.float64)
     later = t[:, None] > t[None, :]
     best, source = (overlap * later).max(dim=1) if uids else (torch.zeros(0), torch.zeros(0))
+    pairs = overlap >= hp.copy_halve_overlap
+    pairs.fill_diagonal_(False)
     verdicts: dict[int, CopyVerdict] = {}
     for i, uid in enumerate(uids):
         b = float(best[i])
         factor = 0.0 if b >= hp.copy_zero_overlap else 0.5 if b >= hp.copy_halve_overlap else 1.0
         copied_from = uids[int(source[i])] if b > 0 else None
-        verdicts[uid] = CopyVerdict(overlap=min(b, 1.0), copied_from=copied_from, factor=factor)
+        twins = [uids[j] for j in pairs[i].nonzero().flatten().tolist()]
+        verdicts[uid] = CopyVerdict(overlap=min(b, 1.0), copied_from=copied_from, factor=factor, twins=twins)
     return verdicts

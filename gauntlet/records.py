@@ -13,6 +13,10 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
+CONTROL_MIN = 0.25
+"""A memory control must lower the random loss by at least this × the reference's, else it is not used
+(`EvalResult.memory_margin`): honest controls sit at ≈ 1 (docs/incentives.md)."""
+
 
 class _Record(BaseModel):
     # Infinity/NaN must survive the JSON round trip of the state file (a diverged loss is a fact).
@@ -39,6 +43,11 @@ class CopyVerdict(_Record):
     copied_from: int | None = Field(None, description="Uid of the earlier uploader with that overlap.")
     factor: float = Field(
         ge=0, le=1, description="Multiplier on positive scores: 1, 0.5 (halve) or 0 (zero)."
+    )
+    twins: list[int] = Field(
+        default_factory=list,
+        description="Uids whose overlap with this one is ≥ copy_halve_overlap in either order (same poll round "
+                    "included): copies of each other, left out of each other's memory control.",
     )
 
 
@@ -88,6 +97,8 @@ class EvalResult(_Record):
     )
     reference_count: int | None = Field(
         None, ge=1, description="Clipped updates averaged into the reference (n of its leave-one-out correction).")
+    reference_twins: int = Field(
+        0, ge=0, description="Of those, copies of this miner's update (CopyVerdict.twins), left out of its control.")
 
     @staticmethod
     def _relative(before: float, after: float) -> float:
@@ -123,29 +134,34 @@ class EvalResult(_Record):
     def memory_margin(self) -> float | None:
         """How much more the update helped the miner's assigned samples than a generic update would have.
 
-        The control is the mean of the OTHER eligible miners' clipped updates: nobody else trained on
-        these samples, so what it does to them is what an update of no memory does to them. The
-        control's improvements come from the reference (the mean of all n updates) by linearity at
-        this small step: control = (n·reference − own) / (n − 1), on the assigned and on the random
-        samples. With s = loss_score / control_random (the update's strength on random data):
+        The control is the mean of the OTHER eligible miners' clipped updates, copies of this one
+        (`reference_twins`, c of them) left out: nobody else trained on these samples, so what it does
+        to them is what an update of no memory does to them. Its improvements come from the reference
+        (the mean of all n updates) by linearity at this small step, the copies counted as this update:
+        control = (n·reference − (1 + c)·own) / (n − 1 − c), on the assigned and on the random samples.
+        With s = loss_score / control_random (the update's strength on random data):
 
             margin = (rel_assigned − s · control_assigned) / control_random
 
         ≈ 0 for an update that carries no memory of the assigned samples, whatever its strength (a
         freeloader, a copier); ≈ 0.4–1 for an honest one (docs/incentives.md). Comparing the two
         updates on the SAME samples removes the sample-to-sample noise that the assigned-vs-random
-        comparison (`indicator` without a control) suffers from. None without a control (fewer than
-        2 updates, no reference, non-finite losses, or a control that did not lower the random loss).
+        comparison suffers from. None without a usable control: no other independent update, no
+        reference, non-finite losses, or a control whose random improvement is below
+        CONTROL_MIN × the reference's (the others are noise or harmful, so they do not stand for a
+        generic update, and the division would amplify noise without bound).
         """
         n, ref, after_ref = self.reference_count, self.reference_score, self.loss_after_assigned_reference
-        if n is None or n < 2 or ref is None or after_ref is None:
+        others = None if n is None else n - 1 - self.reference_twins
+        if others is None or others < 1 or ref is None or after_ref is None:
             return None
         own_a, own_r = self.rel_assigned, self.loss_score
         ref_a = self._relative(self.loss_before_assigned, after_ref)
-        if not all(math.isfinite(x) for x in (own_a, own_r, ref_a, ref)):
+        if not all(math.isfinite(x) for x in (own_a, own_r, ref_a, ref)) or ref <= 0:
             return None
-        control_a, control_r = (n * ref_a - own_a) / (n - 1), (n * ref - own_r) / (n - 1)
-        if control_r <= 0:
+        copies = 1 + self.reference_twins
+        control_a, control_r = (n * ref_a - copies * own_a) / others, (n * ref - copies * own_r) / others
+        if control_r < CONTROL_MIN * ref:
             return None
         margin = (own_a - own_r / control_r * control_a) / control_r
         return margin if math.isfinite(margin) else None
@@ -154,8 +170,9 @@ class EvalResult(_Record):
         """+1 if the update remembers the miner's own samples, else −1.
 
         With a control (`memory_margin`): +1 if the margin exceeds `margin` (hparams
-        `gauntlet.memory_margin`). Without one (a lone eligible miner, or a record from before the
-        control existed): +1 if the assigned samples improved more than the random ones.
+        `gauntlet.memory_margin`). Without one (a lone eligible miner, only copies beside it, other
+        updates too weak to serve, or a record from before the control existed): +1 if the assigned
+        samples improved more than the random ones, the rule that needs no other miner.
         """
         m = self.memory_margin
         if m is not None:

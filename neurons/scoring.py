@@ -189,6 +189,8 @@ class Scorer:
                 continue
             results[uid].reference_score = reference
             results[uid].reference_count = len(eligible)
+            verdict = filters[uid].copy_verdict
+            results[uid].reference_twins = len(set(verdict.twins) & set(eligible)) if verdict is not None else 0
         return results
 
 

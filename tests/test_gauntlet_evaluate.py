@@ -222,11 +222,11 @@ def test_binary_moving_average_and_clipping():
             scale_update(upd, bad)
 
 
-def _result(own_a: float, own_r: float, ref_a: float, ref_r: float, n: int | None) -> EvalResult:
+def _result(own_a: float, own_r: float, ref_a: float, ref_r: float, n: int | None, twins: int = 0) -> EvalResult:
     """An EvalResult whose relative improvements are the given numbers (all before-losses are 1)."""
     return EvalResult(loss_before_assigned=1.0, loss_after_assigned=1.0 - own_a, loss_before_random=1.0,
                       loss_after_random=1.0 - own_r, step=STEP, reference_score=ref_r,
-                      loss_after_assigned_reference=1.0 - ref_a, reference_count=n)
+                      loss_after_assigned_reference=1.0 - ref_a, reference_count=n, reference_twins=twins)
 
 
 def test_memory_margin_is_measured_against_the_other_miners_on_the_same_samples():
@@ -255,9 +255,26 @@ def test_without_a_control_the_indicator_compares_assigned_with_random():
                      loss_after_random=0.98, step=STEP)  # a record from before the control existed
     assert old.memory_margin is None and old.indicator(5.0) == 1
     harmful_others = _result(own_a=0.08, own_r=0.05, ref_a=0.0, ref_r=0.02, n=2)  # control: −0.01 on random
-    assert harmful_others.memory_margin is None
+    assert harmful_others.memory_margin is None and harmful_others.indicator(0.1) == 1
+    # beside three noise updates the control barely moves the random loss (0.002 < 0.25 × the reference
+    # 0.0215): it cannot stand for a generic update, and dividing by it would blow the margin up
+    among_noise = _result(own_a=0.12, own_r=0.08, ref_a=0.03, ref_r=0.0215, n=4)
+    assert among_noise.memory_margin is None and among_noise.indicator(0.1) == 1
     nan = _result(own_a=0.08, own_r=0.05, ref_a=math.nan, ref_r=0.05, n=3)
     assert nan.memory_margin is None
+
+
+def test_copies_are_left_out_of_the_control_so_a_copier_cannot_hide_the_originals_memory():
+    # V remembers its samples (0.10 on them, 0.05 on random); X is an exact copy of V; O is generic.
+    # n = 3 with the copy: R = (V + X + O) / 3 on assigned (0.10 + 0.10 + 0.05) / 3, on random 0.05
+    told = _result(own_a=0.10, own_r=0.05, ref_a=0.25 / 3, ref_r=0.05, n=3, twins=1)
+    assert told.memory_margin == pytest.approx(1.0)  # the same margin as beside O alone
+    untold = _result(own_a=0.10, own_r=0.05, ref_a=0.25 / 3, ref_r=0.05, n=3)
+    assert untold.memory_margin == pytest.approx(0.5)  # the copy inside the control would halve it
+    # beside its copy only, there is no independent control: the rule that needs no other miner applies
+    pair = _result(own_a=0.10, own_r=0.05, ref_a=0.10, ref_r=0.05, n=2, twins=1)
+    assert pair.memory_margin is None and pair.indicator(0.1) == 1
+    assert _result(own_a=0.10, own_r=0.05, ref_a=0.10, ref_r=0.05, n=2).indicator(0.1) == -1  # without twins
 
 
 def test_the_control_pass_applies_the_reference_and_restores_the_model(world):

@@ -150,6 +150,10 @@ def test_copy_is_caught_and_later_uploader_punished():
     # First seen in the same poll round: no order, so nobody is named the copier (never the original).
     v3 = copy_verdicts(sets, {**times, 7: 100.0}, HP)
     assert v3[7].factor == 1.0 and v3[3].factor == 1.0 and 3 not in (v3[7].copied_from, v3[3].copied_from)
+    # ...but the pair is named twins either way, so stage 2 keeps each out of the other's memory control
+    for verdicts in (v, v2, v3):
+        assert verdicts[3].twins == [7] and verdicts[7].twins == [3]
+        assert verdicts[5].twins == [] and verdicts[9].twins == []
 
 
 def test_partial_copy_halves_and_per_param_dicts():
@@ -159,6 +163,7 @@ def test_partial_copy_halves_and_per_param_dicts():
     mixed = torch.cat([a[: int(0.45 * n)], b[int(0.45 * n) :]])  # 45 % of a's positions
     v = copy_verdicts({0: a, 1: mixed}, {0: 1.0, 1: 2.0}, HP)
     assert v[1].factor == 0.5 and 0.4 <= v[1].overlap < 0.5
+    assert v[0].twins == [1] and v[1].twins == [0]  # a partial copy (≥ copy_halve_overlap) is a twin too
     # The same sets given per parameter give the same verdicts; equal positions in DIFFERENT
     # parameters are not an overlap.
     half = n // 2
@@ -172,7 +177,7 @@ def test_partial_copy_halves_and_per_param_dicts():
 def test_copy_verdicts_edge_cases():
     assert copy_verdicts({}, {}, HP) == {}
     single = copy_verdicts({4: torch.arange(10)}, {4: 0.0}, HP)
-    assert single[4].factor == 1.0 and single[4].copied_from is None
+    assert single[4].factor == 1.0 and single[4].copied_from is None and single[4].twins == []
     with pytest.raises(ValueError):
         copy_verdicts({1: torch.arange(3), 2: torch.arange(3)}, {1: 0.0}, HP)
     with pytest.raises(ValueError):
