@@ -15,6 +15,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from devnet.bootstrap import BootstrapConfig, DevnetManifest, init_devnet
+from devnet.chain_epoch import produce_block
 from devnet.chain_state import SubnetParams
+from devnet.chain_store import load_state, save_state
 from devnet.participant import devnet_endpoints
 from devnet.substrate import devnet_client
 from transport.chain import Chain, ChainConfig
@@ -122,8 +125,18 @@ def bt_cache_env(tmp_path_factory) -> Iterator[None]:
         os.environ["BTCLI_TOKEN_SYMBOLS_CACHE"] = old
 
 
-def start_chain(state_dir: Path, config: BootstrapConfig, block_time: float = 0.2) -> ChainProcess:
+def start_chain(state_dir: Path, config: BootstrapConfig, block_time: float = 0.2, start_block: int = 0) -> ChainProcess:
+    """A chain process on a fresh genesis; with `start_block`, genesis already has that many empty blocks,
+    stamped `block_time` apart up to now, so the head starts there (see `tests.plugins.network.lead_in`)."""
     manifest = init_devnet(state_dir, config)
+    if start_block > 0:
+        state = load_state(state_dir)
+        now_ms = int(time.time() * 1000)
+        step_ms = int(block_time * 1000)
+        state.timestamps[0] = now_ms - start_block * step_ms  # genesis that long ago, then one block per step
+        for i in range(1, start_block + 1):
+            produce_block(state, state.timestamps[0] + i * step_ms)
+        save_state(state_dir, state)
     return ChainProcess(state_dir=state_dir, manifest=manifest, block_time=block_time).start()
 
 
