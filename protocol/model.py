@@ -18,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from protocol.data import EOT
 from protocol.hparams import HParams
+
+if TYPE_CHECKING:  # imported where a model or config is built: importing transformers takes seconds, and a
+    # command that fails on its flags, its bucket or its chain before building a model should not wait for it
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 
 class CheckpointError(ValueError):
@@ -32,6 +36,8 @@ class CheckpointError(ValueError):
 
 
 def llama_config(hp: HParams) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     m = hp.model
     return LlamaConfig(
         vocab_size=m.vocab_size,
@@ -52,6 +58,8 @@ def llama_config(hp: HParams) -> LlamaConfig:
 
 def build_model(hp: HParams, device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """θ_0: the network's deterministic initialisation, identical on every node."""
+    from transformers import LlamaForCausalLM
+
     config = llama_config(hp)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(hp.init_seed)
@@ -63,6 +71,8 @@ def build_model(hp: HParams, device: str | torch.device = "cpu") -> LlamaForCaus
 
 def param_shapes(hp: HParams) -> dict[str, torch.Size]:
     """Parameter names and shapes of the network's model, without allocating it."""
+    from transformers import LlamaForCausalLM
+
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(hp))
     return {name: p.shape for name, p in model.named_parameters()}
