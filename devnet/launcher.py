@@ -124,6 +124,7 @@ class Devnet:
         the run stops."""
         cfg, validators = self.cfg, [p.name for p in watcher.participants if p.role == "validator"]
         cap: int | None = None
+        unreadable: str | None = None  # the last reason noted, so it is said once
         while not self.stop.is_set():
             for event in self.sup.poll():
                 self.note(event.message())
@@ -144,7 +145,12 @@ class Devnet:
                 cap = window + cfg.windows + cfg.slack_windows if cap is None else cap
                 if window >= cap:
                     return f"window cap {cap} reached with {len(self.snapshots)} windows scored"
-            for snap in await watcher.poll(chain, block):
+            snaps = await watcher.poll(chain, block)
+            if watcher.unreadable is not None and watcher.unreadable != unreadable:
+                self.note(f"the validator's scores cannot be read, windows are not reported: {watcher.unreadable}")
+                self.events.append(f"scores unreadable: {watcher.unreadable}")
+            unreadable = watcher.unreadable
+            for snap in snaps:
                 self.snapshots.append(snap)
                 progress = f"{len(self.snapshots)}/{cfg.windows} windows; logs in {cfg.state / 'logs'}"
                 self.board.show(snap, progress)

@@ -181,15 +181,19 @@ class ScoreWatcher:
                  max_wait_s: float = 30.0):
         self.dir, self.participants, self.evaluator = validator_dir, participants, evaluator
         self.max_wait_s = max_wait_s
+        self.unreadable: str | None = None  # why the last read of scores.json failed, if it did
         self.seen = self.state().last_window if self.state() is not None else None
         self.pending: dict[int, float] = {}  # scored window -> when it was first seen
         self.evaluated: int | None = None  # newest model window whose loss was reported
 
     def state(self) -> ScoringState | None:
+        """The validator's scoring state; None if absent or unreadable (then `unreadable` says why)."""
         try:
-            return load_state(self.dir / SCORES_FILE)
-        except StateError:
-            return None  # torn reads cannot happen (atomic replace); a bad file is the validator's to report
+            state, self.unreadable = load_state(self.dir / SCORES_FILE), None
+            return state
+        except StateError as exc:  # torn reads cannot happen (atomic replace): a validator of other code?
+            self.unreadable = str(exc)
+            return None
 
     async def poll(self, chain: Chain, block: int | None) -> list[WindowSnapshot]:
         state = self.state()

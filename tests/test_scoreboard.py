@@ -136,3 +136,18 @@ async def test_honest_rows_carry_each_miners_own_in_sync_verdict(tmp_path, tiny_
     snaps = await watcher.poll(NoChain(), 5)
     assert snaps and all(s.rows[0].name == "miner-0" for s in snaps)
     assert {s.window: s.rows[0].in_sync for s in snaps} == {0: True, 1: True, 2: False}
+
+
+async def test_an_unreadable_scores_file_is_said_not_silently_skipped(tmp_path, tiny_hp, tiny_dataset):
+    """A validator of other code (a field this launcher does not know) must not look like a quiet run."""
+    folder = tmp_path / "validator-0"
+    folder.mkdir()
+    watcher = ScoreWatcher(folder, [], HeldoutEvaluator(tiny_hp, tiny_dataset.path, pages=2))
+    scored(folder, 0)
+    raw = (folder / SCORES_FILE).read_text().replace('"copy_factor"', '"from_newer_code":1,"copy_factor"', 1)
+    (folder / SCORES_FILE).write_text(raw)
+    assert await watcher.poll(NoChain(), 1) == []
+    assert watcher.unreadable is not None and "from_newer_code" in watcher.unreadable
+    scored(folder, 1)  # readable again: the reason is cleared
+    await watcher.poll(NoChain(), 2)
+    assert watcher.unreadable is None
