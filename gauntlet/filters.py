@@ -388,7 +388,7 @@ def copy_verdicts(
     "Later" is by `first_seen` (when the validator itself first saw the shard: a poll round or a
     time of its own clock, never the miner's). Two shards first seen at the same time cannot be
     ordered, and then neither is named the copier: punishing the original is worse than missing a
-    copier, whose update still fails the assigned-vs-random test on its own data.
+    copier, whose update still fails the memory test on its own data (stage 2, against a control).
     Overlap ≥ copy_zero_overlap zeroes the copier's positive score, ≥ copy_halve_overlap halves it.
     Every pair at or above copy_halve_overlap, ordered or not, is also listed in both verdicts' `twins`
     (stage 2 leaves copies out of each other's memory control: a copy must not make the original's
