@@ -173,23 +173,17 @@ class Evaluator:
         usable = [u for u in updates if check_update(self.model, u) is None]
         if not usable:
             return None
-        params = dict(self.model.named_parameters())
         before = self.loss_before_random
-        names = sorted({n for u in usable for n in u})
+        params, mean = dict(self.model.named_parameters()), {}
+        for name in sorted({n for u in usable for n in u}):
+            p = params[name]
+            total = torch.zeros_like(p)
+            for u in usable:
+                if name in u:
+                    total.add_(u[name].to(device=p.device, dtype=p.dtype))
+            mean[name] = total / len(usable)
         with _eval_mode(self.model):
-            saved = {name: params[name].detach().clone() for name in names}
-            try:
-                for name in names:
-                    p = params[name]
-                    total = torch.zeros_like(p)
-                    for u in usable:
-                        if name in u:
-                            total.add_(u[name].to(device=p.device, dtype=p.dtype))
-                    p.sub_(total, alpha=step / len(usable))
-                after = mean_loss(self.model, self.random_batches)
-            finally:
-                for name, value in saved.items():
-                    params[name].copy_(value)
+            (after,) = self._stepped(mean, step, [self.random_batches])
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
             return None
         return (before - after) / before
