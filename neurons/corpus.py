@@ -76,12 +76,15 @@ class CorpusReport:
         return lines
 
 
-def clean_text(text: str, report: CorpusReport | None = None, where: str = "") -> str:
-    """`text` with every lone surrogate (and surrogate-escaped byte) replaced by U+FFFD, counted."""
+def clean_text(text: str, report: CorpusReport | None = None, where: str = "", *, decoded: bool = True) -> str:
+    """`text` with every lone surrogate (and surrogate-escaped byte) replaced by U+FFFD, counted.
+
+    `decoded`: `text` came from bytes decoded with surrogateescape, so U+DC80..U+DCFF are bytes that were
+    not UTF-8; False (a JSON string, a parquet value) counts every lone surrogate as a surrogate."""
     if not _SURROGATE.search(text):
         return text
     if report is not None:
-        escaped = len(_ESCAPED_BYTE.findall(text))
+        escaped = len(_ESCAPED_BYTE.findall(text)) if decoded else 0
         report._note("invalid_bytes", escaped, where)
         report._note("surrogates", len(_SURROGATE.findall(text)) - escaped, where)
     return _SURROGATE.sub("\ufffd", text)
@@ -170,13 +173,14 @@ def _jsonl_documents(path: Path, report: CorpusReport) -> Iterator[tuple[str, st
                 continue
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an integer too long
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else (
+                    "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0])
                 raise CorpusError(f"{where}: not JSON ({msg})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise CorpusError(f"{where}: no string 'text' field")
-            yield clean_text(text, report, where), where
+            yield clean_text(text, report, where, decoded=False), where
 
 
 def _parquet_documents(path: Path, report: CorpusReport) -> Iterator[tuple[str, str]]:
@@ -193,7 +197,7 @@ def _parquet_documents(path: Path, report: CorpusReport) -> Iterator[tuple[str, 
                 row += 1
                 if isinstance(text, str):
                     where = f"{path}:row {row}"
-                    yield clean_text(text, report, where), where
+                    yield clean_text(text, report, where, decoded=False), where
                 elif text is not None:
                     raise CorpusError(f"{path}:row {row}: 'text' is not a string")
     except CorpusError:
