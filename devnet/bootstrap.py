@@ -17,9 +17,10 @@ import json
 import secrets
 import time
 from pathlib import Path
+from typing import Annotated
 
 import bittensor as bt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devnet.chain_epoch import run_epoch
 from devnet.chain_state import (
@@ -33,10 +34,16 @@ from devnet.chain_state import (
 )
 from devnet.chain_store import save_state, state_path
 from devnet.chain_wire import RAO_PER_TAO
+from neurons.flags import config_error
 from protocol.hparams import HParams, load_hparams
 
 MANIFEST_FILE = "devnet.json"
 HOTKEY = "default"
+
+
+MAX_TAO = 21_000_000  # TAO's total supply: no genesis balance or stake is larger
+# A genesis amount in TAO: finite (nan or inf cannot become rao), not negative, at most the total supply.
+Tao = Annotated[float, Field(ge=0, le=MAX_TAO, allow_inf_nan=False)]
 
 
 class BootstrapConfig(BaseModel):
@@ -45,9 +52,9 @@ class BootstrapConfig(BaseModel):
     validators: int = Field(1, ge=0, description="Validator wallets to create (validator-0 …).")
     netuid: int = Field(1, ge=1, le=65535, description="The subnet the devnet runs.")
     register_all: bool = Field(True, description="Register every hotkey at genesis (else only fund the coldkeys).")
-    fund_tao: float = Field(1000.0, ge=0, description="Free TAO every coldkey starts with.")
-    validator_stake_tao: float = Field(10_000.0, ge=0, description="TAO each validator stakes at genesis.")
-    validator_stakes_tao: list[float] | None = Field(
+    fund_tao: Tao = Field(1000.0, description="Free TAO every coldkey starts with.")
+    validator_stake_tao: Tao = Field(10_000.0, description="TAO each validator stakes at genesis.")
+    validator_stakes_tao: list[Tao] | None = Field(
         None, description="Per-validator genesis stake in TAO (validator-0 first); overrides validator_stake_tao.")
     seed: str | None = Field(None, description="Genesis seed; a random one when not given.")
     subnet: SubnetParams = Field(
@@ -160,6 +167,10 @@ def add_cli(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+_INIT_FLAGS = {"miners": "--miners", "validators": "--validators", "netuid": "--netuid", "tempo": "--tempo",
+               "validator_stakes_tao": "--validator-stake", "subnet": "--subnet-param"}
+
+
 def run_cli(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {"tempo": args.tempo} if args.tempo is not None else {}
     try:
@@ -167,9 +178,17 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(json.dumps({"event": "devnet_init_error", "error": str(exc)}), flush=True)
         return 2
-    cfg = BootstrapConfig(miners=args.miners, validators=args.validators, netuid=args.netuid,
-                          register_all=not args.no_register, subnet=subnet_params_for(load_hparams(args.hparams), **overrides),
-                          validator_stakes_tao=args.validator_stake or None)
+    try:  # a bad value is one line naming it (a pydantic error, a bad preset), like every other command
+        cfg = BootstrapConfig(miners=args.miners, validators=args.validators, netuid=args.netuid,
+                              register_all=not args.no_register,
+                              subnet=subnet_params_for(load_hparams(args.hparams), **overrides),
+                              validator_stakes_tao=args.validator_stake or None)
+    except ValidationError as exc:
+        print(json.dumps({"event": "devnet_init_error", "error": config_error(exc, _INIT_FLAGS)}), flush=True)
+        return 2
+    except ValueError as exc:  # HParamsError: a bad --hparams
+        print(json.dumps({"event": "devnet_init_error", "error": str(exc)}), flush=True)
+        return 2
     try:
         manifest = init_devnet(args.state, cfg, force=args.force)
     except FileExistsError as exc:

@@ -20,6 +20,7 @@ from devnet.bootstrap import (
     HOTKEY,
     BootstrapConfig,
     DevnetManifest,
+    Tao,
     init_devnet,
     load_manifest,
     subnet_params_for,
@@ -55,9 +56,10 @@ class DevnetConfig(BaseModel):
         description="Subnet hyperparameter NAME=VALUE on the devnet chain, real spellings accepted "
                     "(MinAllowedWeights=8, weights_version_key=3, WeightsSetRateLimit=100, ImmunityPeriod=…, "
                     "MaxWeightsLimit=…, MaxAllowedValidators=…); applied to an existing chain too.")
-    validator_stakes: list[float] = Field(
+    validator_stakes: list[Tao] = Field(
         default_factory=list,
-        description="Genesis stake in TAO of validator-0, validator-1, … (e.g. 6000 3000 1000); the last repeats.")
+        description="Genesis stake in TAO of validator-0, validator-1, … (e.g. 6000 3000 1000); the last repeats; "
+                    "at most one per validator.")
     miner_profile: list[float] = Field(
         default_factory=list,
         description="Update quality in (0, 1] of honest miner 0, 1, … (devnet/profiles.py; the last repeats; "
@@ -107,6 +109,9 @@ class DevnetConfig(BaseModel):
             raise ValueError(f"unknown adversary kind {bad[0]!r}; choose from {', '.join(ADVERSARY_KINDS)}")
         params = SubnetParams(**parse_subnet_params(self.subnet_params))  # a bad NAME or VALUE: one line
         stakes = self.validator_stakes or []
+        if len(stakes) > self.validators:  # the extra ones would be ignored
+            raise ValueError(f"--validator-stake: {len(stakes)} stakes for {self.validators} validator(s) "
+                             "(one per validator, the last repeats)")
         for i in range(self.validators if stakes else 0):  # a validator without a permit could never start
             tao = stakes[min(i, len(stakes) - 1)]
             if tao * RAO_PER_TAO < params.validator_min_stake:

@@ -1,0 +1,38 @@
+"""Genesis stakes and `crucible devnet init` values found by the s8 attack: `--validator-stake inf` (or
+1e300) passed the config and died in bootstrap with an OverflowError traceback, `nan` as "cannot convert
+float NaN to integer", stakes beyond the validators were silently ignored, and `crucible devnet init`
+printed a pydantic traceback for --netuid 0 / --tempo 0 / a negative stake."""
+
+import argparse
+import json
+
+import pytest
+
+from devnet.bootstrap import BootstrapConfig, add_cli, run_cli
+from devnet.launch_plan import DevnetConfig
+
+
+@pytest.mark.parametrize("tao", [float("inf"), float("nan"), 1e300, -5.0])
+def test_a_genesis_stake_that_is_not_a_finite_amount_is_refused_by_the_config(tao):
+    with pytest.raises(ValueError, match="validator_stakes"):
+        DevnetConfig(validators=1, validator_stakes=[tao])
+    with pytest.raises(ValueError, match="validator_stakes_tao"):
+        BootstrapConfig(validators=1, validator_stakes_tao=[tao])
+
+
+def test_more_stakes_than_validators_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="3 stakes for 1 validator"):
+        DevnetConfig(validators=1, validator_stakes=[5000, 6000, 7000])
+    assert DevnetConfig(validators=2, validator_stakes=[5000, 6000]).validator_stakes == [5000, 6000]
+
+
+@pytest.mark.parametrize("flags, names", [(["--netuid", "0"], "--netuid"), (["--tempo", "0"], "--tempo"),
+                                          (["--validator-stake", "-5"], "--validator-stake"),
+                                          (["--validator-stake", "inf"], "--validator-stake"),
+                                          (["--miners", "-1"], "--miners")])
+def test_devnet_init_refuses_a_bad_value_in_one_line(tmp_path, capsys, flags, names):
+    args = add_cli(argparse.ArgumentParser()).parse_args(["--state", str(tmp_path / "s"), *flags])
+    assert run_cli(args) == 2
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["event"] == "devnet_init_error" and out["error"].startswith(names), out
+    assert not (tmp_path / "s").exists()
