@@ -161,7 +161,11 @@ def build_manifest(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:
     path = Path(path)
     store = PageStore(path)
     index = json.loads((path / "index.json").read_text())
-    tok = (path / TOKENIZER_FILE).read_bytes()
+    try:
+        tok = (path / TOKENIZER_FILE).read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path / TOKENIZER_FILE}: unreadable ({exc.strerror or exc}); a published dataset "
+                           "carries its tokenizer") from None
     shards, tables = [], {}
     for split in SPLITS:
         for shard, arr in zip(index[split]["shards"], store._splits[split], strict=True):
@@ -188,12 +192,19 @@ class PageStore:
         index_file = self.path / "index.json"
         if not index_file.is_file():
             raise DatasetError(f"{self.path}: no index.json (run `crucible data prepare`)")
-        index = json.loads(index_file.read_text())
-        if index.get("version") != INDEX_VERSION:
-            raise DatasetError(f"{index_file}: version {index.get('version')}, expected {INDEX_VERSION}")
-        self.seq_len: int = index["seq_len"]
-        self.vocab_size: int = index["vocab_size"]
-        self.tokens: int = index["tokens"]
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
+            raise DatasetError(f"{index_file}: unreadable ({exc})") from None
+        if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
+            version = index.get("version") if isinstance(index, dict) else None
+            raise DatasetError(f"{index_file}: version {version}, expected {INDEX_VERSION}")
+        try:
+            self.seq_len: int = int(index["seq_len"])
+            self.vocab_size: int = int(index["vocab_size"])
+            self.tokens: int = int(index["tokens"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"{index_file}: malformed ({type(exc).__name__}: {exc})") from None
         if hp is not None and (hp.model.seq_len, hp.model.vocab_size) != (self.seq_len, self.vocab_size):
             raise DatasetError(
                 f"{self.path}: built for seq_len={self.seq_len} vocab={self.vocab_size}, "
@@ -202,10 +213,18 @@ class PageStore:
         self._splits: dict[str, list[np.ndarray]] = {}
         for split in ("train", "heldout"):
             arrays = []
-            for shard in index[split]["shards"]:
-                arr = np.load(self.path / shard["file"], mmap_mode="r", allow_pickle=False)
-                if arr.ndim != 2 or arr.shape != (shard["pages"], self.seq_len):
-                    raise DatasetError(f"{shard['file']}: shape {arr.shape} does not match index.json")
+            try:
+                shards = [(str(s["file"]), s["pages"]) for s in index[split]["shards"]]
+            except (KeyError, TypeError) as exc:
+                raise DatasetError(f"{index_file}: malformed {split} entry ({type(exc).__name__}: {exc})") from None
+            for file, pages in shards:
+                try:  # a missing, truncated or foreign file: one line naming it
+                    arr = np.load(self.path / file, mmap_mode="r", allow_pickle=False)
+                except (OSError, ValueError, EOFError) as exc:
+                    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    raise DatasetError(f"{self.path / file}: unreadable ({why})") from None
+                if arr.ndim != 2 or arr.shape != (pages, self.seq_len):
+                    raise DatasetError(f"{file}: shape {arr.shape} does not match index.json")
                 arrays.append(arr)
             self._splits[split] = arrays
 
