@@ -42,6 +42,7 @@ from transport.bucket_errors import StorageError, StorageUnavailable
 from transport.fetch import BucketPool
 
 DEFAULT_RESTART_S = 2.0
+MAX_SECONDS = 1_000_000.0  # a longer stall's timer would overflow (threading.Timer): beyond any devnet run anyway
 GRAMMAR = "KIND[:NODE]@WINDOW[+SECONDSs]"
 _FAULT_RE = re.compile(r"(?P<kind>[a-z-]+)(?::(?P<target>[A-Za-z0-9_:-]+))?@(?P<window>\d+)(?:\+(?P<seconds>\d+(?:\.\d+)?)s)?")
 
@@ -77,6 +78,8 @@ def parse_fault(text: str) -> Fault:
         raise ValueError(f"--fault {text!r}: unknown kind {m['kind']!r}; choose from {kinds}") from None
     target, window = m["target"], int(m["window"])
     seconds = float(m["seconds"]) if m["seconds"] is not None else None
+    if seconds is not None and seconds > MAX_SECONDS:
+        raise ValueError(f"--fault {text!r}: {seconds:g} s is longer than any run; at most {MAX_SECONDS:g} s")
     node = peer = None
     if kind in (FaultKind.STORAGE_STALL, FaultKind.CHAIN_STALL):
         if target is not None or seconds is None:
