@@ -33,7 +33,7 @@ from devnet.chain_state import (
     register,
 )
 from devnet.chain_store import save_state, state_path
-from devnet.chain_wire import RAO_PER_TAO
+from devnet.chain_wire import RAO_PER_TAO, U16_MAX
 from neurons.flags import config_error
 from protocol.hparams import HParams, load_hparams
 
@@ -83,7 +83,8 @@ def subnet_params_for(hp: HParams, **overrides: object) -> SubnetParams:
     """Devnet subnet hyperparameters that fit the network's windows: one epoch per window, weights
     allowed twice per window (a validator sets them once), immunity of ten windows."""
     bpw = hp.windows.blocks_per_window
-    base = {"tempo": bpw, "weights_rate_limit": max(1, bpw // 2), "immunity_period": 10 * bpw, "max_allowed_uids": 64}
+    base = {"tempo": bpw, "weights_rate_limit": max(1, bpw // 2), "immunity_period": min(10 * bpw, U16_MAX),
+            "max_allowed_uids": 64}
     return SubnetParams(**{**base, **overrides})
 
 

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from devnet.chain_wire import RAO_PER_TAO, U16_MAX, genesis_hash, hex_bytes
 
+U64_MAX = (1 << 64) - 1  # the other items are u64 on the real chain (balances, block counts, version key)
+
 STATE_VERSION = 1
 MAX_CRV3_COMMIT_SIZE_BYTES = 5000  # pallets/subtensor/src/lib.rs
 Event = dict[str, Any]
@@ -53,6 +55,9 @@ class SubnetParams(_Model):
     """A subnet's hyperparameters. Field defaults are the devnet's (a small, fast subnet); the real chain's
     initial values and the storage item each maps to are in `REAL_CHAIN_DEFAULTS`.
 
+    Bounds are the real storage types' (u16 for Tempo, MinAllowedWeights, ImmunityPeriod, ActivityCutoff, …,
+    u64 for WeightsSetRateLimit, WeightsVersionKey and amounts): a value the real chain could not hold is refused.
+
     The rules that use them follow subtensor's `pallets/subtensor/src/subnets/weights.rs` (`do_set_weights`:
     `check_version_key` → IncorrectWeightVersionKey, `check_rate_limit` → SettingWeightsTooFast,
     `check_length` → WeightVecLengthIsLow with the minimum capped at the subnet's size and a lone self-weight
@@ -61,22 +66,22 @@ class SubnetParams(_Model):
     (MaxAllowedValidators top-stake permits).
     """
 
-    tempo: int = Field(10, ge=1, description="Blocks between epochs (consensus + emission).")
-    weights_rate_limit: int = Field(5, ge=0, description="Blocks a validator must wait between set_weights.")
-    min_allowed_weights: int = Field(1, ge=0, description="Fewest non-zero weights a (non-self) set may carry.")
+    tempo: int = Field(10, ge=1, le=U16_MAX, description="Blocks between epochs (consensus + emission).")
+    weights_rate_limit: int = Field(5, ge=0, le=U64_MAX, description="Blocks a validator must wait between set_weights.")
+    min_allowed_weights: int = Field(1, ge=0, le=U16_MAX, description="Fewest non-zero weights a (non-self) set may carry.")
     max_weights_limit: int = Field(U16_MAX, ge=0, le=U16_MAX, description="Largest share one weight may take, u16.")
-    weights_version_key: int = Field(0, ge=0, description="Oldest weights version key the subnet accepts.")
-    immunity_period: int = Field(50, ge=0, description="Blocks after registration during which a uid is not replaced.")
+    weights_version_key: int = Field(0, ge=0, le=U64_MAX, description="Oldest weights version key the subnet accepts.")
+    immunity_period: int = Field(50, ge=0, le=U16_MAX, description="Blocks after registration during which a uid is not replaced.")
     max_allowed_uids: int = Field(256, ge=1, le=U16_MAX, description="Uid slots; a full subnet replaces a neuron.")
-    max_allowed_validators: int = Field(64, ge=1, description="At most this many top-stake neurons get permits.")
-    validator_min_stake: int = Field(1000 * RAO_PER_TAO, ge=0, description="Stake (rao) needed for a permit.")
-    weights_min_stake: int = Field(0, ge=0, description="Stake (rao) needed to set weights (StakeThreshold).")
-    activity_cutoff: int = Field(5000, ge=1, description="Blocks without weights after which a validator is inactive.")
+    max_allowed_validators: int = Field(64, ge=1, le=U16_MAX, description="At most this many top-stake neurons get permits.")
+    validator_min_stake: int = Field(1000 * RAO_PER_TAO, ge=0, le=U64_MAX, description="Stake (rao) needed for a permit.")
+    weights_min_stake: int = Field(0, ge=0, le=U64_MAX, description="Stake (rao) needed to set weights (StakeThreshold).")
+    activity_cutoff: int = Field(5000, ge=1, le=U16_MAX, description="Blocks without weights after which a validator is inactive.")
     kappa: float = Field(0.5, gt=0, le=1, description="Stake majority that defines consensus (0.5 = median).")
     registration_allowed: bool = Field(True, description="Whether burned registration is open.")
-    burn: int = Field(RAO_PER_TAO, ge=0, description="Registration price in rao (fixed on the devnet).")
-    max_registrations_per_block: int = Field(64, ge=1, description="Registrations accepted per block.")
-    emission_per_block: int = Field(RAO_PER_TAO, ge=0, description="Alpha (rao) emitted to the subnet per block.")
+    burn: int = Field(RAO_PER_TAO, ge=0, le=U64_MAX, description="Registration price in rao (fixed on the devnet).")
+    max_registrations_per_block: int = Field(64, ge=1, le=U16_MAX, description="Registrations accepted per block.")
+    emission_per_block: int = Field(RAO_PER_TAO, ge=0, le=U64_MAX, description="Alpha (rao) emitted to the subnet per block.")
     validator_share: float = Field(0.5, ge=0, le=1, description="Share of emission paid as validator dividends.")
     commit_reveal_enabled: bool = Field(False, description="Commit-reveal (timelocked) weights; see chain_commit_reveal.")
     reveal_period_epochs: int = Field(1, ge=1, le=100, description="Epochs between a timelocked commit and its reveal.")
