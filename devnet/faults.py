@@ -327,4 +327,10 @@ class FaultRunner:
                 self._resume(event, "s3" if event.fault.kind == FaultKind.STORAGE_STALL else "chain")
         for path in self.nodes_with_fault_file().values():
             path.unlink(missing_ok=True)
-        return [f"fault {f.spec} not applied: the run ended at chain window {self.window}" for f in self._pending]
+        lines = [f"fault {f.spec} not applied: the run ended at chain window {self.window}" for f in self._pending]
+        for event in self._open:  # a deletion is due at W + 2: a run that ended before it deleted nothing
+            if event.fault.kind == FaultKind.DELETE_SHARD and event.ended_at is None:
+                event.detail = (f"nothing deleted: the run ended at chain window {self.window}, before window "
+                                f"{event.fault.window + 2}")
+                lines.append(f"fault {event.fault.spec}: {event.detail}")
+        return lines

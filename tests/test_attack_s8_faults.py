@@ -19,3 +19,17 @@ def test_a_duration_too_long_for_a_timer_is_refused_in_one_line(spec):
 
 def test_the_longest_allowed_stall_still_parses():
     assert parse_fault(f"storage-stall@5+{MAX_SECONDS:.0f}s").seconds == MAX_SECONDS
+
+
+def test_a_deletion_the_run_ended_before_says_nothing_was_deleted(tmp_path):
+    from devnet.faults import FaultRunner, parse_plan
+    from devnet.supervisor import Supervisor, SupervisorConfig
+
+    runner = FaultRunner(parse_plan(["delete-shard:miner-1@9"]), Supervisor(SupervisorConfig()), tmp_path,
+                         {"miner-1": "hk1"}, {}, ["validator-0"])
+    runner.tick(9)
+    runner.tick(10)  # the run ends here: the deletion was due at window 11
+    lines = runner.release()
+    assert lines == ["fault delete-shard:miner-1@9: nothing deleted: the run ended at chain window 10, "
+                     "before window 11"]
+    assert runner.events[0].ended_at is None and runner.events[0].detail.startswith("nothing deleted")
