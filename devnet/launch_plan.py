@@ -120,7 +120,7 @@ class DevnetConfig(BaseModel):
                                  "it would get no validator permit")
         for item in self.kill:
             name, sep, window = item.partition("@")
-            if not sep or not name or not window.isdigit():
+            if not sep or not name or not window.isdecimal():
                 raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
             if name not in self.node_roles():
                 raise ValueError(f"--kill {item!r}: no node named {name!r} (nodes: {', '.join(self.node_roles())})")

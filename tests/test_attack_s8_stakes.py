@@ -36,3 +36,10 @@ def test_devnet_init_refuses_a_bad_value_in_one_line(tmp_path, capsys, flags, na
     out = json.loads(capsys.readouterr().out.strip())
     assert out["event"] == "devnet_init_error" and out["error"].startswith(names), out
     assert not (tmp_path / "s").exists()
+
+
+def test_a_kill_window_int_cannot_read_is_refused_before_the_run():
+    # '²'.isdigit() is True but int('²') fails: it passed the check and crashed the launcher's kill_due mid-run
+    with pytest.raises(ValueError, match="expected NAME@WINDOW"):
+        DevnetConfig(kill=["miner-0@²"])
+    assert DevnetConfig(kill=["miner-0@3"]).kill == ["miner-0@3"]
