@@ -159,6 +159,9 @@ def prepare_state(cfg: DevnetConfig, hp: HParams) -> DevnetManifest:
         if len(m.miners) < miners or len(m.validators) < cfg.validators or m.netuid != cfg.netuid:
             raise ValueError(f"{chain_dir} holds {len(m.miners)} miners and {len(m.validators)} validators "
                              f"on netuid {m.netuid}; pass --fresh to start a new devnet")
+        if cfg.validator_stakes:  # genesis stakes: an existing chain has its own (grown by emission since)
+            raise ValueError(f"--validator-stake sets the stakes of a new chain, and {chain_dir} exists: pass --fresh "
+                             "to start one with them, or leave --validator-stake out to reuse it")
         if cfg.subnet_params:  # the chain is not running yet: set them in its saved state
             state = load_state(chain_dir)
             sn = state.subnet(m.netuid)

@@ -43,3 +43,16 @@ def test_a_kill_window_int_cannot_read_is_refused_before_the_run():
     with pytest.raises(ValueError, match="expected NAME@WINDOW"):
         DevnetConfig(kill=["miner-0@²"])
     assert DevnetConfig(kill=["miner-0@3"]).kill == ["miner-0@3"]
+
+
+def test_genesis_stakes_on_a_reused_chain_are_refused_not_ignored(tmp_path):
+    from devnet.launch_plan import prepare_state
+    from protocol.hparams import load_hparams
+
+    hp = load_hparams("tiny")
+    cfg = DevnetConfig(miners=1, validators=1, state=tmp_path / "s")
+    prepare_state(cfg, hp)  # a new chain
+    again = DevnetConfig(miners=1, validators=1, state=tmp_path / "s", validator_stakes=[5000])
+    with pytest.raises(ValueError, match="--validator-stake sets the stakes of a new chain"):
+        prepare_state(again, hp)  # before: returned the old chain, its stakes unchanged, and said nothing
+    prepare_state(again.model_copy(update={"fresh": True}), hp)
