@@ -62,6 +62,8 @@ def _prepare(args: argparse.Namespace) -> int:
     hp = HPARAMS_FLAGS.parse(args).hparams()
     if args.tokenizer_chars is not None and args.tokenizer_chars < 0:
         return _fail("prepare", f"--tokenizer-chars {args.tokenizer_chars}: must be 0 (all) or more")
+    if args.max_chars is not None and args.max_chars <= 0:
+        return _fail("prepare", f"--max-chars {args.max_chars}: must be 1 or more")
     max_chars = args.max_chars if args.input else (args.max_chars or hp.data.corpus_max_chars)
     started = time.perf_counter()
     try:

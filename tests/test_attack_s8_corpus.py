@@ -41,3 +41,13 @@ def test_prepare_with_a_tokenizer_refuses_a_long_integer_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and f"{f}:1: not JSON" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("cap", ["-5", "0"])
+def test_prepare_refuses_a_cap_that_reads_nothing_naming_the_flag(tmp_path, cap):
+    f = tmp_path / "a.txt"
+    f.write_text("hello world\n")
+    r = subprocess.run([sys.executable, "-m", "neurons.cli", "data", "prepare", "--preset", "tiny", "--out",
+                        str(tmp_path / "out"), "--input", str(f), "--max-chars", cap],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 1 and f"--max-chars {cap}: must be 1 or more" in r.stderr, r.stderr
