@@ -122,7 +122,8 @@ class FaultEvent(BaseModel):
     started_window: int = Field(description="Chain window when it was applied.")
     started_at: float = Field(description="When it was applied.")
     ended_window: int | None = Field(None, description="Chain window when it ended (None: still on at the end).")
-    ended_at: float | None = Field(None, description="When it ended: restart, SIGCONT, block lifted, deletion.")
+    ended_at: float | None = Field(None, description="When it ended: restart, SIGCONT, deletion; unreachable: when "
+                                                     "W + 1 (its ended_window) began (the block is lifted at W + 2).")
     detail: str = Field("", description="What was done.")
 
 
@@ -266,6 +267,9 @@ class FaultRunner:
             self._write_blocks(f.node)
             self._end(event, "block lifted")
             event.ended_window = f.window + 1  # it hit one window, W; W + 1 is the first unaffected one
+            # ... so it ended when W + 1 began, as ended_window says: the report's seconds_to_recover count
+            # from there (from the lift, a window later, they came out 0 for a recovery in W + 1)
+            event.ended_at = self.window_times.get(f.window + 1, event.ended_at)
         elif f.kind == FaultKind.DELETE_SHARD and window >= f.window + 2:
             self._end(event, self._delete(f))
         if event.ended_at is not None and event in self._open:
