@@ -25,7 +25,7 @@ from devnet.bootstrap import (
     load_manifest,
     subnet_params_for,
 )
-from devnet.chain_state import SubnetParams, parse_subnet_params
+from devnet.chain_state import DispatchError, SubnetParams, parse_subnet_params
 from devnet.chain_store import load_state, save_state
 from devnet.chain_wire import RAO_PER_TAO
 from devnet.faults import GRAMMAR, check_plan, parse_plan
@@ -172,6 +172,20 @@ def prepare_state(cfg: DevnetConfig, hp: HParams) -> DevnetManifest:
                            subnet=subnet_params_for(hp, **parse_subnet_params(cfg.subnet_params)),
                            validator_stakes_tao=cfg.validator_stakes or None)
     return init_devnet(chain_dir, boot)
+
+
+def commit_reveal_note(cfg: DevnetConfig, manifest: DevnetManifest) -> str | None:
+    """A line to say at start when the devnet's subnet has commit-reveal on: the launcher's chain has no drand
+    pulse source, so every commit stays pending and Yuma pays nothing (docs/protocol.md)."""
+    try:
+        params = load_state(cfg.state / "chain").subnet(manifest.netuid).params
+    except (OSError, ValueError, DispatchError):
+        return None
+    if not params.commit_reveal_enabled:
+        return None
+    return ("commit-reveal is on (CommitRevealWeightsEnabled) and this offline devnet has no drand pulses: "
+            "weights are committed but never revealed, so vtrust stays 0 and no incentive is paid "
+            "(docs/protocol.md, 'Offline devnet with commit-reveal on')")
 
 
 def plan_participants(cfg: DevnetConfig, manifest: DevnetManifest) -> list[Participant]:

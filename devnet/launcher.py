@@ -42,6 +42,7 @@ from devnet.launch_plan import (
     REPO,
     DevnetConfig,
     child_env,
+    commit_reveal_note,
     crucible,
     ensure_dataset,
     node_spec,
@@ -221,6 +222,9 @@ class Devnet:
         cfg.state.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", child_env(cfg)["BTCLI_TOKEN_SYMBOLS_CACHE"])
         manifest = prepare_state(cfg, hp)
+        if note := commit_reveal_note(cfg, manifest):
+            self.note(note)
+            self.events.append(note)
         participants = plan_participants(cfg, manifest)
         plan = parse_plan(cfg.faults)
         check_plan(plan, {p.name: p.role for p in participants})
