@@ -79,22 +79,44 @@ def publish_dataset(bucket: Bucket, folder: str | Path,
     manifest, tables = build_manifest(folder)
     raw = manifest.to_json()
     pinned = manifest_hash(raw)
-    present = {o.key: o.size for o in bucket.iter_objects(dataset_key(dataset_prefix(pinned)) + "/")}
+    present = {o.key: o for o in bucket.iter_objects(dataset_key(dataset_prefix(pinned)) + "/")}
 
-    def upload(name: str, size: int, send: Callable[[str], None]) -> None:
+    def upload(name: str, size: int, send: Callable[[str], None], md5: Callable[[], str]) -> None:
         key = object_key(pinned, name)
-        if present.get(key) != size:
+        there = present.get(key)
+        if there is None or there.size != size or _differs(there.etag, md5):
             send(key)
         if progress:
             progress(name, size)
 
-    upload(TOKENIZER_FILE, manifest.tokenizer_bytes, lambda k: bucket.put_file(k, folder / TOKENIZER_FILE))
+    upload(TOKENIZER_FILE, manifest.tokenizer_bytes, lambda k: bucket.put_file(k, folder / TOKENIZER_FILE),
+           lambda: _file_md5(folder / TOKENIZER_FILE))
     for shard in manifest.shards:
         table = tables[shard.file + PAGE_TABLE_SUFFIX]
-        upload(shard.file + PAGE_TABLE_SUFFIX, len(table), lambda k, t=table: bucket.put(k, t))
-        upload(shard.file, shard.bytes, lambda k, s=shard: bucket.put_file(k, folder / s.file))
+        upload(shard.file + PAGE_TABLE_SUFFIX, len(table), lambda k, t=table: bucket.put(k, t),
+               lambda t=table: hashlib.md5(t, usedforsecurity=False).hexdigest())
+        upload(shard.file, shard.bytes, lambda k, s=shard: bucket.put_file(k, folder / s.file),
+               lambda s=shard: _file_md5(folder / s.file))
     bucket.put(object_key(pinned, MANIFEST_FILE), raw)
     return pinned, manifest
+
+
+def _differs(etag: str | None, md5: Callable[[], str]) -> bool:
+    """An object of the right size is kept on re-publish unless its ETag is a plain MD5 (a single-part upload)
+    that is not the local file's: a same-size object with other bytes (damaged, replaced) is uploaded again.
+    A multipart ETag (`…-N`) or none says nothing about the bytes: kept (the nodes check every page anyway)."""
+    tag = (etag or "").strip('"').lower()
+    if len(tag) != 32 or any(c not in "0123456789abcdef" for c in tag):
+        return False
+    return tag != md5()
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class PageCache:
