@@ -29,7 +29,7 @@ from neurons.node_files import append_metrics
 from neurons.sharding import ShardedMiner, build_sharded_miner
 from neurons.training import FP32, TrainSettings, inner_train, make_inner_optimizer, prepare_model
 from protocol.codec import Compressor, EncodedTensor
-from protocol.data import assign, samples_digest
+from protocol.data import DatasetError, assign, samples_digest
 from protocol.gather import GatherResult
 from protocol.sample import debug_positions, flat_sample, gather_sample
 from protocol.storage_keys import gradient_key
@@ -159,7 +159,13 @@ class Miner:
         model, window = self.node.model, ctx.window
         started = time.perf_counter()
         indices = self.choose_samples(window)
-        samples = self.node.store.pages(indices)
+        try:
+            samples = self.node.store.pages(indices)
+        except DatasetError as exc:  # the pinned dataset's bucket is down or served a page that is not the pinned
+            # one: no training this window (nothing uploaded); the miner still applies the window's record
+            log.warning("window %d: dataset pages unavailable, not trained: %s", window, exc)
+            report.note += f"dataset pages unavailable ({exc}); not trained. "
+            return
         if self.sharded is not None:  # the same window, a collective over the ranks' rows
             broadcast_work(self.dist, {"op": "train", "window": window, "samples": samples, "seed": ctx.seed})
             encoded, debug, stats = await asyncio.to_thread(self.sharded.window, samples, window, ctx.seed)
