@@ -17,6 +17,8 @@ chain accepts, without paying anyone more than the chain forces. Rules and names
   k·cap < 1), the rest goes to the own uid (pays nobody), then, only if the limit still binds, evenly
   over zero-score uids — the one case where a non-earner gets more than one step, and only because the
   chain refuses anything else.
+  If even n equal shares exceed the limit (MaxWeightsLimit · n < 65535, e.g. a limit of 0), no vector but
+  a lone self-weight passes the check (it is exempt); the validator then sends that, which pays nobody.
 - uids whose hotkey changed since scoring (`changed`) get nothing and are used as fillers only when no
   other uid is left.
 
@@ -73,6 +75,9 @@ def conform_weights(weights: Mapping[int, float], rules: WeightRules, own_uid: i
     if total <= 0:
         return Conformed([], [], [], dropped)
     shares = {u: w / total for u, w in shares.items()}
+    if rules.max_weights_limit * n < U16_MAX:  # even n equal shares exceed the limit: only a self-weight passes
+        return Conformed([own_uid], [1.0], [own_uid], dropped) if own_uid is not None and 0 <= own_uid < n \
+            else Conformed([], [], [], dropped)
     limit = min(rules.max_weights_limit, U16_MAX) / U16_MAX
     cap = limit * CAP_MARGIN if limit < 1 else 1.0
     if cap < 1:

@@ -115,6 +115,18 @@ def test_max_weights_limit_water_fills_then_parks_the_rest_on_self():
     assert max(values) * U16_MAX <= rules.max_weights_limit * sum(values)  # what the chain checks
 
 
+@pytest.mark.parametrize("limit", [0, 1, U16_MAX // 4 - 1])
+def test_a_limit_no_vector_can_meet_leaves_only_a_self_weight(limit):
+    """MaxWeightsLimit · n < 65535: every vector of n uids exceeds the limit, only a lone self-weight passes."""
+    rules = WeightRules(n=4, min_allowed_weights=4, max_weights_limit=limit)
+    fit = conform_weights({1: 0.5, 2: 0.5}, rules, own_uid=0)
+    assert (fit.uids, fit.weights) == ([0], [1.0])
+    assert conform_weights({1: 0.5, 2: 0.5}, rules, own_uid=None).uids == []
+    s = small_chain(n=4, min_allowed_weights=4, max_weights_limit=limit)
+    assert refused(set_weights, s, "hk0", 1, [0, 1, 2, 3], [9, 9, 9, 9], 0) == "MaxWeightExceeded"
+    set_weights(s, "hk0", 1, fit.uids, u16_weights(fit.uids, fit.weights)[1], 0)  # the chain accepts it
+
+
 def test_changed_hotkeys_get_nothing():
     fit = conform_weights({1: 0.5, 2: 0.5}, WeightRules(n=4, min_allowed_weights=1), own_uid=0, changed=[2])
     assert fit.uids == [1] and fit.dropped == [2]
