@@ -208,6 +208,7 @@ class Validator:
         retry_blocks = max(1, self.hp.windows.blocks_per_window // 4)
         give_up = window_bounds(window + 1, self.hp.windows).deadline_block
         chain = self.node.chain
+        note = "set_weights not attempted"
         for attempt in range(4):
             try:
                 graph = await chain.metagraph()
@@ -219,22 +220,23 @@ class Validator:
                 if fit.dropped:
                     log.info("window %d: no weight for uids %s (hotkey changed since scoring)", window, fit.dropped)
                 if not fit.uids:
-                    report.note = "set_weights skipped: nobody earned weight"
+                    note = "set_weights skipped: nobody earned weight"
                     break
                 await chain.set_weights(fit.uids, fit.weights, version_key=self.hp.subnet.weights_version_key)
                 return True
             except ChainAccessError as exc:
                 rate_limited = exc.name in RATE_LIMIT_ERRORS or "rate limit" in str(exc)
-                report.note = f"set_weights refused ({exc.name or 'no chain error name'}): {exc}"
+                note = f"set_weights refused ({exc.name or 'no chain error name'}): {exc}"
                 wait = re.search(r"Retry in ~(\d+) blocks", str(exc))  # the SDK's preflight says how long
                 retry_at = await chain.block() + (max(1, int(wait.group(1))) if wait else retry_blocks)
                 if not rate_limited or attempt == 3 or retry_at >= give_up:
                     break
                 await self.node.wait_for_block(retry_at)
             except ValueError as exc:
-                report.note = f"set_weights failed: {exc}"
+                note = f"set_weights failed: {exc}"
                 break
-        log.warning("window %d: %s", window, report.note)
+        log.warning("window %d: %s", window, note)
+        report.note += f"{note}. "  # the window's later notes follow it
         return False
 
     async def check_version_key(self) -> None:

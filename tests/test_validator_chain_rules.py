@@ -93,3 +93,9 @@ async def test_rate_limit_is_retried_other_refusals_are_not():
     report = ValidatorReport(5)
     assert not await validator(chain).set_weights(5, [3], [1.0], report, scored_hotkeys=SCORED)
     assert len(chain.calls) == 1 and "IncorrectWeightVersionKey" in report.note
+    assert report.note.endswith(". ")  # the window's later notes (record, step) do not run into it
+
+    report = ValidatorReport(5)
+    report.note = "earlier. "
+    assert not await validator(FakeChain(HOTKEYS, WeightRules(n=10))).set_weights(5, [], [], report)
+    assert report.note == "earlier. set_weights skipped: nobody earned weight. "
