@@ -124,6 +124,11 @@ class DevnetConfig(BaseModel):
                 raise ValueError(f"--kill {item!r}: expected NAME@WINDOW (e.g. validator-0@8)")
             if name not in self.node_roles():
                 raise ValueError(f"--kill {item!r}: no node named {name!r} (nodes: {', '.join(self.node_roles())})")
+        killed = {item.partition("@")[0] for item in self.kill}
+        if self.validators and all(f"validator-{i}" in killed for i in range(self.validators)):
+            raise ValueError("--kill: every validator would be killed and none restarted, so nothing would score or "
+                             "step after that and the run could only end at its window cap; keep one alive "
+                             "(--validators N) or restart it with --fault kill:validator-0@W+2s")
         # a bad fault or one naming no node fails here, as one line, before --fresh clears anything
         check_plan(parse_plan(self.faults), self.node_roles())
         if any(not 0.0 < q <= 1.0 for q in self.miner_profile):

@@ -1,4 +1,4 @@
-"""Fault plan values found by the s8 attack: `storage-stall@5+99999999999999999999999999999999999s` was
+"""Fault plan edges: values out of range, deletions after the run, when a fault ends: `storage-stall@5+99999999999999999999999999999999999s` was
 accepted, and its SIGCONT timer died at once with an OverflowError traceback in the launcher (the S3
 server stayed stopped to the end of the run)."""
 

@@ -1,5 +1,5 @@
 """`crucible devnet run --subnet-param CommitRevealWeightsEnabled=true` ran to the end with vtrust 0.000 and
-"honest incentive share n/a" and said nothing at all (s8 attack devnet run): the launcher's chain has no drand
+"honest incentive share n/a" and said nothing at all (seen in a devnet run): the launcher's chain has no drand
 pulses, so commits are never revealed (docs/protocol.md says so; the run did not). It now says it at start."""
 
 from devnet.launch_plan import DevnetConfig, commit_reveal_note, prepare_state

@@ -1,4 +1,4 @@
-"""Genesis stakes and `crucible devnet init` values found by the s8 attack: `--validator-stake inf` (or
+"""`crucible devnet run/init` values refused before anything starts (stakes, kills, a reused chain): `--validator-stake inf` (or
 1e300) passed the config and died in bootstrap with an OverflowError traceback, `nan` as "cannot convert
 float NaN to integer", stakes beyond the validators were silently ignored, and `crucible devnet init`
 printed a pydantic traceback for --netuid 0 / --tempo 0 / a negative stake."""
@@ -56,3 +56,12 @@ def test_genesis_stakes_on_a_reused_chain_are_refused_not_ignored(tmp_path):
     with pytest.raises(ValueError, match="--validator-stake sets the stakes of a new chain"):
         prepare_state(again, hp)  # before: returned the old chain, its stakes unchanged, and said nothing
     prepare_state(again.model_copy(update={"fresh": True}), hp)
+
+
+def test_killing_every_validator_is_refused_before_the_run():
+    # with no validator left nothing scores or steps, and the run could only end at its window cap
+    with pytest.raises(ValueError, match="every validator would be killed"):
+        DevnetConfig(validators=1, kill=["validator-0@3"])
+    with pytest.raises(ValueError, match="every validator would be killed"):
+        DevnetConfig(validators=2, kill=["validator-0@3", "validator-1@5"])
+    assert DevnetConfig(validators=2, kill=["validator-0@3"]).kill == ["validator-0@3"]

@@ -1,4 +1,4 @@
-"""A damaged local dataset folder, found by the s8 attack: `crucible data train/publish` and a node's
+"""A damaged local dataset folder is one line, never a traceback: `crucible data train/publish` and a node's
 `--data` checked against a pinned data.manifest_hash printed tracebacks (FileNotFoundError for a missing
 shard or tokenizer.json, JSONDecodeError / KeyError for a bad index.json, ValueError for a truncated
 shard). Every such folder is now a DatasetError naming the file (one line at the CLI)."""

@@ -1,4 +1,4 @@
-"""Hostile JSONL found by the s8 attack on `crucible data prepare` (issue 18): an integer longer than
+"""Hostile JSONL for `crucible data prepare` (issue 18): an integer longer than
 Python's int-string limit escaped as a bare ValueError (a traceback with --tokenizer), and a JSON
 escape of a low surrogate (\\udc80) was counted as a byte that is not UTF-8."""
 

@@ -1,4 +1,4 @@
-"""Re-publishing a dataset (s8 attack): `publish_dataset` kept every object already in the bucket with the
+"""Re-publishing a dataset repairs what is wrong in the bucket: `publish_dataset` kept every object already in the bucket with the
 right size, so a same-size object with other bytes (a replaced tokenizer, a flipped byte in a shard) was
 never repaired: publish printed the pin as if all were well and every node then refused the dataset. An
 object whose single-part ETag (MD5) is not the local file's is now uploaded again."""

@@ -1,4 +1,4 @@
-"""Out-of-range subnet hyperparameters found by the s8 attack: `--subnet-param tempo=99999999999999999999999`
+"""Subnet hyperparameters carry the real chain's storage bounds: `--subnet-param tempo=99999999999999999999999`
 (or ImmunityPeriod, ActivityCutoff, MinAllowedWeights above u16, WeightsVersionKey above u64) was accepted
 silently; the real chain stores these as u16 / u64 and could never hold such a value."""
 
