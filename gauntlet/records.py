@@ -181,6 +181,16 @@ class EvalResult(_Record):
         return 1 if math.isfinite(a) and math.isfinite(r) and a > r else -1
 
 
+class WindowEvals(dict[int, EvalResult]):
+    """One window's stage-2 results, uid → `EvalResult`, and in `not_evaluated` uid → why an eligible uid
+    chosen for stage 2 was not evaluated through no fault of its own (the validator could not read the
+    dataset pages it needed). `weights.score_window` writes the reason in that uid's `WindowEntry`."""
+
+    def __init__(self, results=(), not_evaluated: dict[int, str] | None = None):
+        super().__init__(results)
+        self.not_evaluated: dict[int, str] = dict(not_evaluated or {})
+
+
 class WindowEntry(_Record):
     """Every score component of one uid in one window, for `crucible explain`."""
 
@@ -198,6 +208,9 @@ class WindowEntry(_Record):
     copied_from: int | None = Field(None, description="Uid of that earlier uploader.")
     copy_factor: float = Field(1.0, description="Copy multiplier applied.")
     evaluated: bool = Field(False, description="Stage 2 ran for this uid.")
+    not_evaluated: str | None = Field(
+        None, description="Why stage 2 did not run for this eligible uid although it was chosen (this "
+        "validator's trouble, e.g. dataset pages it could not read; no penalty), if so.")
     losses: EvalResult | None = Field(None, description="Stage-2 losses, if evaluated.")
     indicator: int | None = Field(
         None, description="Memory indicator counted this window (+1/−1; `EvalResult.indicator`), if evaluated.")

@@ -160,7 +160,8 @@ def explain(state: ScoringState, uid: int, window: int) -> str:
             why = "assigned improved more than random" if indicator > 0 else "assigned did NOT improve more than random"
         lines.append(f"  indicator:  {indicator:+d} ({why}); loss score {r.loss_score:.6g} (step {r.step:g})")
     else:
-        lines.append("  evaluation: not evaluated this window (rating, value and binary average unchanged)")
+        why = f": {e.not_evaluated}" if e.not_evaluated else ""
+        lines.append(f"  evaluation: not evaluated this window{why} (rating, value and binary average unchanged)")
     if e.relative_score is not None and r_ref(e) is not None:
         lines.append(
             f"  relative:   loss score / reference {r_ref(e):.6g} = {e.relative_score:.4f} (1 = the window's average update)"
@@ -220,5 +221,6 @@ def why_weight_moved(state: ScoringState, uid: int, window: int) -> str:
     elif e.evaluated:
         reason = f"evaluated: value now {e.value:.3f} after {e.evaluations} evaluation(s)"
     else:
-        reason = "not evaluated this window: its own score is unchanged, so the move comes from other miners' scores"
+        why = f" ({e.not_evaluated})" if e.not_evaluated else ""
+        reason = f"not evaluated this window{why}: its own score is unchanged, so the move comes from other miners' scores"
     return f"{moved}; {reason}."

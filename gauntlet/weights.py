@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from gauntlet.evaluate import binary_moving_average
 from gauntlet.ratings import Rating, fresh_rating, rate_window
-from gauntlet.records import EvalResult, FilterResult, UidState, WindowEntry
+from gauntlet.records import EvalResult, FilterResult, UidState, WindowEntry, WindowEvals
 from gauntlet.state import ScoringState, StateConfig
 from protocol.hparams import GauntletHParams, PeerHParams
 
@@ -188,7 +188,8 @@ def score_window(
 
     `hotkeys` is the metagraph (uid → hotkey) at scoring time; `filters` has a record for every uid
     a shard was looked for (a uid without one counts as missing); `evals` the uids evaluated, each
-    of which must have passed stage 1.
+    of which must have passed stage 1 (a `WindowEvals` also says why a chosen uid was not evaluated:
+    written in its entry, not held against it).
     """
     config = config or StateConfig()
     for uid in [u for u in state.uids if u not in hotkeys]:
@@ -245,6 +246,8 @@ def score_window(
             evaluations=us.evaluations,
             previous_weight=previous.get(uid),
         )
+        if ev is None and isinstance(evals, WindowEvals):
+            e.not_evaluated = evals.not_evaluated.get(uid)
         if f is not None and f.hotkey == us.hotkey:
             e.present, e.timely = f.present, f.timely
             e.first_seen, e.reject_reason = f.first_seen, f.reject_reason

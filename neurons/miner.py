@@ -160,7 +160,7 @@ class Miner:
         started = time.perf_counter()
         indices = self.choose_samples(window)
         try:
-            samples = self.node.store.pages(indices)
+            samples = await asyncio.to_thread(self.node.store.pages, indices)  # a slow bucket: not on the loop
         except DatasetError as exc:  # the pinned dataset's bucket is down or served a page that is not the pinned
             # one: no training this window (nothing uploaded); the miner still applies the window's record
             log.warning("window %d: dataset pages unavailable, not trained: %s", window, exc)

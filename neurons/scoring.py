@@ -34,12 +34,12 @@ import torch
 
 from gauntlet.evaluate import Evaluator, UpdateError, scale_update
 from gauntlet.filters import copy_verdicts, sync_score
-from gauntlet.records import EvalResult, FilterResult
+from gauntlet.records import EvalResult, FilterResult, WindowEvals
 from neurons.node import WindowContext
 from neurons.training import FP32, TrainSettings
 from protocol.codec import EncodedTensor, decode
 from protocol.codec_aggregate import clip_factors, update_norm
-from protocol.data import PageStore, assign, random_samples
+from protocol.data import DatasetError, PageStore, assign, random_samples
 from protocol.gather import NOT_PRESENT, NOT_TIMELY, Fetched, FetchOutcome
 from protocol.hparams import HParams
 from protocol.sample import split_sample
@@ -151,39 +151,57 @@ class Scorer:
         fetched: Mapping[str, Fetched],
         time_budget_s: float | None = None,
         last_evaluated: Mapping[int, int | None] | None = None,
-    ) -> dict[int, EvalResult]:
-        """Gauntlet stage 2: evaluate eligible miners in a seeded order until the count or time budget runs out."""
+    ) -> WindowEvals:
+        """Gauntlet stage 2: evaluate eligible miners in a seeded order until the count or time budget runs out.
+
+        Pages this validator cannot read (`DatasetError`: the dataset's bucket down past the request deadline,
+        or a page that does not match the pinned manifest) are its own trouble, never the miner's: a miner
+        whose assigned pages fail is not evaluated this window, and if the window's random pages fail no one
+        is (stage 2 skipped; the weights come from the scores the state holds). Either way one warning line,
+        and `WindowEvals.not_evaluated` gives the reason for each chosen miner left out."""
         hp, store, window = self.hp, self.store, ctx.window
         eligible = [uid for uid, f in filters.items() if f.eligible]
         if not eligible:
-            return {}
+            return WindowEvals()
         staleness = None if last_evaluated is None else {
             uid: STALENESS_CAP if last is None else min(STALENESS_CAP, window - last)
             for uid, last in last_evaluated.items()
         }
         chosen = evaluation_order(eligible, hp.gauntlet.eval_miners_per_window, ctx.seed, self.secret, staleness)
-        factors = clip_factors({uid: update_norm(fetched[miners[uid]].shard.tensors) for uid in eligible})
         n_eval = hp.gauntlet.eval_batches * hp.inner.batch_size
+        try:
+            random_pages = store.pages(random_samples(ctx.seed + self.secret, n_eval, store.num_train))
+        except DatasetError as exc:
+            log.warning("window %d: stage 2 skipped, the window's random pages cannot be read: %s", window, exc)
+            why = f"stage 2 skipped: the window's random dataset pages could not be read ({exc})"
+            return WindowEvals(not_evaluated=dict.fromkeys(chosen, why))
+        factors = clip_factors({uid: update_norm(fetched[miners[uid]].shard.tensors) for uid in eligible})
         backend = self.backend
-        random_pages = store.pages(random_samples(ctx.seed + self.secret, n_eval, store.num_train))
         # every eligible update once per window (a sharded backend sends them to its ranks once)
         backend.begin(_batches(random_pages, hp.inner.batch_size),
                       {uid: (fetched[miners[uid]].shard.tensors, factors[uid]) for uid in eligible})
         step = hp.gauntlet.eval_step_scale * hp.outer.lr
         reference = backend.reference(step)
-        results: dict[int, EvalResult] = {}
+        results = WindowEvals()
         stop_at = None if time_budget_s is None else time.monotonic() + time_budget_s
         for uid in chosen:
-            if stop_at is not None and results and time.monotonic() > stop_at:
+            # at least one miner is tried (a page failure counts: a slow bucket must not hold stage 2 past its budget)
+            if stop_at is not None and (results or results.not_evaluated) and time.monotonic() > stop_at:
                 log.info("window %d: stage 2 time budget %.1fs spent after %d of %d miners",
-                         window, time_budget_s, len(results), len(chosen))
+                         window, time_budget_s, len(results) + len(results.not_evaluated), len(chosen))
                 break
             hotkey = miners[uid]
             assigned = assign(hotkey, window, hp.data.seed, hp.samples_per_window, store.num_train)
             subset = _rng(ctx.seed, self.secret, f"assigned:{uid}").choice(
                 assigned, size=min(n_eval, len(assigned)), replace=False)
             try:
-                results[uid] = backend.evaluate(uid, _batches(store.pages(subset.tolist()), hp.inner.batch_size), step)
+                pages = store.pages(subset.tolist())
+            except DatasetError as exc:
+                log.warning("window %d: uid %d not evaluated, its assigned pages cannot be read: %s", window, uid, exc)
+                results.not_evaluated[uid] = f"its assigned dataset pages could not be read ({exc})"
+                continue
+            try:
+                results[uid] = backend.evaluate(uid, _batches(pages, hp.inner.batch_size), step)
             except UpdateError as exc:
                 log.warning("uid %d: update unusable in evaluation: %s", uid, exc)
                 continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,27 +134,112 @@ def manifest_hash(raw: bytes) -> str:
 
 
 def parse_manifest(raw: bytes, pinned: str | None = None) -> Manifest:
-    """A manifest from its bytes; DatasetError with the reason when it is not the pinned one or malformed."""
+    """A manifest from its bytes; DatasetError with the reason when it is not the pinned one or malformed.
+
+    Every field is checked even when the hash is the pinned one (a subnet owner can publish a bad manifest):
+    integers are ints (not bools, floats or strings) in range, hashes are 64 lowercase hex characters, the
+    dtype an integer type that holds every token id, and each shard's file a plain file name (it becomes an
+    object key and a path under the node's cache), listed once. A bad field is one line naming it."""
     if pinned is not None and manifest_hash(raw) != pinned:
         raise DatasetError(f"manifest hash {manifest_hash(raw)[:16]}… is not the pinned data.manifest_hash "
                            f"{pinned[:16]}…: a different dataset")
     try:
         body = json.loads(raw)
-        if body["version"] != MANIFEST_VERSION:
-            raise DatasetError(f"manifest version {body['version']}, expected {MANIFEST_VERSION}")
-        shards = tuple(ShardEntry(**s) for s in body["shards"])
-        m = Manifest(body["version"], int(body["seq_len"]), int(body["vocab_size"]), str(body["dtype"]),
-                     int(body["tokens"]), str(body["tokenizer"]["blake2b"]), int(body["tokenizer"]["bytes"]),
-                     shards)
-        np.dtype(m.dtype)
-    except DatasetError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
         raise DatasetError(f"manifest malformed: {type(exc).__name__}: {exc}") from None
-    for shard in shards:
-        if shard.split not in SPLITS or shard.pages <= 0 or shard.bytes != shard.offset + shard.pages * m.page_bytes:
-            raise DatasetError(f"manifest malformed: shard {shard.file} ({shard.pages} pages, {shard.bytes} bytes)")
-    return m
+    if not isinstance(body, dict):
+        raise DatasetError(f"manifest malformed: a JSON {type(body).__name__}, not an object")
+    version = _field(body, "version", "version")
+    if not _is_int(version) or version != MANIFEST_VERSION:
+        raise DatasetError(f"manifest version {version!r}, expected {MANIFEST_VERSION}")
+    seq_len = _int_field(body, "seq_len", "seq_len", 1)
+    vocab_size = _int_field(body, "vocab_size", "vocab_size", 1)
+    tokens = _int_field(body, "tokens", "tokens", 0)
+    dtype = _field(body, "dtype", "dtype")
+    try:
+        kind = np.dtype(dtype) if isinstance(dtype, str) else None
+    except (TypeError, ValueError):
+        kind = None
+    if kind is None or kind.kind not in "ui" or kind.fields is not None or kind.shape != ():
+        raise DatasetError(f"manifest malformed: dtype {dtype!r} is not an integer dtype")
+    if vocab_size - 1 > np.iinfo(kind).max:
+        raise DatasetError(f"manifest malformed: vocab_size {vocab_size} does not fit dtype {dtype}")
+    tok = _field(body, "tokenizer", "tokenizer")
+    if not isinstance(tok, dict):
+        raise DatasetError(f"manifest malformed: tokenizer is a {type(tok).__name__}, not an object")
+    tokenizer = _hash_field(tok, "blake2b", "tokenizer.blake2b")
+    tokenizer_bytes = _int_field(tok, "bytes", "tokenizer.bytes", 1)
+    entries = _field(body, "shards", "shards")
+    if not isinstance(entries, list):
+        raise DatasetError(f"manifest malformed: shards is a {type(entries).__name__}, not a list")
+    page_bytes = seq_len * kind.itemsize
+    shards, names = [], set()
+    for k, s in enumerate(entries):
+        shard = _shard_entry(s, f"shards[{k}]", page_bytes)
+        if shard.file in names:
+            raise DatasetError(f"manifest malformed: shards[{k}].file {shard.file!r} is listed twice")
+        names.add(shard.file)
+        shards.append(shard)
+    if not any(s.split == "train" for s in shards):
+        raise DatasetError("manifest malformed: shards has no train shard")
+    return Manifest(version, seq_len, vocab_size, dtype, tokens, tokenizer, tokenizer_bytes, tuple(shards))
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+SHARD_FIELDS = frozenset(ShardEntry.__dataclass_fields__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(body: dict, key: str, name: str) -> object:
+    if key not in body:
+        raise DatasetError(f"manifest malformed: {name} missing")
+    return body[key]
+
+
+def _int_field(body: dict, key: str, name: str, low: int) -> int:
+    value = _field(body, key, name)
+    if not _is_int(value) or value < low:
+        raise DatasetError(f"manifest malformed: {name} {value!r} is not an integer >= {low}")
+    return value
+
+
+def _hash_field(body: dict, key: str, name: str) -> str:
+    value = _field(body, key, name)
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise DatasetError(f"manifest malformed: {name} {value!r} is not a blake2b-256 (64 lowercase hex)")
+    return value
+
+
+def plain_file_name(name: object) -> bool:
+    """A name that is one file in one folder: no separator, not '.' or '..', nothing unprintable."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\:")
+            and name.isprintable() and name == name.strip())
+
+
+def _shard_entry(s: object, name: str, page_bytes: int) -> ShardEntry:
+    if not isinstance(s, dict):
+        raise DatasetError(f"manifest malformed: {name} is a {type(s).__name__}, not an object")
+    if set(s) != SHARD_FIELDS:
+        extra, missing = sorted(set(s) - SHARD_FIELDS), sorted(SHARD_FIELDS - set(s))
+        raise DatasetError(f"manifest malformed: {name} " + (f"has unknown field(s) {extra}" if extra
+                                                               else f"misses field(s) {missing}"))
+    file = s["file"]
+    if not plain_file_name(file):
+        raise DatasetError(f"manifest malformed: {name}.file {file!r} is not a plain file name")
+    where = f"{name} ({file})"
+    if s["split"] not in SPLITS:
+        raise DatasetError(f"manifest malformed: {where}.split {s['split']!r} is not one of {list(SPLITS)}")
+    pages = _int_field(s, "pages", f"{where}.pages", 1)
+    size = _int_field(s, "bytes", f"{where}.bytes", 0)
+    offset = _int_field(s, "offset", f"{where}.offset", 0)
+    if size != offset + pages * page_bytes:
+        raise DatasetError(f"manifest malformed: {where}.bytes {size} is not offset {offset} + {pages} pages × "
+                           f"{page_bytes} bytes")
+    return ShardEntry(file, s["split"], pages, size, _hash_field(s, "blake2b", f"{where}.blake2b"), offset,
+                      _hash_field(s, "page_table", f"{where}.page_table"))
 
 
 def build_manifest(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:
