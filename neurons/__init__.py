@@ -17,6 +17,7 @@ Roles:
   the window's shards, mirror them and sign the aggregate record.
 - `catchup.py`: `catch_up`: from saved state, a checkpoint or θ_0, replay the windows since.
 - `training.py`: `inner_train`, `make_inner_optimizer`, `mean_loss`: the inner AdamW loop.
+- `pacing.py`: `Pace`: the inner steps a miner can train and still upload before the deadline.
 - `distributed.py`: `DistContext`, `broadcast_work`: data-parallel inner steps under torchrun.
 - `sharding.py`: `shard_model`, `ShardedCompressor`, `aggregate_rows`: FSDP2 row shards, compressed and stepped per rank.
 - `sharded_eval.py`: `ShardedTheta`, `follow_validator`: the validator's θ in FSDP2 rows: stage 2 and the outer step per rank.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from neurons.local_state import load_local_state, load_sharded_state, save_local
 from neurons.metrics import NodeMetrics
 from neurons.node import FoundRecord, Node, WindowContext
 from neurons.node_files import append_metrics
+from neurons.pacing import Pace
 from neurons.sharding import ShardedMiner, build_sharded_miner
 from neurons.training import FP32, TrainSettings, inner_train, make_inner_optimizer, prepare_model
 from protocol.codec import Compressor, EncodedTensor
@@ -46,10 +48,12 @@ class MinerReport:
     uploaded: bool = False
     train_loss: float | None = None
     tokens: int = 0
+    inner_steps: int = 0  # trained this window (fewer than planned when the rest would miss the deadline)
     tokens_per_s: float = 0.0
     compute_s: float = 0.0
     window_s: float = 0.0
     shard_bytes: int = 0
+    upload_s: float = 0.0  # seconds the shard's PUT took
     stepped: bool = False
     in_sync: bool = True  # θ matched the window's record (or the record did not say)
     peers_used: list[str] = field(default_factory=list)
@@ -79,6 +83,7 @@ class Miner:
         self.model_window: int | None = None  # θ in memory is the global model at the start of this window
         self.sharded: ShardedMiner | None = None  # FSDP2 rows (`neurons.sharding`), from the first window on
         self.stopped = False  # the torchrun followers were told to stop (`stop_ranks`)
+        self.pace = Pace()  # measured speeds: train only the inner steps that still meet the deadline
 
     # --- hooks (overridden by devnet adversaries only) -------------------------------------------------
 
@@ -109,6 +114,7 @@ class Miner:
         if train:
             await self._train_and_publish(ctx, report)
         ctx = await self.node.close_window(ctx)
+        self.pace.observe_blocks(ctx.start_time, ctx.deadline_time, ctx.bounds.deadline_block - ctx.bounds.start_block)
         found = await self.node.find_record(ctx)
         if found is None:
             report.note += "no validator published an aggregate record for this window in time; model unchanged"
@@ -166,19 +172,27 @@ class Miner:
             log.warning("window %d: dataset pages unavailable, not trained: %s", window, exc)
             report.note += f"dataset pages unavailable ({exc}); not trained. "
             return
+        samples = self.paced(ctx, samples, report)
+        if samples is None:
+            return
         if self.sharded is not None:  # the same window, a collective over the ranks' rows
             broadcast_work(self.dist, {"op": "train", "window": window, "samples": samples, "seed": ctx.seed})
+            trained = time.perf_counter()
             encoded, debug, stats = await asyncio.to_thread(self.sharded.window, samples, window, ctx.seed)
             report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
             report.tokens_per_s = stats.tokens / max(1e-9, time.perf_counter() - started)
-            await self._sign_and_upload(ctx, report, encoded, debug, indices, started)
+            self.pace.observe_steps(report.inner_steps, time.perf_counter() - trained)  # encode included
+            await self._sign_and_upload(ctx, report, encoded, debug, indices, started, time.perf_counter())
             return
         theta_w = {name: p.detach().clone() for name, p in model.named_parameters()}
         if self.dist.active:
             # the pages themselves, not their indices: follower ranks hold no dataset (pinned bucket or folder)
             broadcast_work(self.dist, {"op": "train", "window": window, "samples": samples})
+        trained = time.perf_counter()
         stats = await asyncio.to_thread(inner_train, model, self.optimizer, samples, self.hp, window, self.dist,
                                         self.train)
+        trained_at = time.perf_counter()
+        self.pace.observe_steps(report.inner_steps, trained_at - trained)
         report.trained, report.train_loss, report.tokens = True, stats.mean_loss, stats.tokens
         train_s = time.perf_counter() - started
         report.tokens_per_s = stats.tokens / train_s if train_s > 0 else 0.0
@@ -189,10 +203,10 @@ class Miner:
         encoded = await asyncio.to_thread(self.make_update, window, delta)
         positions = debug_positions(ctx.seed, self.numels, self.hp.shard.debug_sample_size)
         debug = flat_sample(gather_sample(theta_w, positions))
-        await self._sign_and_upload(ctx, report, encoded, debug, indices, started)
+        await self._sign_and_upload(ctx, report, encoded, debug, indices, started, trained_at)
 
     async def _sign_and_upload(self, ctx: WindowContext, report: MinerReport, encoded: dict[str, EncodedTensor],
-                               debug: torch.Tensor, indices: list[int], started: float) -> None:
+                               debug: torch.Tensor, indices: list[int], started: float, trained_at: float) -> None:
         window = ctx.window
         blob = write_shard(
             encoded, keypair=self.keypair, netuid=self.node.netuid, window=window, revision=self.hp.revision(),
@@ -200,7 +214,9 @@ class Miner:
         )
         report.compute_s = time.perf_counter() - started
         report.shard_bytes = len(blob)
+        prepared_s = time.perf_counter() - trained_at  # encode and sign, after the last inner step
         await self.upload(ctx, blob, report)
+        self.pace.observe_finish(prepared_s + report.upload_s)
 
     async def upload(self, ctx: WindowContext, blob: bytes, report: MinerReport) -> None:
         """Upload inside the window, never after its deadline (a late shard earns nothing)."""
@@ -208,8 +224,27 @@ class Miner:
         if not ctx.bounds.on_time(head):
             report.note = f"training ended at block {head}, past the deadline {ctx.bounds.deadline_block}; not uploaded. "
             return
+        put = time.perf_counter()
         await asyncio.to_thread(self.node.bucket.put, gradient_key(ctx.window, self.node.hotkey), blob)
+        report.upload_s = time.perf_counter() - put
         report.uploaded = True
+
+    def paced(self, ctx: WindowContext, samples: torch.Tensor, report: MinerReport) -> torch.Tensor | None:
+        """The first samples of the window that leave time to encode and upload before the deadline
+        (`neurons.pacing`); None when not even one inner step fits. Sets `report.inner_steps`."""
+        batch = self.hp.inner.batch_size
+        planned = math.ceil(len(samples) / batch)
+        left = self.pace.seconds_left(ctx.start_time, ctx.bounds.deadline_block - ctx.bounds.start_block)
+        steps = self.pace.steps_that_fit(planned, left)
+        report.inner_steps = steps
+        if steps == 0:
+            report.note += f"not even one inner step fits before the deadline ({left:.1f} s left); not trained. "
+            log.warning("window %d: %s", ctx.window, report.note.strip())
+            return None
+        if steps < planned:
+            report.note += f"trained {steps} of {planned} inner steps: more would miss the deadline. "
+            log.warning("window %d: %s", ctx.window, report.note.strip())
+        return samples[: steps * batch]
 
     # --- lifecycle -------------------------------------------------------------------------------------
 

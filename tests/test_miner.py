@@ -44,6 +44,8 @@ class OneWindow:
     shards: dict[str, Any] = field(default_factory=dict)  # a, b → their shard as read back and checked
     uploaded: dict[str, tuple[datetime, datetime, datetime]] = field(default_factory=dict)  # start, mtime, deadline
     digests: dict[str, str] = field(default_factory=dict)  # a, b → θ after the window
+    paces: dict[str, Any] = field(default_factory=dict)  # a, b → the speeds the miner measured
+    inner_steps: int = 0  # planned per window
     scored: dict[str, Any] = field(default_factory=dict)  # scoring's fetch of c, pinned by the record
 
 
@@ -67,6 +69,8 @@ async def _one_window(out: OneWindow, net: network.TestNetwork, state) -> None:
         info = miner.node.bucket.head(gradient_key(window, miner.node.hotkey))
         out.uploaded[name] = (ctx.start_time, info.last_modified, ctx.deadline_time)
         out.digests[name] = param_digest(miner.node.model)
+        out.paces[name] = miner.pace
+    out.inner_steps = net.hp.inner.steps
     ctx = await validator.node.window(window)
     out.scored = await validator.node.fetch(ctx, [c.node.hotkey], out.pub.pinned)
     await net.close()
@@ -98,6 +102,11 @@ def test_miners_publish_valid_shards_and_stay_identical(one_window):
         assert start.replace(microsecond=0) <= modified <= deadline
         assert report.stepped and sorted(report.peers_used) == honest
         assert 0 < report.compute_fraction <= 1 and report.tokens_per_s > 0
+        # the first window trains every step and measures the speeds the next window is paced by
+        pace = run.paces[name]
+        assert report.inner_steps == run.inner_steps and report.upload_s > 0, report
+        assert pace.step_s > 0 and pace.finish_s >= report.upload_s
+        assert pace.block_s == pytest.approx(network.BLOCK_TIME_S, rel=0.2)  # from the chain's timestamps
     assert run.digests["a"] == run.digests["b"] != run.theta0
 
 
