@@ -222,7 +222,7 @@ class Miner:
         """Upload inside the window, never after its deadline (a late shard earns nothing)."""
         head = await self.node.chain.block()
         if not ctx.bounds.on_time(head):
-            report.note = f"training ended at block {head}, past the deadline {ctx.bounds.deadline_block}; not uploaded. "
+            report.note += f"training ended at block {head}, past the deadline {ctx.bounds.deadline_block}; not uploaded. "
             return
         put = time.perf_counter()
         await asyncio.to_thread(self.node.bucket.put, gradient_key(ctx.window, self.node.hotkey), blob)
@@ -238,7 +238,10 @@ class Miner:
         steps = self.pace.steps_that_fit(planned, left)
         report.inner_steps = steps
         if steps == 0:
-            report.note += f"not even one inner step fits before the deadline ({left:.1f} s left); not trained. "
+            self.pace.forget_speeds()  # a window that trains measures nothing: the next one measures afresh
+            room = f"{left:.1f} s left" if left is not None else "no samples"
+            report.note += f"not even one inner step fits before the deadline ({room}); not trained " \
+                           "(the next window trains every step and measures the speeds again). "
             log.warning("window %d: %s", ctx.window, report.note.strip())
             return None
         if steps < planned:

@@ -58,6 +58,13 @@ class Pace:
         deadline = start.timestamp() + blocks_to_deadline * self.block_s
         return deadline - (now or datetime.now(UTC)).timestamp()
 
+    def forget_speeds(self) -> None:
+        """Drop the measured step and finish seconds (not the chain's block time). Called after a window that
+        trained nothing: such a window measures nothing, so without this the speeds that said "not even one
+        step fits" (one window under a load spike, one slow upload) would stay as they are and skip every
+        later window for good. The next window trains every step, as after a start, and measures afresh."""
+        self.step_s = self.finish_s = None
+
     def steps_that_fit(self, planned: int, seconds_left: float | None) -> int:
         """How many of `planned` inner steps fit in `seconds_left`, leaving room to encode and upload.
 

@@ -94,3 +94,27 @@ async def test_a_slow_miner_trains_what_fits_and_skips_what_cannot(network_facto
     assert "not even one inner step fits before the deadline" in report.note
     assert not miner.node.bucket.exists(gradient_key(window, miner.node.hotkey))
     await net.close()
+
+
+def _paced(pace: Pace, samples: torch.Tensor, blocks: int = 11) -> tuple[torch.Tensor | None, MinerReport]:
+    """`Miner.paced` on a stand-in miner (it reads only `hp.inner.batch_size` and `pace`): no network."""
+    from types import SimpleNamespace
+
+    miner = SimpleNamespace(hp=SimpleNamespace(inner=SimpleNamespace(batch_size=1)), pace=pace)
+    bounds = SimpleNamespace(start_block=0, deadline_block=blocks)
+    ctx = SimpleNamespace(window=3, bounds=bounds, start_time=datetime.now(UTC))
+    report = MinerReport(3)
+    return Miner.paced(miner, ctx, samples, report), report
+
+
+def test_a_skipped_window_does_not_skip_every_later_one():
+    """A window that trains nothing measures nothing: the speeds that made it skip (one window under a load
+    spike) must not stay frozen, or every later window skips too, for good. The next window trains every step
+    and measures again (before: skipped forever, even once the machine was fast again)."""
+    samples = torch.zeros(8, 4, dtype=torch.long)
+    pace = Pace(step_s=10.0, finish_s=1.5, block_s=1.0)  # one loaded window: 10 s per step in an 11 s window
+    kept, report = _paced(pace, samples)
+    assert kept is None and report.inner_steps == 0 and "not even one inner step fits" in report.note
+    assert pace.block_s == 1.0  # the chain's block time is still known
+    kept, report = _paced(pace, samples)  # the load is gone: train, and measure the speeds again
+    assert kept is not None and torch.equal(kept, samples) and report.inner_steps == 8, report
