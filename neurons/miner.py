@@ -245,9 +245,12 @@ class Miner:
             log.warning("window %d: %s", ctx.window, report.note.strip())
             return None
         if steps < planned:
-            report.note += f"trained {steps} of {planned} inner steps: more would miss the deadline. "
+            pace = self.pace
+            report.note += f"trained {steps} of {planned} inner steps: more would miss the deadline ({left:.1f} s " \
+                           f"left, {pace.step_s:.2f} s per step, {pace.finish_s:.2f} s to encode and upload). "
             log.warning("window %d: %s", ctx.window, report.note.strip())
-        return samples[: steps * batch]
+            return samples[: steps * batch].clone()  # its own storage: torchrun followers get only these rows
+        return samples
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
