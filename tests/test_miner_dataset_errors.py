@@ -1,6 +1,6 @@
 """A miner whose pinned dataset bucket fails a page (down, or a page that does not match the manifest) raised
 DatasetError out of Miner.step and the whole process exited with a traceback, every window again after each
-restart (s8 attack, code reading: nothing between `store.pages` and `run_node` catches it). The window is now
+restart (nothing between `store.pages` and `run_node` catches it). The window is now
 skipped for training with a note; the miner goes on to apply the window's record."""
 
 import asyncio
