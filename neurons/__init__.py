@@ -8,7 +8,8 @@ never imports the devnet: the devnet plugs its chain client and adversaries in f
 Roles:
 
 - `node.py`: `Node`, `WindowContext`: chain, buckets, pages, θ; one chain read per window; `apply`.
-- `miner.py`: `Miner.step`: train, compress, sign and upload, then gather and step; `follow` for torchrun ranks.
+- `miner.py`: `Miner.step`: train, compress, sign and upload, then gather and step.
+- `miner_ranks.py`: `follow`: a miner's torchrun follower ranks, on rank 0's instructions.
 - `validator.py`: `Validator.step`: score every miner, set weights, publish peer lists, records, checkpoints.
 - `scoring.py`: `Scorer`, `evaluation_order`: a window's downloads fed to Gauntlet stages 1 and 2.
 - `chain_weights.py`: fit the Gauntlet's weights to the subnet's rules (MinAllowedWeights, MaxWeightsLimit,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,27 +229,15 @@ class Miner:
         report.uploaded = True
 
     def paced(self, ctx: WindowContext, samples: torch.Tensor, report: MinerReport) -> torch.Tensor | None:
-        """The first samples of the window that leave time to encode and upload before the deadline
+        """The window's first samples that leave time to encode and upload before the deadline
         (`neurons.pacing`); None when not even one inner step fits. Sets `report.inner_steps`."""
-        batch = self.hp.inner.batch_size
-        planned = math.ceil(len(samples) / batch)
-        left = self.pace.seconds_left(ctx.start_time, ctx.bounds.deadline_block - ctx.bounds.start_block)
-        steps = self.pace.steps_that_fit(planned, left)
-        report.inner_steps = steps
-        if steps == 0:
-            self.pace.forget_speeds()  # a window that trains measures nothing: the next one measures afresh
-            room = f"{left:.1f} s left" if left is not None else "no samples"
-            report.note += f"not even one inner step fits before the deadline ({room}); not trained " \
-                           "(the next window trains every step and measures the speeds again). "
-            log.warning("window %d: %s", ctx.window, report.note.strip())
-            return None
-        if steps < planned:
-            pace = self.pace
-            report.note += f"trained {steps} of {planned} inner steps: more would miss the deadline ({left:.1f} s " \
-                           f"left, {pace.step_s:.2f} s per step, {pace.finish_s:.2f} s to encode and upload). "
-            log.warning("window %d: %s", ctx.window, report.note.strip())
-            return samples[: steps * batch].clone()  # its own storage: torchrun followers get only these rows
-        return samples
+        plan = self.pace.plan(samples, self.hp.inner.batch_size, ctx.start_time,
+                              ctx.bounds.deadline_block - ctx.bounds.start_block)
+        report.inner_steps = plan.steps
+        if plan.note:
+            report.note += plan.note
+            log.warning("window %d: %s", ctx.window, plan.note.strip())
+        return plan.samples
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -332,45 +319,6 @@ class Miner:
         if self.dist.active and not self.stopped:
             self.stopped = True
             broadcast_work(self.dist, {"op": "stop"})
-
-
-def follow(model: torch.nn.Module | None, hp, dist: DistContext, train: TrainSettings = FP32,
-           device: torch.device | str | None = None) -> None:
-    """Ranks > 0 under torchrun: train on the pages rank 0 sends, take θ from rank 0 after each window.
-
-    Rank 0 reads the window's pages (from the pinned dataset bucket or a folder) and sends them with the
-    instruction, so a follower needs no dataset, cache or bucket credentials of its own. Sharded
-    (`dist.sharded`), `model` may be None: the rank's rows are made on `device` when rank 0 says
-    "shard" (`neurons.sharding.build_sharded_miner`), and a whole model given here is dropped then."""
-    optimizer = None
-    if model is not None:
-        prepare_model(model, train)
-        optimizer = make_inner_optimizer(model, hp)
-        device = device or next(model.parameters()).device
-    sharded: ShardedMiner | None = None  # sharded: run rank 0's `ShardedMiner` collectives in the same order
-    while True:
-        message = broadcast_work(dist, None)
-        if message["op"] == "shard":
-            model = optimizer = None  # this rank's whole copy (if any) is never used sharded
-            sharded = build_sharded_miner(None, hp, dist, train, device or "cpu")
-            if message.get("dir") is not None:
-                load_sharded_state(message["dir"], message["revision"], sharded)
-        elif message["op"] == "save":
-            save_sharded_state(message["dir"], message["window"], message["revision"], sharded)
-        elif message["op"] == "digest":
-            sharded.digest()
-        elif message["op"] == "apply":
-            sharded.apply(message["shards"], message["clip"])
-        elif message["op"] == "train" and sharded is not None:
-            sharded.window(message["samples"], message["window"], message["seed"])
-        elif message["op"] == "train":
-            inner_train(model, optimizer, message["samples"], hp, message["window"], dist, train)
-        elif message["op"] == "sync":
-            if message.get("optimizer") is not None:
-                optimizer.load_state_dict(message["optimizer"])
-            broadcast_params(dist, model)
-        else:
-            return
 
 
 def _summary(r: MinerReport) -> str:

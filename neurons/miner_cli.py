@@ -1,7 +1,7 @@
 """`crucible miner`: parse the node flags, build the node, run `Miner` window after window, close.
 
 Under `torchrun --nproc_per_node G`, rank 0 is the miner (chain, bucket, uploads) and every other
-rank only trains, on rank 0's instructions (`neurons.miner.follow`); with `--fsdp` the ranks shard the
+rank only trains, on rank 0's instructions (`neurons.miner_ranks.follow`); with `--fsdp` the ranks shard the
 model by rows (`neurons.sharding`) instead of each holding all of it.
 """
 
@@ -26,7 +26,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def _follow(cfg: NodeConfig, dist: DistContext) -> int:
     """A torchrun rank > 0: no chain, no bucket, no dataset; trains on the pages rank 0 sends."""
-    from neurons.miner import follow
+    from neurons.miner_ranks import follow
     from protocol.model import build_model
 
     hp, device = cfg.hparams(), cfg.torch_device()

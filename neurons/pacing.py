@@ -25,8 +25,19 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import torch
+
 SAFETY = 1.25  # measured seconds are stretched by this much when planning (a step can run slower than the last ones)
 EMA = 0.5  # weight of the newest window in each moving average
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One window's training plan: the rows to train (None: not trained) and what to tell the operator."""
+
+    samples: torch.Tensor | None  # [steps · batch, seq_len], the window's first samples; None when no step fits
+    steps: int  # inner steps planned
+    note: str  # "" when every step fits, else why fewer (seconds left, per step, to encode and upload)
 
 
 @dataclass
@@ -74,6 +85,24 @@ class Pace:
             return planned
         room = seconds_left - SAFETY * self.finish_s
         return max(0, min(planned, math.floor(room / (SAFETY * self.step_s))))
+
+    def plan(self, samples: torch.Tensor, batch: int, start: datetime, blocks_to_deadline: int) -> Plan:
+        """The first of the window's `samples` [n, seq_len] that leave time to encode and upload before the
+        deadline block, `blocks_to_deadline` after the block stamped `start`. A window that cannot train one
+        step forgets the speeds (`forget_speeds`), so the next one measures afresh."""
+        planned = math.ceil(len(samples) / batch)
+        left = self.seconds_left(start, blocks_to_deadline)
+        steps = self.steps_that_fit(planned, left)
+        if steps == 0:
+            self.forget_speeds()
+            room = f"{left:.1f} s left" if left is not None else "no samples"
+            return Plan(None, 0, f"not even one inner step fits before the deadline ({room}); not trained "
+                                 "(the next window trains every step and measures the speeds again). ")
+        if steps == planned:
+            return Plan(samples, steps, "")
+        note = (f"trained {steps} of {planned} inner steps: more would miss the deadline ({left:.1f} s left, "
+                f"{self.step_s:.2f} s per step, {self.finish_s:.2f} s to encode and upload). ")
+        return Plan(samples[: steps * batch].clone(), steps, note)  # own storage: followers get only these rows
 
 
 def _ema(old: float | None, new: float) -> float:

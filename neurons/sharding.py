@@ -28,7 +28,7 @@ The miner (`crucible miner --fsdp` under torchrun): rank 0 restores or catches �
 model, then every rank builds the model on the meta device, shards it and receives its rows from
 rank 0, which frees its whole copy (`build_sharded_miner`, below); from then on rank 0 drives each
 collective (train, digest, apply, save) and the other ranks follow in the same order
-(`neurons.miner.follow`). Each rank saves its own AdamW and error-feedback rows every window and
+(`neurons.miner_ranks.follow`). Each rank saves its own AdamW and error-feedback rows every window and
 resumes them after a restart (`neurons.local_state.save_sharded_state`; θ is caught up from the
 network). Not yet here (said rather than pretended): a sharded miner that falls behind or out of
 sync exits so that a restart catches it up (catch-up and recovery replay on the whole model); the
@@ -275,7 +275,7 @@ class ShardedMiner:
     """One rank's sharded miner state (model rows, AdamW, error feedback) and its collective window steps.
 
     Every rank calls the same methods in the same order (rank 0 from `neurons.miner.Miner`, the
-    others from `neurons.miner.follow` on rank 0's instructions): each is a collective.
+    others from `neurons.miner_ranks.follow` on rank 0's instructions): each is a collective.
     """
 
     def __init__(self, model: torch.nn.Module, hp: HParams, ctx: DistContext, settings: TrainSettings,
@@ -315,7 +315,7 @@ class ShardedMiner:
 #
 # Why: the first sharded miner built the whole float32 model on every rank, had rank 0 broadcast its
 # restored θ (and its whole AdamW state) into each of them, and only then sharded. Every follower thus
-# held the whole model, and `neurons.miner.follow` kept it alive for the run through its data-parallel
+# held the whole model, and `neurons.miner_ranks.follow` kept it alive for the run through its data-parallel
 # optimizer; on a model that does not fit one device this cannot even start.
 #
 # Here only rank 0 holds the whole model: the one it restored or caught up on (θ must be the network's,

@@ -1,7 +1,7 @@
 """Worker for test_distributed.py: one rank of a 2-process gloo run of the miner's inner loop.
 
 Rank 0 plays the miner (it alone opens the dataset and sends the pages with the instruction, as
-`Miner` does); rank 1 runs the production follower loop (`neurons.miner.follow`) with no dataset."""
+`Miner` does); rank 1 runs the production follower loop (`neurons.miner_ranks.follow`) with no dataset."""
 
 import sys
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from neurons.distributed import broadcast_work, init_distributed
-from neurons.miner import follow
+from neurons.miner_ranks import follow
 from neurons.training import inner_train, make_inner_optimizer
 from protocol.data import PageStore, assign
 from protocol.hparams import load_hparams

@@ -1,7 +1,7 @@
 """Worker for test_sharded_state_attacks.py: 2 gloo ranks on tiny, hostile sharded-state folders.
 
 Rank 0 drives a `ShardedMiner` (each collective announced with `broadcast_work`), rank 1 runs the
-production follower loop (`neurons.miner.follow`). The ranks train one window, save their rows for
+production follower loop (`neurons.miner_ranks.follow`). The ranks train one window, save their rows for
 window 5, train again and save for window 6; then restarts read folders a crash or a hand could leave:
 rank 0's file from window 6 beside rank 1's from window 5, a rank's header that is JSON but not an
 object, a rank's file missing one tensor, a rank's file cut in half. Each restart must start every rank from zero (no mixed
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from neurons.distributed import broadcast_work, init_distributed
 from neurons.local_state import sharded_state_path
-from neurons.miner import follow
+from neurons.miner_ranks import follow
 from neurons.sharding import sharded_context
 from neurons.training import TrainSettings
 from protocol.hparams import load_hparams

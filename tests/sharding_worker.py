@@ -1,7 +1,7 @@
 """Worker for test_sharding.py: one rank of a 2-process gloo FSDP2 miner window on tiny (CPU).
 
 Rank 0 drives a `ShardedMiner` as `neurons.miner.Miner` does (each collective announced with
-`broadcast_work`); rank 1 runs the production follower loop (`neurons.miner.follow`). The window is
+`broadcast_work`); rank 1 runs the production follower loop (`neurons.miner_ranks.follow`). The window is
 trained sharded, encoded with shared statistics and gathered to rank 0 (signed, with its debug
 sample); the outer step runs on each rank's rows with two peers (this shard and a fixed synthetic
 one), and rank 0 writes θ's digest. Rank 1 holds no whole model: its rows are scattered from rank 0's
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from neurons.distributed import broadcast_work, init_distributed
 from neurons.local_state import load_sharded_state, save_sharded_state, sharded_state_path
-from neurons.miner import follow
+from neurons.miner_ranks import follow
 from neurons.sharding import ShardedMiner, build_sharded_miner, sharded_context
 from neurons.training import TrainSettings
 from protocol.codec import Compressor
